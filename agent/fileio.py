@@ -1,0 +1,130 @@
+"""Low-level file operations of the block store, with OS errors turned into domain errors.
+
+Everything here works on open file descriptors and byte offsets; it knows nothing
+about extents, epochs or validation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from volkin.errors import StorageFull, StorageIOError
+
+# linux/falloc.h
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
+_ZERO_CHUNK = 1 << 20
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+
+@contextlib.contextmanager
+def storage_errors(what: str) -> Iterator[None]:
+    """Re-raises OSError as StorageFull (ENOSPC, EDQUOT) or StorageIOError, naming `what`."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageFull(f"{what}: no space left on the agent's data disk") from exc
+        raise StorageIOError(f"{what}: {exc.strerror or exc} (errno {exc.errno})") from exc
+
+
+def pread_exact(fd: int, length: int, offset: int) -> bytes:
+    """Reads exactly `length` bytes; a short file is an I/O error, not silent zeros."""
+    data = os.pread(fd, length, offset)
+    if len(data) == length:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < length:
+        more = os.pread(fd, length - got, offset + got)
+        if not more:
+            raise OSError(errno.EIO, f"short read at offset {offset + got}")
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """Writes all of `data` at `offset`, continuing after short writes."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def copy_range(src_fd: int, dst_fd: int, length: int, src_offset: int, dst_offset: int) -> None:
+    """Copies in the kernel (`copy_file_range`): no bytes pass through user space."""
+    while length > 0:
+        n = os.copy_file_range(src_fd, dst_fd, length, src_offset, dst_offset)
+        if n == 0:
+            raise OSError(errno.EIO, f"copy_file_range stopped at source offset {src_offset}")
+        length -= n
+        src_offset += n
+        dst_offset += n
+
+
+def _try_fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
+    """True if fallocate did it; False if the file system does not support `mode`."""
+    if _fallocate(fd, mode, offset, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        return False
+    raise OSError(err, os.strerror(err))
+
+
+def zero_range(fd: int, offset: int, length: int, punch_hole: bool) -> None:
+    """Makes [offset, offset+length) read as zeros; `punch_hole` also frees the space.
+
+    Prefers fallocate (PUNCH_HOLE or ZERO_RANGE, both keeping the file size) and falls
+    back to writing zeros where the file system supports neither.
+    """
+    mode = _FALLOC_FL_KEEP_SIZE | (_FALLOC_FL_PUNCH_HOLE if punch_hole else _FALLOC_FL_ZERO_RANGE)
+    if _try_fallocate(fd, mode, offset, length):
+        return
+    if not punch_hole and _try_fallocate(
+            fd, _FALLOC_FL_KEEP_SIZE | _FALLOC_FL_PUNCH_HOLE, offset, length):
+        return
+    zeros = bytes(min(length, _ZERO_CHUNK))
+    end = offset + length
+    while offset < end:
+        n = min(len(zeros), end - offset)
+        pwrite_all(fd, memoryview(zeros)[:n], offset)
+        offset += n
+
+
+def write_file_durably(path: Path, data: bytes) -> None:
+    """Replaces `path` with `data` atomically and durably.
+
+    Order: write a temporary file, fsync it, rename it over `path`, fsync the
+    directory. A crash leaves either the old or the new content, never a mix.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        pwrite_all(fd, data, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Makes creations, renames and unlinks in `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,48 @@
+"""The agent's Prometheus metrics, in their own registry, served over HTTP."""
+
+from __future__ import annotations
+
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                    1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class AgentMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.operations = Counter(
+            "volkin_agent_operations", "gRPC calls by operation and result (ok or status code)",
+            ["op", "result"], registry=r)
+        self.latency = Histogram(
+            "volkin_agent_operation_seconds", "Time to answer a gRPC call, by operation",
+            ["op"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.read_bytes = Counter(
+            "volkin_agent_read_bytes", "Bytes read from extents for Read calls", registry=r)
+        self.written_bytes = Counter(
+            "volkin_agent_written_bytes", "Bytes written to extents by Write calls", registry=r)
+        self.copied_bytes = Counter(
+            "volkin_agent_copied_bytes", "Bytes copied into extents by Copy calls, by source "
+            "(local extent or peer agent)", ["source"], registry=r)
+        self.extents = Gauge("volkin_agent_extents", "Live extents on this agent", registry=r)
+        self.epoch_refusals = Counter(
+            "volkin_agent_epoch_refusals", "Mutations refused for carrying an older fencing epoch",
+            registry=r)
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def serve(self, address: str) -> str:
+        """Starts the HTTP endpoint on host:port (port 0 picks one); returns the bound address."""
+        host, _, port = address.rpartition(":")
+        self._server, self._thread = start_http_server(int(port), host, registry=self.registry)
+        return f"{host}:{self._server.server_port}"
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

@@ -1,0 +1,164 @@
+"""Peer copy: pulling ranges of an extent from another agent straight into a local extent.
+
+The data flows agent to agent over the peer's Read stream, never through the
+controller. Large ranges are cut into pieces pulled a few at a time. A piece that
+fails with a transient error is retried (tenacity) from the last byte written, and a
+whole copy can be retried after any crash: writing the same source bytes to the
+same target offsets again gives the same result, so copies are idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from agent.blockstore import MAX_IO_BYTES, BlockStore, CopyRange
+from volkin.api.v1 import agent_pb2, agent_pb2_grpc
+from volkin.errors import InvalidArgument, OutOfRange, StorageIOError, Unavailable, VolkinError
+from volkin.rpc_status import error_from_rpc
+
+# Headroom over MAX_IO_BYTES for the protobuf envelope of one chunk.
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_IO_BYTES + (64 << 10)),
+    ("grpc.max_send_message_length", MAX_IO_BYTES + (64 << 10)),
+    # A restarted peer is usually back within a second: reconnect soon after.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+PIECE_BYTES = 32 << 20
+PARALLEL_PIECES = 4
+# Transient failures (peer unreachable, stream cut) are retried with backoff
+# 0.1, 0.2, 0.4, 0.8, 1.6 s: about three seconds before a copy gives up.
+ATTEMPTS = 6
+
+
+def _retrying() -> AsyncRetrying:
+    return AsyncRetrying(
+        retry=retry_if_exception_type(Unavailable), stop=stop_after_attempt(ATTEMPTS),
+        wait=wait_exponential(multiplier=0.1, max=2.0), reraise=True)
+
+
+@dataclass(frozen=True)
+class PeerCopy:
+    target_extent_id: str
+    source_extent_id: str
+    source_agent: str
+    ranges: tuple[CopyRange, ...]
+    durable: bool
+    epoch: int
+
+
+class PeerChannels:
+    """One channel per peer address, reused by every copy."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def stub(self, address: str) -> agent_pb2_grpc.BlockStoreStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._channels[address] = channel
+        return agent_pb2_grpc.BlockStoreStub(channel)  # type: ignore[no-untyped-call]
+
+    async def close(self) -> None:
+        channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            await channel.close(None)
+
+
+def _pieces(ranges: Sequence[CopyRange]) -> list[CopyRange]:
+    out = []
+    for r in ranges:
+        done = 0
+        while done < r.length:
+            n = min(PIECE_BYTES, r.length - done)
+            out.append(CopyRange(r.source_offset + done, r.target_offset + done, n))
+            done += n
+    return out
+
+
+def _domain_error(exc: grpc.aio.AioRpcError, address: str) -> VolkinError:
+    return error_from_rpc(exc.code(), f"peer agent {address}: {exc.details()}")
+
+
+async def _check_source(stub: agent_pb2_grpc.BlockStoreStub, copy: PeerCopy) -> None:
+    """Validates every source range against the peer's extent before any byte moves."""
+    async for attempt in _retrying():
+        with attempt:
+            try:
+                extent = await stub.StatExtent(
+                    agent_pb2.StatExtentRequest(extent_id=copy.source_extent_id), timeout=10)
+            except grpc.aio.AioRpcError as exc:
+                raise _domain_error(exc, copy.source_agent) from exc
+    for r in copy.ranges:
+        if r.source_offset % extent.block_size or r.length % extent.block_size:
+            raise InvalidArgument(
+                f"copy from {copy.source_agent}/{copy.source_extent_id}: offset "
+                f"{r.source_offset} and length {r.length} must be multiples of its block size "
+                f"{extent.block_size}")
+        if r.source_offset + r.length > extent.size_bytes:
+            raise OutOfRange(
+                f"copy from {copy.source_agent}/{copy.source_extent_id}: "
+                f"[{r.source_offset}, {r.source_offset + r.length}) reaches past its end at "
+                f"{extent.size_bytes}")
+
+
+async def _pull_piece(stub: agent_pb2_grpc.BlockStoreStub, store: BlockStore, copy: PeerCopy,
+                      piece: CopyRange, on_bytes: Callable[[int], None]) -> None:
+    done = 0
+    async for attempt in _retrying():
+        with attempt:
+            call = stub.Read(agent_pb2.ReadRequest(
+                extent_id=copy.source_extent_id, offset=piece.source_offset + done,
+                length=piece.length - done))
+            try:
+                async for chunk in call:
+                    n = len(chunk.data)
+                    if chunk.offset != piece.source_offset + done or not 0 < n <= (
+                            piece.length - done):
+                        call.cancel()
+                        raise StorageIOError(
+                            f"peer agent {copy.source_agent} sent a chunk at {chunk.offset} of "
+                            f"{n} bytes; expected offset {piece.source_offset + done}")
+                    await asyncio.to_thread(store.write, copy.target_extent_id,
+                                            piece.target_offset + done, chunk.data, False,
+                                            copy.epoch)
+                    done += n
+                    on_bytes(n)
+            except grpc.aio.AioRpcError as exc:
+                raise _domain_error(exc, copy.source_agent) from exc
+            if done != piece.length:
+                raise Unavailable(f"peer agent {copy.source_agent} ended the stream early")
+
+
+async def pull(channels: PeerChannels, store: BlockStore, copy: PeerCopy,
+               on_bytes: Callable[[int], None]) -> int:
+    """Copies every range of `copy` from the peer; durable before returning if asked."""
+    await asyncio.to_thread(store.check_copy, copy.target_extent_id, None, copy.ranges)
+    stub = channels.stub(copy.source_agent)
+    await _check_source(stub, copy)
+    slots = asyncio.Semaphore(PARALLEL_PIECES)
+
+    async def pull_one(piece: CopyRange) -> None:
+        async with slots:
+            await _pull_piece(stub, store, copy, piece, on_bytes)
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for piece in _pieces(copy.ranges):
+                group.create_task(pull_one(piece))
+    except BaseExceptionGroup as group_error:
+        # Report the first failure; the others are usually the same cause.
+        first = group_error.exceptions[0]
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
+    if copy.durable:
+        await asyncio.to_thread(store.flush, copy.target_extent_id, copy.epoch)
+    return sum(r.length for r in copy.ranges)

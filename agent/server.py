@@ -1,0 +1,79 @@
+"""Runs one agent: block store, gRPC server, health, metrics, etcd registration.
+
+Start-up order: open the block store, serve gRPC, then register in etcd, so an
+agent that others discover can already answer. Shutdown (SIGTERM or SIGINT) runs
+the other way: report NOT_SERVING, withdraw the registration, let in-flight calls
+finish for `shutdown_grace` seconds, then close the extents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+
+from agent import peer
+from agent.blockstore import BlockStore
+from agent.config import AgentConfig, advertised_address
+from agent.metrics import AgentMetrics
+from agent.registry import AgentRecord, Registration, agent_key
+from agent.service import SERVER_OPTIONS, BlockStoreService
+from volkin import etcd
+from volkin.api.v1 import agent_pb2, agent_pb2_grpc
+from volkin.log import event
+
+_log = logging.getLogger("agent.server")
+SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["BlockStore"].full_name
+VERSION = "0.1.0"
+
+
+async def serve(config: AgentConfig) -> None:
+    """Serves until SIGTERM or SIGINT, then shuts down gracefully."""
+    store = await asyncio.to_thread(BlockStore, config.data_dir)
+    metrics = AgentMetrics()
+    metrics.extents.set(store.count())
+    peers = peer.PeerChannels()
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    agent_pb2_grpc.add_BlockStoreServicer_to_server(  # type: ignore[no-untyped-call]
+        BlockStoreService(store, peers, metrics), server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    port = server.add_insecure_port(config.listen)
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    metrics_address = metrics.serve(config.metrics_listen) if config.metrics_listen else ""
+    address = advertised_address(config, port)
+
+    client = await etcd.connect(config.etcd_endpoints)
+    key = agent_key(config.etcd_prefix, config.node_id)
+    registration = Registration(
+        client, key, AgentRecord(config.node_id, address, metrics_address, os.getpid(), VERSION),
+        config.lease_ttl)
+    registering = asyncio.create_task(registration.run(), name="registration")
+    event(_log, "agent.serving", node=config.node_id, address=address,
+          metrics=metrics_address or "off", data_dir=config.data_dir, extents=store.count(),
+          etcd=",".join(config.etcd_endpoints), pid=os.getpid())
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+
+    event(_log, "agent.stopping", node=config.node_id, grace=config.shutdown_grace)
+    await health.enter_graceful_shutdown()
+    registering.cancel()
+    await asyncio.gather(registering, return_exceptions=True)
+    await registration.withdraw()
+    await server.stop(config.shutdown_grace)
+    await peers.close()
+    await client.close()
+    metrics.stop()
+    store.close()
+    event(_log, "agent.stopped", node=config.node_id)

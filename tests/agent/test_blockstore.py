@@ -1,0 +1,190 @@
+"""The block store on its own, in process: files, metadata, fencing, validation."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.blockstore import MAX_IO_BYTES, BlockStore, CopyRange
+from volkin.errors import (
+    AlreadyExists,
+    FencedOut,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    StorageFull,
+)
+
+BS = 4096
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[BlockStore]:
+    s = BlockStore(tmp_path)
+    yield s
+    s.close()
+
+
+def test_a_new_extent_reads_as_zeros_and_allocates_nothing(store: BlockStore) -> None:
+    info = store.create("v1", 16 * BS, BS, epoch=1)
+    assert (info.size_bytes, info.block_size, info.epoch) == (16 * BS, BS, 1)
+    assert info.allocated_bytes == 0
+    assert store.read("v1", 0, 16 * BS) == bytes(16 * BS)
+
+
+def test_written_blocks_read_back(store: BlockStore) -> None:
+    store.create("v1", 16 * BS, BS, epoch=1)
+    store.write("v1", 3 * BS, b"\x07" * 2 * BS, fua=True, epoch=1)
+    assert store.read("v1", 2 * BS, 4 * BS) == bytes(BS) + b"\x07" * 2 * BS + bytes(BS)
+
+
+def test_extents_and_epochs_survive_reopening_the_store(tmp_path: Path) -> None:
+    first = BlockStore(tmp_path)
+    first.create("v1", 8 * BS, BS, epoch=3)
+    first.write("v1", 0, b"a" * BS, fua=False, epoch=5)
+    first.create("gone", 8 * BS, BS, epoch=9)
+    first.delete("gone", epoch=9)
+    first.close()
+    second = BlockStore(tmp_path)
+    try:
+        assert [(e.extent_id, e.epoch) for e in second.list()] == [("v1", 5)]
+        assert second.read("v1", 0, BS) == b"a" * BS
+        with pytest.raises(FencedOut):
+            second.write("v1", 0, b"b" * BS, fua=False, epoch=4)
+        with pytest.raises(FencedOut):  # the tombstone remembers the epoch
+            second.create("gone", 8 * BS, BS, epoch=8)
+    finally:
+        second.close()
+
+
+def test_an_older_epoch_is_refused_and_changes_nothing(store: BlockStore) -> None:
+    store.create("v1", 8 * BS, BS, epoch=1)
+    store.write("v1", 0, b"n" * BS, fua=False, epoch=7)
+    for call in (lambda: store.write("v1", 0, b"o" * BS, fua=False, epoch=6),
+                 lambda: store.zero("v1", 0, BS, punch_hole=True, fua=False, epoch=6),
+                 lambda: store.flush("v1", epoch=6),
+                 lambda: store.delete("v1", epoch=6),
+                 lambda: store.copy_local("v1", "v1", [CopyRange(BS, 0, BS)], False, 6)):
+        with pytest.raises(FencedOut, match="epoch 6 is older than epoch 7"):
+            call()
+    assert store.read("v1", 0, BS) == b"n" * BS
+    assert store.stat("v1").epoch == 7
+
+
+def test_create_is_idempotent_but_refuses_other_geometry(store: BlockStore) -> None:
+    store.create("v1", 8 * BS, BS, epoch=1)
+    store.write("v1", 0, b"k" * BS, fua=False, epoch=1)
+    assert store.create("v1", 8 * BS, BS, epoch=2).epoch == 2
+    assert store.read("v1", 0, BS) == b"k" * BS
+    with pytest.raises(AlreadyExists):
+        store.create("v1", 16 * BS, BS, epoch=2)
+
+
+@pytest.mark.parametrize(("offset", "length", "error"), [
+    (1, BS, InvalidArgument), (0, BS + 1, InvalidArgument), (0, 0, InvalidArgument),
+    (7 * BS, 2 * BS, OutOfRange), (8 * BS, BS, OutOfRange)])
+def test_bad_ranges_are_refused_before_any_write(
+        store: BlockStore, offset: int, length: int, error: type[Exception]) -> None:
+    store.create("v1", 8 * BS, BS, epoch=1)
+    store.write("v1", 0, b"z" * 8 * BS, fua=False, epoch=1)
+    with pytest.raises(error):
+        store.write("v1", offset, b"x" * length, fua=False, epoch=1)
+    with pytest.raises(error):
+        store.zero("v1", offset, length, punch_hole=False, fua=False, epoch=1)
+    assert store.read("v1", 0, 8 * BS) == b"z" * 8 * BS
+
+
+def test_bad_names_sizes_and_epochs_are_refused(store: BlockStore) -> None:
+    for name in ("", "../x", "a/b", ".hidden", "x" * 200):
+        with pytest.raises(InvalidArgument):
+            store.create(name, 8 * BS, BS, epoch=1)
+    for size, bs in ((8 * BS, 1000), (8 * BS, 256), (BS + 1, BS), (0, BS)):
+        with pytest.raises(InvalidArgument):
+            store.create("v1", size, bs, epoch=1)
+    with pytest.raises(InvalidArgument, match="epoch"):
+        store.create("v1", 8 * BS, BS, epoch=0)
+    with pytest.raises(NotFound):
+        store.read("nope", 0, BS)
+    with pytest.raises(InvalidArgument, match="WriteStream"):
+        store.create("big", 4 * MAX_IO_BYTES, BS, epoch=1)
+        store.write("big", 0, bytes(MAX_IO_BYTES + BS), fua=False, epoch=1)
+    assert [e.extent_id for e in store.list()] == ["big"]
+
+
+def test_trim_punches_a_hole_and_zero_reads_zeros(store: BlockStore) -> None:
+    store.create("v1", 256 * BS, BS, epoch=1)
+    store.write("v1", 0, b"q" * 256 * BS, fua=True, epoch=1)
+    before = store.stat("v1").allocated_bytes
+    store.zero("v1", 0, 128 * BS, punch_hole=True, fua=True, epoch=1)
+    store.zero("v1", 128 * BS, BS, punch_hole=False, fua=False, epoch=1)
+    assert store.stat("v1").allocated_bytes <= before - 127 * BS
+    assert store.read("v1", 0, 129 * BS) == bytes(129 * BS)
+    assert store.read("v1", 129 * BS, BS) == b"q" * BS
+
+
+def test_local_copy_moves_ranges_between_extents(store: BlockStore) -> None:
+    store.create("src", 16 * BS, BS, epoch=1)
+    store.create("dst", 16 * BS, BS, epoch=1)
+    data = os.urandom(16 * BS)
+    store.write("src", 0, data, fua=False, epoch=1)
+    copied = store.copy_local("dst", "src", [CopyRange(0, 8 * BS, 4 * BS),
+                                             CopyRange(12 * BS, 0, 2 * BS)], True, 1)
+    assert copied == 6 * BS
+    assert store.read("dst", 8 * BS, 4 * BS) == data[: 4 * BS]
+    assert store.read("dst", 0, 2 * BS) == data[12 * BS: 14 * BS]
+    assert store.read("dst", 2 * BS, 6 * BS) == bytes(6 * BS)
+
+
+def test_overlapping_copy_ranges_are_refused(store: BlockStore) -> None:
+    store.create("v1", 16 * BS, BS, epoch=1)
+    with pytest.raises(InvalidArgument, match="overlap"):
+        store.copy_local("v1", "v1", [CopyRange(0, BS, 2 * BS)], False, 1)
+    store.create("v2", 16 * BS, BS, epoch=1)
+    with pytest.raises(InvalidArgument, match="overlap"):
+        store.copy_local("v2", "v1", [CopyRange(0, 0, 2 * BS), CopyRange(0, BS, BS)], False, 1)
+    with pytest.raises(InvalidArgument, match="at least one range"):
+        store.copy_local("v2", "v1", [], False, 1)
+
+
+def test_debris_of_a_crashed_create_is_removed_on_start(tmp_path: Path) -> None:
+    (tmp_path / "extents").mkdir()
+    (tmp_path / "extents" / "half.extent").write_bytes(b"junk")
+    (tmp_path / "extents" / "half.meta.tmp").write_bytes(b"{")
+    store = BlockStore(tmp_path)
+    try:
+        assert store.list() == []
+        assert sorted(p.name for p in (tmp_path / "extents").iterdir()) == []
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                            capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_is_reported_as_storage_full(tiny_disk: Path) -> None:
+    store = BlockStore(tiny_disk)
+    try:
+        store.create("v1", 1024 * BS, BS, epoch=1)
+        with pytest.raises(StorageFull, match="no space"):
+            for n in range(1024):
+                store.write("v1", n * BS, b"f" * BS, fua=False, epoch=1)
+        store.zero("v1", 0, 1024 * BS, punch_hole=True, fua=False, epoch=1)
+        store.write("v1", 0, b"g" * BS, fua=False, epoch=1)  # usable again after a trim
+        assert store.read("v1", 0, BS) == b"g" * BS
+    finally:
+        store.close()
