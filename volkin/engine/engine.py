@@ -1,0 +1,257 @@
+"""The map engine: the pure core that decides copies and map changes.
+
+`MapEngine` owns a `Graph` (volumes, nodes, maps). Block operations (read,
+write, background step) return a `Plan` and change nothing; the caller carries
+the plan out and reports each `Commit` back through `apply`. Topology
+operations (create, snapshot, refresh, detach, delete) change the graph at
+once: each is a single atomic change that the controller persists in one etcd
+transaction, and each costs O(1) map writes whatever the volume size, except
+an incremental refresh, which reads the modified maps it compares.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from volkin.engine.bitmap import SegmentedBitmap
+from volkin.engine.errors import Conflict, InvalidRequest, VolumeExists, VolumeNotFound
+from volkin.engine.graph import Graph, Kind, Link, Node, Volume
+from volkin.engine.plan import Commit, Plan
+from volkin.engine.planner import PlanBuilder
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    name: str
+    kind: Kind
+    size_blocks: int
+    block_size: int
+    memory: str
+    source: str | None  # the volume it still reads through, if any
+    link: Link | None
+    valid_blocks: int
+
+
+@dataclass(frozen=True)
+class RefreshStarted:
+    target: str
+    source: str
+    incremental: bool  # True: only blocks modified on either side since they were equal
+    blocks_to_copy: int
+
+
+@dataclass(frozen=True)
+class Deleted:
+    name: str
+    freed_memories: tuple[str, ...]  # memories (extents) no node uses any more
+
+
+class MapEngine:
+    def __init__(self, graph: Graph | None = None) -> None:
+        self.graph = graph if graph is not None else Graph()
+
+    # -- lookups -----------------------------------------------------------------
+    def volume(self, name: str) -> Volume:
+        try:
+            return self.graph.volumes[name]
+        except KeyError:
+            raise VolumeNotFound(name) from None
+
+    def live_node(self, name: str) -> Node:
+        return self.graph.nodes[self.volume(name).node]
+
+    def info(self, name: str) -> VolumeInfo:
+        volume = self.volume(name)
+        node = self.graph.nodes[volume.node]
+        return VolumeInfo(volume.name, volume.kind, volume.size_blocks, volume.block_size,
+                          volume.memory, self._source_name(node), node.link,
+                          self.graph.maps[node.valid].count())
+
+    def volumes(self) -> list[VolumeInfo]:
+        return [self.info(name) for name in sorted(self.graph.volumes)]
+
+    def _source_name(self, node: Node) -> str | None:
+        """The nearest live volume that `node` reads through."""
+        current = node
+        while current.parent is not None:
+            current = self.graph.nodes[current.parent]
+            if not current.is_ghost:
+                return current.volume
+        return None
+
+    # -- topology ----------------------------------------------------------------
+    def create_volume(self, name: str, size_blocks: int, block_size: int) -> VolumeInfo:
+        self._check_new_name(name)
+        if size_blocks <= 0:
+            raise InvalidRequest(f"volume size must be at least one block, got {size_blocks}")
+        if block_size <= 0:
+            raise InvalidRequest(f"block size must be positive, got {block_size}")
+        start = self.graph.tick()
+        uid = self.graph.new_id()
+        memory = f"{name}#{uid}"
+        # A new volume's memory is a sparse extent: valid, and reading zeros.
+        node = self.graph.add_node(memory, SegmentedBitmap(size_blocks, True), name)
+        volume = Volume(name, uid, Kind.PRIMARY, size_blocks, block_size, memory, node.id)
+        self.graph.volumes[name] = volume
+        self.graph.start_interval(volume, start)
+        return self.info(name)
+
+    def create_snapshot(self, source: str, name: str) -> VolumeInfo:
+        """`name` becomes a PIT copy of `source` (Fig 3A): V[S] = M[S] = 0, M[source] = 0."""
+        origin = self.volume(source)
+        self._check_new_name(name)
+        start = self.graph.tick()
+        origin_node = self.graph.nodes[origin.node]
+        uid = self.graph.new_id()
+        memory = f"{name}#{uid}"
+        node = self.graph.add_node(memory, SegmentedBitmap(origin.size_blocks, False), name)
+        # Cascade: the older snapshots (and ghosts) reading through the origin now
+        # read through the new snapshot, whose contents are the origin's at this
+        # instant. A write to the origin then copies its block once, to the newest
+        # snapshot, however many snapshots exist. Refresh targets stay where they are.
+        for child_id in list(origin_node.children):
+            child = self.graph.nodes[child_id]
+            if child.link is Link.SNAPSHOT:
+                self.graph.reparent(child, node)
+        node.parent, node.link = origin_node.id, Link.SNAPSHOT
+        origin_node.children.append(node.id)
+        volume = Volume(name, uid, Kind.SNAPSHOT, origin.size_blocks, origin.block_size,
+                        memory, node.id)
+        self.graph.volumes[name] = volume
+        self.graph.start_interval(origin, start)
+        self.graph.start_interval(volume, start)
+        self.graph.synced[self.graph.sync_key(origin, volume)] = start
+        return self.info(name)
+
+    def start_refresh(self, target: str, source: str) -> RefreshStarted:
+        """`target` becomes a PIT copy of `source` at once (Figs 3C, 3D).
+
+        The target's old node stays as a ghost for the nodes that still read its
+        old contents (the target's snapshots): those blocks are the source's
+        "V = 0, M = 1". If the two volumes were equal at a recorded reference
+        point (an earlier refresh or snapshot between them), only the blocks
+        modified on either side since then are refreshed; otherwise all are.
+        """
+        dst, src = self.volume(target), self.volume(source)
+        if dst.name == src.name:
+            raise InvalidRequest(f"cannot refresh {target!r} from itself")
+        if (dst.size_blocks, dst.block_size) != (src.size_blocks, src.block_size):
+            raise Conflict(
+                f"cannot refresh {target!r} ({dst.size_blocks} x {dst.block_size} B) from "
+                f"{source!r} ({src.size_blocks} x {src.block_size} B): sizes differ")
+        key = self.graph.sync_key(dst, src)
+        since = self.graph.synced.get(key)
+        start = self.graph.tick()
+        old = self.graph.nodes[dst.node]
+        old_valid = self.graph.maps[old.valid]
+        if since is None:
+            replaced = SegmentedBitmap(dst.size_blocks, True)
+            valid = SegmentedBitmap(dst.size_blocks, False)
+        else:
+            replaced = self.graph.modified_since(src, since).combine(
+                self.graph.modified_since(dst, since), "or")
+            # Unreplaced blocks that the old node held are already right in place.
+            valid = old_valid.combine(replaced, "andnot")
+        src_node = self.graph.nodes[src.node]
+        new = self.graph.add_node(dst.memory, valid, dst.name, src_node.id, Link.REFRESH)
+        dst.node = new.id
+        self.graph.make_ghost(old)
+        self.graph.start_interval(src, start)
+        self.graph.start_interval(dst, start, replaced)
+        self.graph.synced[key] = start
+        self._forget_old_intervals(src, dst)
+        return RefreshStarted(target, source, since is not None, dst.size_blocks - valid.count())
+
+    def detach_if_real(self, name: str) -> bool:
+        """Ends a background copy: once every block is in the volume's own memory it
+        stops reading through its source (a snapshot becomes real, a refresh completes).
+        Returns whether the volume is now independent."""
+        node = self.live_node(name)
+        if node.parent is None:
+            return True
+        if not self.graph.maps[node.valid].all():
+            return False
+        self.graph.detach(node)
+        return True
+
+    def delete_volume(self, name: str) -> Deleted:
+        volume = self.volume(name)
+        node = self.graph.nodes[volume.node]
+        readers = sorted({r for n in self.graph.nodes_of_memory(volume.memory)
+                          for r in self._dependent_volumes(n)} - {name})
+        if readers:
+            raise Conflict(
+                f"cannot delete {name!r}: {', '.join(readers)} still read blocks through it; "
+                f"wait for their background copy to finish (or delete them first)")
+        self.graph.tick()
+        # The live node first: dropping it lets ghosts that only it read go too.
+        self.graph.remove_node(node)
+        for other in self.graph.nodes_of_memory(volume.memory):
+            self.graph.remove_node(other)  # a ghost with no readers left
+        for interval in volume.intervals:
+            del self.graph.maps[interval.modified]
+            if interval.replaced is not None:
+                del self.graph.maps[interval.replaced]
+        del self.graph.volumes[name]
+        for key in [k for k in self.graph.synced if volume.uid in k]:
+            del self.graph.synced[key]
+        return Deleted(name, tuple(self.take_released()))
+
+    def take_released(self) -> list[str]:
+        """Memories (extents) that no volume uses any more; the caller frees them."""
+        released, self.graph.released = self.graph.released, []
+        return released
+
+    def _dependent_volumes(self, node: Node) -> Iterator[str]:
+        for child_id in node.children:
+            child = self.graph.nodes[child_id]
+            if child.is_ghost:
+                yield from self._dependent_volumes(child)
+            else:
+                assert child.volume is not None
+                yield child.volume
+
+    def _check_new_name(self, name: str) -> None:
+        if not name or len(name) > 128 or not all(c.isalnum() or c in "-_." for c in name):
+            raise InvalidRequest(
+                f"invalid volume name {name!r}: use 1-128 letters, digits, '-', '_' or '.'")
+        if name in self.graph.volumes:
+            raise VolumeExists(name)
+
+    def _forget_old_intervals(self, *volumes: Volume) -> None:
+        for volume in volumes:
+            self.graph.forget_intervals_before(volume)
+
+    # -- block operations: plans ---------------------------------------------------
+    def plan_read(self, name: str, block: int) -> Plan:
+        node = self._node_for_block(name, block)
+        return PlanBuilder(self.graph, block).read(node)
+
+    def plan_write(self, name: str, block: int, whole_block: bool = False) -> Plan:
+        node = self._node_for_block(name, block)
+        return PlanBuilder(self.graph, block).write(self.volume(name), node, whole_block)
+
+    def plan_background(self, name: str, block: int) -> Plan:
+        """One step of a background copy (Fig 7): make block `block` of `name` real."""
+        node = self._node_for_block(name, block)
+        return PlanBuilder(self.graph, block).background(node)
+
+    def blocks_to_copy(self, name: str, start: int = 0) -> Iterator[int]:
+        """Blocks of `name` that still read through another volume, in order."""
+        node = self.live_node(name)
+        if node.parent is None:
+            return iter(())
+        return self.graph.maps[node.valid].iter_zeros(start)
+
+    def apply(self, commit: Commit) -> None:
+        """Records a commit that the caller has made durable."""
+        for change in commit.changes:
+            self.graph.maps[change.map_id].set(change.block, change.value)
+
+    def _node_for_block(self, name: str, block: int) -> Node:
+        volume = self.volume(name)
+        if not 0 <= block < volume.size_blocks:
+            raise InvalidRequest(
+                f"block {block} is outside volume {name!r} (0..{volume.size_blocks - 1})")
+        return self.graph.nodes[volume.node]

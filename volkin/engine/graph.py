@@ -1,0 +1,222 @@
+"""The volume graph: which node reads through which, and which maps each one owns.
+
+A *node* is one incarnation of a volume's contents. Each user-visible volume
+has exactly one **live** node. A refresh replaces the target's live node with a
+fresh one that reads through the source; the old node stays behind as a
+**ghost** while other nodes (the target's snapshots) still need the old data it
+holds in the shared memory. That ghost is what the source calls "V_n = 0 and
+M_n = 1 in VM map 34": memory 24 holds data that is no longer V2's but is
+still S2's.
+
+Each node has a *valid* map (the V bits): bit n set means the node's memory
+holds the node's contents of block n. A node whose bit is clear reads block n
+through its parent. Several nodes may share one memory (a live node and the
+ghosts of earlier incarnations); two of them are valid at the same block only
+when they hold the same data there, and whoever overwrites that block first
+pushes it to whatever still reads it (eviction, see `planner`).
+
+Each volume has *modified* maps (the M bits): one per interval between
+reference points (snapshot creation, refresh start). A write sets the bit in
+the newest interval only, so a write costs one bit however many snapshots
+exist, and "modified since reference point e" is the union of the intervals
+from e on. A refresh also records, per interval, which blocks it replaced, so
+that older reference points stay truthful.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from volkin.engine.bitmap import SegmentedBitmap
+
+
+class Link(Enum):
+    """How a node came to read through its parent."""
+
+    SNAPSHOT = "snapshot"  # a PIT snapshot of the parent (older snapshots cascade under newer)
+    REFRESH = "refresh"  # a refresh target copying the parent
+
+
+class Kind(Enum):
+    PRIMARY = "primary"
+    SNAPSHOT = "snapshot"
+
+
+@dataclass
+class Node:
+    id: int
+    memory: str
+    valid: str  # map id of the node's V bits
+    parent: int | None = None
+    link: Link | None = None
+    volume: str | None = None  # None: a ghost, kept only for the nodes that read through it
+    children: list[int] = field(default_factory=list)
+    spill: bool = False  # a ghost's spill node (see `Graph.make_ghost`)
+
+    @property
+    def is_ghost(self) -> bool:
+        return self.volume is None
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Blocks modified from reference point `start` until the next interval starts."""
+
+    start: int
+    modified: str  # map id: blocks written during the interval
+    replaced: str | None = None  # map id: blocks a refresh replaced at `start`, if one did
+
+
+@dataclass
+class Volume:
+    name: str
+    uid: int
+    kind: Kind
+    size_blocks: int
+    block_size: int
+    memory: str
+    node: int  # the live node
+    intervals: list[Interval] = field(default_factory=list)
+
+
+@dataclass
+class Graph:
+    """Everything the engine knows: nodes, volumes, maps and reference points."""
+
+    clock: int = 0  # logical time; advances at every topology change
+    next_id: int = 1
+    nodes: dict[int, Node] = field(default_factory=dict)
+    volumes: dict[str, Volume] = field(default_factory=dict)
+    maps: dict[str, SegmentedBitmap] = field(default_factory=dict)
+    # (uid, uid) sorted -> reference point at which both volumes had equal contents.
+    synced: dict[tuple[int, int], int] = field(default_factory=dict)
+    # memory -> ids of the nodes sharing it (one live node, any number of ghosts).
+    by_memory: dict[str, list[int]] = field(default_factory=dict)
+    # Memories no node uses any more, for the caller to free (`take_released`).
+    released: list[str] = field(default_factory=list)
+
+    def new_id(self) -> int:
+        value = self.next_id
+        self.next_id += 1
+        return value
+
+    def tick(self) -> int:
+        self.clock += 1
+        return self.clock
+
+    def add_map(self, map_id: str, bitmap: SegmentedBitmap) -> str:
+        self.maps[map_id] = bitmap
+        return map_id
+
+    def add_node(self, memory: str, valid: SegmentedBitmap, volume: str | None,
+                 parent: int | None = None, link: Link | None = None) -> Node:
+        node_id = self.new_id()
+        node = Node(node_id, memory, self.add_map(f"valid/{node_id}", valid),
+                    parent=parent, link=link, volume=volume)
+        self.nodes[node_id] = node
+        self.by_memory.setdefault(memory, []).append(node_id)
+        if parent is not None:
+            self.nodes[parent].children.append(node_id)
+        return node
+
+    def nodes_of_memory(self, memory: str) -> list[Node]:
+        return [self.nodes[i] for i in self.by_memory.get(memory, ())]
+
+    def reparent(self, child: Node, parent: Node) -> None:
+        if child.parent is not None:
+            self.nodes[child.parent].children.remove(child.id)
+        child.parent = parent.id
+        parent.children.append(child.id)
+
+    def detach(self, node: Node) -> None:
+        """Stops `node` reading through its parent; drops ghosts nobody reads any more."""
+        parent_id = node.parent
+        node.parent = None
+        node.link = None
+        if parent_id is not None:
+            parent = self.nodes[parent_id]
+            parent.children.remove(node.id)
+            self.drop_if_unused(parent)
+
+    def drop_if_unused(self, node: Node) -> None:
+        if node.is_ghost and not node.children:
+            self.remove_node(node)
+
+    def remove_node(self, node: Node) -> None:
+        if node.children:
+            raise AssertionError(f"node {node.id} still has children {node.children}")
+        del self.nodes[node.id]
+        del self.maps[node.valid]
+        sharing = self.by_memory[node.memory]
+        sharing.remove(node.id)
+        if not sharing:
+            del self.by_memory[node.memory]
+            self.released.append(node.memory)
+        self.detach(node)
+
+    def make_ghost(self, node: Node) -> None:
+        """Turns a volume's old node into a ghost, or drops it if nothing reads through it.
+
+        A ghost gets one child of its own, a *spill* node with a memory of its
+        own, and the ghost's readers move under it. The spill is empty and
+        costs nothing until a cycle needs it: when two memories each hold the
+        other's readers' data (volumes refreshed from each other's old
+        contents), neither block can be pushed into its readers' memory
+        before the other is, and the spill is the third place a swap needs.
+        """
+        node.volume = None
+        if not node.children:
+            self.remove_node(node)
+            return
+        spill = self.add_node(f"{node.memory}~{self.next_id}", SegmentedBitmap(
+            self.maps[node.valid].size, False), None, parent=node.id)
+        spill.spill = True
+        for child_id in list(node.children):
+            if child_id != spill.id:
+                self.reparent(self.nodes[child_id], spill)
+
+    def spill_of(self, ghost: Node) -> Node:
+        for child_id in ghost.children:
+            if self.nodes[child_id].spill:
+                return self.nodes[child_id]
+        raise AssertionError(f"ghost node {ghost.id} has no spill node")
+
+    def sync_key(self, a: Volume, b: Volume) -> tuple[int, int]:
+        return (min(a.uid, b.uid), max(a.uid, b.uid))
+
+    def start_interval(self, volume: Volume, start: int,
+                       replaced: SegmentedBitmap | None = None) -> None:
+        modified = self.add_map(f"modified/{volume.uid}/{start}",
+                                SegmentedBitmap(volume.size_blocks))
+        replaced_id = None
+        if replaced is not None:
+            replaced_id = self.add_map(f"replaced/{volume.uid}/{start}", replaced)
+        volume.intervals.append(Interval(start, modified, replaced_id))
+
+    def modified_since(self, volume: Volume, start: int) -> SegmentedBitmap:
+        """Blocks whose contents may have changed after reference point `start`.
+
+        Writes from `start` on count; a refresh replacement counts only if it
+        happened after `start` (the one *at* `start` is what made the two
+        volumes equal).
+        """
+        result = SegmentedBitmap(volume.size_blocks)
+        for interval in volume.intervals:
+            if interval.start >= start:
+                result = result.combine(self.maps[interval.modified], "or")
+            if interval.start > start and interval.replaced is not None:
+                result = result.combine(self.maps[interval.replaced], "or")
+        return result
+
+    def forget_intervals_before(self, volume: Volume) -> None:
+        """Drops intervals older than every reference point still recorded for `volume`."""
+        starts = [start for key, start in self.synced.items() if volume.uid in key]
+        oldest = min(starts, default=volume.intervals[-1].start)
+        keep = [i for i in volume.intervals if i.start >= oldest]
+        for interval in volume.intervals:
+            if interval not in keep:
+                del self.maps[interval.modified]
+                if interval.replaced is not None:
+                    del self.maps[interval.replaced]
+        volume.intervals = keep

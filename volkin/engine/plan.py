@@ -1,0 +1,124 @@
+"""Plans: what the engine tells its caller to do, and in which order.
+
+The engine never touches a disk, a socket or etcd. For every operation it
+returns a `Plan`: an ordered tuple of steps that the caller (the controller,
+or the in-memory executor of the tests) carries out one after another.
+
+The caller's duties, in order of importance:
+
+1. Carry out the steps in the order given. Steps between two `Commit`s may run
+   concurrently with each other; nothing may be moved across a `Commit`.
+2. Before a `Commit`, every `Copy` and `Write` that precedes it in the plan must
+   be durable on its agent. (Copied data is durable *before* the map bit that
+   makes it valid is committed.)
+3. A `Commit` is atomic: all of its bit changes reach etcd in one transaction
+   (several plans' commits may share one transaction: group commit), and only
+   then does the caller call `MapEngine.apply(commit)`. A failed commit must
+   stop the plan: the steps after it would overwrite data that the committed
+   maps still say is needed.
+4. Acknowledge a write to its client only after the whole plan has completed.
+5. Serialise plans that share a `unit` (see `Plan.unit`); plans of different
+   units may run concurrently. Topology operations (snapshot, refresh, delete,
+   detach) run while no plan is in flight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, order=True)
+class Loc:
+    """Block `block` of memory `memory` (one volume's extent on its agents)."""
+
+    memory: str
+    block: int
+
+    def __str__(self) -> str:
+        return f"{self.memory}[{self.block}]"
+
+
+@dataclass(frozen=True)
+class BitChange:
+    """Set bit `block` of map `map_id` to `value`."""
+
+    map_id: str
+    block: int
+    value: bool
+
+    def __str__(self) -> str:
+        return f"{self.map_id}[{self.block}]={int(self.value)}"
+
+
+@dataclass(frozen=True)
+class Copy:
+    """Copy one block; it must be durable before the next `Commit`."""
+
+    source: Loc
+    target: Loc
+
+    def __str__(self) -> str:
+        return f"copy {self.source} -> {self.target}"
+
+
+@dataclass(frozen=True)
+class Commit:
+    """Commit these map changes atomically, after every earlier copy and write is durable."""
+
+    changes: tuple[BitChange, ...]
+
+    def __str__(self) -> str:
+        return "commit " + ", ".join(str(c) for c in self.changes)
+
+
+@dataclass(frozen=True)
+class Write:
+    """Write the caller's data (all or part of the block) here.
+
+    `durable` is set when a later `Commit` of the same plan validates this
+    block: the data must then reach stable storage before that commit, as
+    for a copy.
+    """
+
+    target: Loc
+    durable: bool = False
+
+    def __str__(self) -> str:
+        return f"write {self.target}" + (" (durable)" if self.durable else "")
+
+
+@dataclass(frozen=True)
+class Read:
+    """Read the caller's data from here."""
+
+    source: Loc
+
+    def __str__(self) -> str:
+        return f"read {self.source}"
+
+
+Step = Copy | Commit | Write | Read
+
+
+@dataclass(frozen=True)
+class Plan:
+    """An ordered list of steps for one block operation.
+
+    `unit` is what the caller must serialise on: the block index. Every step of
+    a plan touches block `unit` only (of several memories and maps), so plans
+    for different blocks commute; two plans for the same block must not overlap.
+    """
+
+    unit: int
+    steps: tuple[Step, ...] = field(default_factory=tuple)
+
+    @property
+    def copies(self) -> tuple[Copy, ...]:
+        return tuple(s for s in self.steps if isinstance(s, Copy))
+
+    @property
+    def commits(self) -> tuple[Commit, ...]:
+        return tuple(s for s in self.steps if isinstance(s, Commit))
+
+    def __str__(self) -> str:
+        return f"plan(block {self.unit}): " + "; ".join(str(s) for s in self.steps)
