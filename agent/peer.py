@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import grpc
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from agent.blockstore import MAX_IO_BYTES, BlockStore, CopyRange
+from agent.blockstore import MAX_IO_BYTES, BlockStore, CopyRange, coalesce
 from volkin.api.v1 import agent_pb2, agent_pb2_grpc
 from volkin.errors import InvalidArgument, OutOfRange, StorageIOError, Unavailable, VolkinError
 from volkin.rpc_status import error_from_rpc
@@ -74,7 +74,7 @@ class PeerChannels:
 
 def _pieces(ranges: Sequence[CopyRange]) -> list[CopyRange]:
     out = []
-    for r in ranges:
+    for r in coalesce(ranges):
         done = 0
         while done < r.length:
             n = min(PIECE_BYTES, r.length - done)

@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 
 from agent import peer
-from agent.blockstore import MAX_IO_BYTES, BlockStore, CopyRange, ExtentInfo
+from agent.blockstore import MAX_IO_BYTES, BlockStore, ExtentInfo, coalesce
 from agent.metrics import AgentMetrics
 from volkin.api.v1 import agent_pb2, agent_pb2_grpc
 from volkin.errors import FencedOut, InvalidArgument, VolkinError
@@ -200,11 +200,10 @@ class BlockStoreService(agent_pb2_grpc.BlockStoreServicer):
 
     async def Copy(self, request: agent_pb2.CopyRequest,
                    context: Context) -> agent_pb2.CopyResponse:
-        ranges = tuple(CopyRange(r.source_offset, r.target_offset, r.length)
-                       for r in request.ranges)
         local = not request.source_agent
         try:
             with self._call("copy_local" if local else "copy_peer").measure():
+                ranges = tuple(coalesce(request.ranges))
                 if local:
                     n = await asyncio.to_thread(
                         self._store.copy_local, request.target_extent_id,

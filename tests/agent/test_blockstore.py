@@ -188,3 +188,13 @@ def test_a_full_disk_is_reported_as_storage_full(tiny_disk: Path) -> None:
         assert store.read("v1", 0, BS) == b"g" * BS
     finally:
         store.close()
+
+
+def test_copy_ranges_that_continue_each_other_are_merged() -> None:
+    from agent.blockstore import coalesce
+
+    ranges = [CopyRange(0, 100, 10), CopyRange(10, 110, 10), CopyRange(30, 120, 10),
+              CopyRange(40, 130, 5)]
+    assert coalesce(ranges) == [CopyRange(0, 100, 20), CopyRange(30, 120, 15)]
+    with pytest.raises(InvalidArgument, match="positive length"):
+        coalesce([CopyRange(0, 0, 10), CopyRange(10, 10, 0)])
