@@ -151,6 +151,10 @@ class PlanBuilder:
         return self.plan()
 
     def write(self, volume: Volume, node: Node, whole_block: bool) -> Plan:
+        # M before data: an interrupted write may have changed the block, and a
+        # later incremental refresh must see it as modified. Set first, it rides
+        # on the plan's first commit.
+        self.set_bit(volume.intervals[-1].modified, True)
         # 1. Copy-on-write: everything reading this block through the volume keeps
         #    the contents it has now.
         for reader in list(self.readers_through(node)):
@@ -164,9 +168,6 @@ class PlanBuilder:
                 validate_after_write = True
             else:
                 self.materialize(node)
-        # 4. M before data: an interrupted write may have changed the block, and a
-        #    later incremental refresh must see it as modified.
-        self.set_bit(volume.intervals[-1].modified, True)
         self.commit()
         target = Loc(node.memory, self.block)
         self.steps.append(Write(target, durable=validate_after_write))

@@ -1,0 +1,252 @@
+"""Behaviour of the map engine beyond the figures: cost, incremental refresh, restore,
+deletion, persistence, errors and purity."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import sys
+
+import pytest
+
+from tests.engine.harness import Divergence, Harness
+from volkin.engine import Conflict, Copy, InvalidRequest, MapEngine, VolumeExists, VolumeNotFound
+from volkin.engine.persist import dump, load
+from volkin.engine.planner import PlanBuilder
+from volkin.engine.vmview import vm_map
+
+B = 8
+
+
+def filled(names: tuple[str, ...], blocks: int = 6) -> Harness:
+    h = Harness(block_size=B)
+    for i, name in enumerate(names):
+        h.create_volume(name, blocks)
+        for n in range(blocks):
+            h.write(name, n, 0, bytes([16 * i + n + 1]) * B)
+    return h
+
+
+def finish(h: Harness, name: str) -> int:
+    """Runs a volume's whole background copy; returns the blocks it copied."""
+    blocks = list(h.engine.blocks_to_copy(name))
+    for n in blocks:
+        h.background(name, n)
+    assert h.detach(name)
+    return len(blocks)
+
+
+# -- cost -------------------------------------------------------------------------
+def test_snapshot_and_refresh_of_a_terabyte_volume_write_no_map_segments() -> None:
+    engine = MapEngine()
+    blocks = (1 << 40) // 65536
+    engine.create_volume("v1", blocks, 65536)
+    engine.create_volume("v2", blocks, 65536)
+    engine.create_snapshot("v2", "s2")
+    before = len(dump(engine).segments)
+    engine.create_snapshot("v1", "s1")
+    started = engine.start_refresh("v2", "v1")
+    assert len(dump(engine).segments) == before == 0
+    assert started.blocks_to_copy == blocks and not started.incremental
+
+
+def test_a_write_copies_its_block_once_however_many_snapshots_exist() -> None:
+    h = filled(("v",))
+    for i in range(10):
+        h.snapshot("v", f"s{i}")
+    plan = h.write("v", 2, 0, b"x")
+    assert len(plan.copies) == 1
+    assert plan.copies[0].target.memory == h.engine.volume("s9").memory  # the newest
+    h.check_all()
+
+
+def test_writing_a_whole_block_copies_nothing() -> None:
+    h = filled(("v1", "v2"))
+    h.refresh("v2", "v1")
+    plan = h.write("v2", 0, 0, b"W" * B)
+    assert plan.copies == ()
+    h.check_all()
+
+
+def test_a_second_write_to_a_block_needs_no_commit() -> None:
+    h = filled(("v",))
+    h.snapshot("v", "s")
+    h.write("v", 1, 0, b"a")
+    plan = h.write("v", 1, 2, b"b")
+    assert [type(s).__name__ for s in plan.steps] == ["Write"]
+
+
+# -- incremental refresh and restore -------------------------------------------------
+def test_refreshing_again_copies_only_blocks_modified_on_either_side() -> None:
+    h = filled(("v1", "v2"))
+    h.refresh("v2", "v1")
+    finish(h, "v2")
+    h.write("v1", 1, 0, b"one")
+    h.write("v2", 4, 0, b"four")
+    started = h.engine.start_refresh("v2", "v1")
+    h.model.refresh("v2", "v1")
+    assert started.incremental
+    assert started.blocks_to_copy == 2
+    assert finish(h, "v2") == 2
+    h.check_all()
+
+
+def test_restore_from_a_snapshot_copies_only_what_changed_since_the_snapshot() -> None:
+    h = filled(("v",))
+    h.snapshot("v", "s")
+    h.write("v", 0, 0, b"changed")
+    h.write("v", 3, 0, b"changed")
+    h.write("s", 5, 0, b"s too")
+    started = h.engine.start_refresh("v", "s")
+    h.model.refresh("v", "s")
+    assert started.incremental and started.blocks_to_copy == 3
+    h.check_all()
+    finish(h, "v")
+    h.check_all()
+
+
+def test_an_older_reference_point_still_sees_a_later_refresh() -> None:
+    # v2 <- v1, then v2 <- v3 replaces everything; refreshing v2 from v1 again must
+    # not trust the first reference point as if nothing had happened.
+    h = filled(("v1", "v2", "v3"))
+    h.refresh("v2", "v1")
+    finish(h, "v2")
+    h.refresh("v2", "v3")
+    finish(h, "v2")
+    started = h.engine.start_refresh("v2", "v1")
+    h.model.refresh("v2", "v1")
+    assert started.blocks_to_copy == 6
+    finish(h, "v2")
+    h.check_all()
+
+
+def test_refresh_chain_v3_from_v2_from_v1_while_both_copies_run() -> None:
+    h = filled(("v1", "v2", "v3"))
+    h.snapshot("v2", "s2")
+    h.refresh("v2", "v1")
+    h.refresh("v3", "v2")
+    h.write("v1", 0, 0, b"v1 new")
+    h.write("v2", 1, 0, b"v2 new")
+    h.write("s2", 2, 0, b"s2 new")
+    h.check_all()
+    finish(h, "v3")
+    finish(h, "v2")
+    h.check_all()
+
+
+# -- deletion ---------------------------------------------------------------------
+def test_deleting_a_volume_others_read_through_is_refused_with_the_reason() -> None:
+    h = filled(("v1", "v2"))
+    h.refresh("v2", "v1")
+    with pytest.raises(Conflict, match="v2 still read blocks through it"):
+        h.engine.delete_volume("v1")
+    h.check_all()
+    finish(h, "v2")
+    assert h.delete("v1")
+    h.check_all()
+
+
+def test_deleting_a_refreshed_volume_is_refused_while_its_snapshot_needs_the_old_data() -> None:
+    h = filled(("v1", "v2"))
+    h.snapshot("v2", "s2")
+    h.refresh("v2", "v1")
+    with pytest.raises(Conflict, match="s2"):
+        h.engine.delete_volume("v2")
+    finish(h, "s2")
+    deleted = h.engine.delete_volume("v2")
+    h.model.delete("v2")
+    assert h.engine.volume("v1").memory not in deleted.freed_memories
+    assert any(m.startswith("v2#") for m in deleted.freed_memories)
+    h.check_all()
+
+
+# -- persistence ---------------------------------------------------------------------
+def test_the_committed_state_round_trips_through_topology_and_segments() -> None:
+    h = filled(("v1", "v2"))
+    h.snapshot("v2", "s2")
+    h.refresh("v2", "v1")
+    h.background("v2", 2)
+    h.write("s2", 4, 0, b"x")
+    restored = load(dump(h.engine))
+    for name in ("v1", "v2", "s2"):
+        assert vm_map(restored, name) == vm_map(h.engine, name)
+    h.engine = restored
+    h.check_all()
+
+
+# -- errors -------------------------------------------------------------------------
+def test_bad_requests_are_refused_and_change_nothing() -> None:
+    h = filled(("v1",))
+    h.create_volume("small", 2)
+    before = dump(h.engine)
+    with pytest.raises(VolumeNotFound):
+        h.engine.plan_write("nope", 0)
+    with pytest.raises(InvalidRequest, match="outside volume"):
+        h.engine.plan_read("v1", 6)
+    with pytest.raises(VolumeExists):
+        h.engine.create_snapshot("v1", "small")
+    with pytest.raises(InvalidRequest, match="itself"):
+        h.engine.start_refresh("v1", "v1")
+    with pytest.raises(Conflict, match="sizes differ"):
+        h.engine.start_refresh("small", "v1")
+    with pytest.raises(InvalidRequest, match="invalid volume name"):
+        h.engine.create_volume("a/b", 4, B)
+    with pytest.raises(InvalidRequest, match="at least one block"):
+        h.engine.create_volume("empty", 0, B)
+    after = dump(h.engine)
+    assert (after.topology, after.segments) == (before.topology, before.segments)
+
+
+# -- the oracle can fail ---------------------------------------------------------------
+def test_the_oracle_catches_a_planner_that_skips_the_push_to_s2(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_readers(self: PlanBuilder, node: object, depth: int = 0) -> list[object]:
+        return []
+
+    h = filled(("v1", "v2"))
+    h.snapshot("v2", "s2")
+    h.refresh("v2", "v1")
+    monkeypatch.setattr(PlanBuilder, "readers_through", no_readers)
+    with pytest.raises(Divergence):
+        h.background("v2", 0)
+
+
+def test_the_oracle_catches_a_commit_moved_before_its_copy(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    original = PlanBuilder.plan
+
+    def commit_first(self: PlanBuilder):  # type: ignore[no-untyped-def]
+        plan = original(self)
+        steps = list(plan.steps)
+        for i, step in enumerate(steps[:-1]):
+            if isinstance(step, Copy):
+                steps[i], steps[i + 1] = steps[i + 1], steps[i]
+                break
+        return type(plan)(plan.unit, tuple(steps))
+
+    h = filled(("v1", "v2"))
+    h.snapshot("v2", "s2")
+    h.refresh("v2", "v1")
+    monkeypatch.setattr(PlanBuilder, "plan", commit_first)
+    with pytest.raises(Divergence):
+        h.background("v2", 0)
+
+
+# -- purity ---------------------------------------------------------------------------
+def test_the_engine_imports_nothing_but_the_standard_library_and_itself() -> None:
+    allowed = {"__future__", "collections", "dataclasses", "enum", "typing"}
+    forbidden_anywhere = {"grpc", "etcd3", "socket", "os", "io", "threading", "time", "random"}
+    for path in pathlib.Path("volkin/engine").glob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                top = name.split(".")[0]
+                assert top not in forbidden_anywhere, f"{path} imports {name}"
+                assert name.startswith("volkin.engine") or top in allowed, (
+                    f"{path} imports {name}")
+                assert top in sys.stdlib_module_names or top == "volkin", name
