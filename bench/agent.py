@@ -7,8 +7,8 @@ measures, each as a ratio to its reference:
 
 - write: Write calls of one block each, 8 in flight  vs  os.pwrite of the same blocks;
 - read:  Read calls of one block each, 8 in flight   vs  os.pread of the same blocks;
-- local copy: Copy calls (64 MiB of block-sized ranges each) between two extents of
-  one agent  vs  os.copy_file_range of the same ranges between two files;
+- local copy: Copy calls (--copy-batch-mib of block-sized ranges each) between two
+  extents of one agent  vs  os.copy_file_range of the same ranges between two files;
 - peer copy: Copy calls pulling the same ranges from the other agent  vs  nbdcopy
   between two qemu-nbd exports of files in the two agents' data directories.
 
@@ -39,7 +39,6 @@ from volkin.api.v1 import agent_pb2, agent_pb2_grpc
 
 MiB = 1 << 20
 QUEUE_DEPTH = 8
-COPY_BATCH = 64 * MiB
 
 
 def _best(repeat: int, job: Callable[[], object],
@@ -65,16 +64,16 @@ def _pipelined(calls: list[Callable[[], grpc.Future[object]]]) -> None:
         future.result()
 
 
-def _ranges(size: int, block: int) -> list[list[agent_pb2.CopyRange]]:
-    per_call = COPY_BATCH // block
+def _ranges(size: int, block: int, batch: int) -> list[list[agent_pb2.CopyRange]]:
+    per_call = max(batch // block, 1)
     blocks = [agent_pb2.CopyRange(source_offset=o, target_offset=o, length=block)
               for o in range(0, size, block)]
     return [blocks[i:i + per_call] for i in range(0, len(blocks), per_call)]
 
 
 class Bench:
-    def __init__(self, root: Path, size: int, repeat: int) -> None:
-        self.root, self.size, self.repeat = root, size, repeat
+    def __init__(self, root: Path, size: int, repeat: int, batch: int) -> None:
+        self.root, self.size, self.repeat, self.batch = root, size, repeat, batch
         self.etcd = EtcdServer(root / "etcd")
         self.a1 = Agent("a1", root / "a1", self.etcd)
         self.a2 = Agent("a2", root / "a2", self.etcd)
@@ -127,11 +126,11 @@ class Bench:
         self.record("read", block, ours, reference)
 
     def local_copy(self, block: int) -> None:
-        batches = _ranges(self.size, block)
         stub = self.a1.stub
-        ours = _best(self.repeat, lambda: [stub.Copy(agent_pb2.CopyRequest(
-            target_extent_id="dst", source_extent_id="src", epoch=1, ranges=b), timeout=120)
-            for b in batches])
+        requests = [agent_pb2.CopyRequest(target_extent_id="dst", source_extent_id="src",
+                                          epoch=1, ranges=b)
+                    for b in _ranges(self.size, block, self.batch)]
+        ours = _best(self.repeat, lambda: [stub.Copy(r, timeout=120) for r in requests])
         src = os.open(self.a1.data_dir / "extents" / "src.extent", os.O_RDONLY)
         dst = os.open(self.root / "reference-copy.img", os.O_RDWR | os.O_CREAT | os.O_TRUNC)
         os.ftruncate(dst, self.size)
@@ -146,11 +145,11 @@ class Bench:
         self.record("local copy", block, ours, reference)
 
     def peer_copy(self, block: int) -> None:
-        batches = _ranges(self.size, block)
         stub = self.a2.stub
-        ours = _best(self.repeat, lambda: [stub.Copy(agent_pb2.CopyRequest(
+        requests = [agent_pb2.CopyRequest(
             target_extent_id="dst", source_extent_id="src", source_agent=self.a1.address,
-            epoch=1, ranges=b), timeout=120) for b in batches])
+            epoch=1, ranges=b) for b in _ranges(self.size, block, self.batch)]
+        ours = _best(self.repeat, lambda: [stub.Copy(r, timeout=120) for r in requests])
         source_file = self.a1.data_dir / "extents" / "src.extent"
         target_file = self.a2.data_dir / "nbd-target.img"
         with open(target_file, "wb") as f:
@@ -207,6 +206,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--size-mib", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--copy-batch-mib", type=int, default=256,
+                        help="bytes of block-sized ranges per Copy call")
     parser.add_argument("--dir", type=Path, help="work directory (default: a temporary one)")
     args = parser.parse_args()
     for tool in ("etcd", "qemu-nbd", "nbdcopy"):
@@ -214,9 +215,9 @@ def main() -> None:
             raise SystemExit(f"{tool} is not installed (see .ci/run for the apt packages)")
     root = args.dir or Path(tempfile.mkdtemp(prefix="volkin-bench-agent-"))
     root.mkdir(parents=True, exist_ok=True)
-    bench = Bench(root, args.size_mib * MiB, args.repeat)
-    print(f"agent benchmark: {args.size_mib} MiB per job, best of {args.repeat}, in {root}",
-          file=sys.stderr)
+    bench = Bench(root, args.size_mib * MiB, args.repeat, args.copy_batch_mib * MiB)
+    print(f"agent benchmark: {args.size_mib} MiB per job, best of {args.repeat}, "
+          f"{args.copy_batch_mib} MiB of ranges per Copy call, in {root}", file=sys.stderr)
     try:
         bench.start()
         for block in (64 << 10, 1 << 20):
