@@ -165,9 +165,7 @@ class BlockStore:
                 if ext.deleted:
                     raise NotFound(f"extent {ext.extent_id} does not exist on this agent")
                 if epoch < ext.epoch:
-                    raise FencedOut(
-                        f"extent {ext.extent_id}: epoch {epoch} is older than epoch {ext.epoch} "
-                        "already seen; a newer controller owns it")
+                    raise _fenced(ext, epoch)
                 if epoch == ext.epoch:
                     yield
                     return
@@ -258,9 +256,7 @@ class BlockStore:
             if ext.deleted:
                 return
             if epoch < ext.epoch:
-                raise FencedOut(
-                    f"extent {extent_id}: epoch {epoch} is older than epoch {ext.epoch} "
-                    "already seen; a newer controller owns it")
+                raise _fenced(ext, epoch)
             # Tombstone first: after a crash the extent is gone, and its data file
             # is debris that the next start removes.
             self._write_meta(extent_id, ext.size, ext.block_size, ext.epoch, "deleted")
@@ -296,6 +292,48 @@ class BlockStore:
                 raise NotFound(f"extent {extent_id} does not exist on this agent")
             with fileio.storage_errors(f"read of extent {extent_id}"):
                 return fileio.pread_exact(ext.fd, length, offset)
+
+    def read_nowait(self, extent_id: str, offset: int, length: int) -> bytes | None:
+        """`read`, but only if it needs no waiting (data in the page cache); else None."""
+        ext = self._get(extent_id)
+        self._check_range(ext, offset, length, "read")
+        if length > MAX_IO_BYTES:
+            raise InvalidArgument(f"read chunks are at most {MAX_IO_BYTES} bytes")
+        if not ext.gate.try_acquire_shared():
+            return None
+        try:
+            if ext.deleted:
+                raise NotFound(f"extent {extent_id} does not exist on this agent")
+            with fileio.storage_errors(f"read of extent {extent_id}"):
+                return fileio.pread_cached(ext.fd, length, offset)
+        finally:
+            ext.gate.release_shared()
+
+    def write_buffered_nowait(self, extent_id: str, offset: int, data: bytes,
+                              epoch: int) -> int | None:
+        """`write` without fua, if it needs no waiting for the gate or an epoch record;
+        else None (then call `write` from a worker thread). A buffered pwrite only
+        copies into the page cache, unless the kernel throttles dirty pages."""
+        ext = self._get(extent_id)
+        if len(data) > MAX_IO_BYTES:
+            raise InvalidArgument(
+                f"write of {len(data)} bytes is larger than {MAX_IO_BYTES}; use WriteStream")
+        self._check_range(ext, offset, len(data), "write")
+        check_epoch(epoch)
+        if not ext.gate.try_acquire_shared():
+            return None
+        try:
+            if ext.deleted:
+                raise NotFound(f"extent {extent_id} does not exist on this agent")
+            if epoch < ext.epoch:
+                raise _fenced(ext, epoch)
+            if epoch > ext.epoch:
+                return None  # recording the new epoch means an fsync: not here
+            with fileio.storage_errors(f"write to extent {extent_id}"):
+                fileio.pwrite_all(ext.fd, data, offset)
+            return len(data)
+        finally:
+            ext.gate.release_shared()
 
     def write(self, extent_id: str, offset: int, data: bytes, fua: bool, epoch: int) -> int:
         """Writes `data` at `offset`; with `fua` it is on stable storage before returning."""
@@ -378,6 +416,11 @@ class RangeLike(Protocol):
     def target_offset(self) -> int: ...
     @property
     def length(self) -> int: ...
+
+
+def _fenced(ext: _Extent, epoch: int) -> FencedOut:
+    return FencedOut(f"extent {ext.extent_id}: epoch {epoch} is older than epoch {ext.epoch} "
+                     "already seen; a newer controller owns it")
 
 
 def coalesce(ranges: Iterable[RangeLike]) -> list[CopyRange]:

@@ -54,6 +54,21 @@ def pread_exact(fd: int, length: int, offset: int) -> bytes:
     return b"".join(parts)
 
 
+def pread_cached(fd: int, length: int, offset: int) -> bytes | None:
+    """Reads the range only if it is all in the page cache (preadv RWF_NOWAIT): it never
+    waits for the device. None means: read it with pread_exact in a worker thread."""
+    buffer = bytearray(length)
+    try:
+        n = os.preadv(fd, [buffer], offset, os.RWF_NOWAIT)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+            return None
+        raise
+    return bytes(buffer) if n == length else None
+
+
 def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     """Writes all of `data` at `offset`, continuing after short writes."""
     view = memoryview(data)

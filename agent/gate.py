@@ -21,6 +21,20 @@ class Gate:
         self._exclusive = False
         self._waiting_exclusive = 0
 
+    def try_acquire_shared(self) -> bool:
+        """Takes the gate shared if that needs no waiting; False otherwise."""
+        with self._cond:
+            if self._exclusive or self._waiting_exclusive:
+                return False
+            self._shared += 1
+            return True
+
+    def release_shared(self) -> None:
+        with self._cond:
+            self._shared -= 1
+            if self._shared == 0:
+                self._cond.notify_all()
+
     @contextlib.contextmanager
     def shared(self) -> Iterator[None]:
         with self._cond:
@@ -30,10 +44,7 @@ class Gate:
         try:
             yield
         finally:
-            with self._cond:
-                self._shared -= 1
-                if self._shared == 0:
-                    self._cond.notify_all()
+            self.release_shared()
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:

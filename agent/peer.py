@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import grpc
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from agent import dispatch
 from agent.blockstore import MAX_IO_BYTES, BlockStore, CopyRange, coalesce
 from volkin.api.v1 import agent_pb2, agent_pb2_grpc
 from volkin.errors import InvalidArgument, OutOfRange, StorageIOError, Unavailable, VolkinError
@@ -126,9 +127,9 @@ async def _pull_piece(stub: agent_pb2_grpc.BlockStoreStub, store: BlockStore, co
                         raise StorageIOError(
                             f"peer agent {copy.source_agent} sent a chunk at {chunk.offset} of "
                             f"{n} bytes; expected offset {piece.source_offset + done}")
-                    await asyncio.to_thread(store.write, copy.target_extent_id,
-                                            piece.target_offset + done, chunk.data, False,
-                                            copy.epoch)
+                    await dispatch.write(store, copy.target_extent_id,
+                                         piece.target_offset + done, chunk.data, False,
+                                         copy.epoch)
                     done += n
                     on_bytes(n)
             except grpc.aio.AioRpcError as exc:

@@ -1,7 +1,7 @@
 """The BlockStore gRPC servicer: converts protobuf to domain calls and back, nothing more.
 
-Blocking file I/O runs in worker threads (`asyncio.to_thread`) so the event loop
-keeps serving. Domain errors become gRPC statuses through `volkin.rpc_status`.
+File I/O runs where `agent.dispatch` says (event loop or worker thread); domain
+errors become gRPC statuses through `volkin.rpc_status`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from agent import peer
+from agent import dispatch, peer
 from agent.blockstore import MAX_IO_BYTES, BlockStore, ExtentInfo, coalesce
 from agent.metrics import AgentMetrics
 from volkin.api.v1 import agent_pb2, agent_pb2_grpc
@@ -116,35 +116,26 @@ class BlockStoreService(agent_pb2_grpc.BlockStoreServicer):
     async def Read(self, request: agent_pb2.ReadRequest,
                    context: Context) -> AsyncIterator[agent_pb2.ReadChunk]:
         store, extent_id = self._store, request.extent_id
-        pending: asyncio.Task[bytes] | None = None
         try:
             with self._call("read").measure():
-                info = await asyncio.to_thread(
-                    store.check_range, extent_id, request.offset, request.length, "read")
+                info = store.check_range(extent_id, request.offset, request.length, "read")
                 chunk = max(READ_CHUNK_BYTES, info.block_size)
                 pos, end = request.offset, request.offset + request.length
-                # Read the next chunk while the current one is on its way.
-                pending = asyncio.create_task(
-                    asyncio.to_thread(store.read, extent_id, pos, min(chunk, end - pos)))
-                while pending is not None:
-                    data = await pending
-                    offset, pos = pos, pos + len(data)
-                    pending = asyncio.create_task(asyncio.to_thread(
-                        store.read, extent_id, pos, min(chunk, end - pos))) if pos < end else None
-                    self._metrics.read_bytes.inc(len(data))
-                    yield agent_pb2.ReadChunk(offset=offset, data=data)
+                while pos < end:
+                    n = min(chunk, end - pos)
+                    data = await dispatch.read(store, extent_id, pos, n)
+                    self._metrics.read_bytes.inc(n)
+                    yield agent_pb2.ReadChunk(offset=pos, data=data)
+                    pos += n
         except VolkinError as exc:
             await _abort(context, exc)
-        finally:
-            if pending is not None:
-                pending.cancel()
 
     async def Write(self, request: agent_pb2.WriteRequest,
                     context: Context) -> agent_pb2.WriteResponse:
         try:
             with self._call("write").measure():
-                n = await asyncio.to_thread(self._store.write, request.extent_id, request.offset,
-                                            request.data, request.fua, request.epoch)
+                n = await dispatch.write(self._store, request.extent_id, request.offset,
+                                         request.data, request.fua, request.epoch)
         except VolkinError as exc:
             await _abort(context, exc)
         self._metrics.written_bytes.inc(n)
@@ -166,9 +157,8 @@ class BlockStoreService(agent_pb2_grpc.BlockStoreServicer):
                         raise InvalidArgument(
                             "every chunk of a WriteStream must name the same extent and epoch")
                     fua = fua or chunk.fua
-                    total += await asyncio.to_thread(
-                        self._store.write, chunk.extent_id, chunk.offset, chunk.data, False,
-                        chunk.epoch)
+                    total += await dispatch.write(self._store, chunk.extent_id, chunk.offset,
+                                                  chunk.data, False, chunk.epoch)
                     self._metrics.written_bytes.inc(len(chunk.data))
                 if first is None:
                     raise InvalidArgument("a WriteStream needs at least one chunk")

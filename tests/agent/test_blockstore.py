@@ -198,3 +198,22 @@ def test_copy_ranges_that_continue_each_other_are_merged() -> None:
     assert coalesce(ranges) == [CopyRange(0, 100, 20), CopyRange(30, 120, 15)]
     with pytest.raises(InvalidArgument, match="positive length"):
         coalesce([CopyRange(0, 0, 10), CopyRange(10, 10, 0)])
+
+
+def test_nowait_paths_step_aside_instead_of_waiting(store: BlockStore, tmp_path: Path) -> None:
+    store.create("v1", 64 * BS, BS, epoch=2)
+    # A newer epoch must be recorded durably first: that is not done without waiting.
+    assert store.write_buffered_nowait("v1", 0, b"a" * BS, epoch=3) is None
+    assert store.stat("v1").epoch == 2
+    with pytest.raises(FencedOut):
+        store.write_buffered_nowait("v1", 0, b"a" * BS, epoch=1)
+    assert store.write_buffered_nowait("v1", 0, b"b" * BS, epoch=2) == BS
+    assert store.read_nowait("v1", 0, BS) in (None, b"b" * BS)
+    store.flush("v1", epoch=2)
+    fd = os.open(tmp_path / "extents" / "v1.extent", os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # drop the cached pages
+    finally:
+        os.close(fd)
+    assert store.read_nowait("v1", 0, BS) is None  # would wait for the disk
+    assert store.read("v1", 0, BS) == b"b" * BS
