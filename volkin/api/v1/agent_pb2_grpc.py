@@ -114,21 +114,25 @@ class BlockStoreServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Read(self, request, context):
-        """Reads [offset, offset+length); larger ranges arrive in several chunks.
+        """Reads [offset, offset+length) as chunks of 1 MiB (or one block if blocks
+        are larger), in order. Not fenced.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Write(self, request, context):
-        """Writes one range of at most a few MiB; fua makes it durable before reply.
+        """Writes one range of at most 4 MiB; fua makes it durable before reply.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def WriteStream(self, request_iterator, context):
-        """Writes a large range as a stream of chunks; durable before reply if fua.
+        """Writes a large range as a stream of chunks of at most 4 MiB, all naming
+        the same extent and epoch; durable before reply if any chunk has fua.
+        Each chunk is checked before it is written: a refused chunk ends the
+        stream and the chunks before it stay written.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -151,6 +155,9 @@ class BlockStoreServicer:
     def Copy(self, request, context):
         """Copies ranges into an extent of this agent, from another extent of this
         agent or pulled directly from a peer agent (never through the caller).
+        Every range is checked, here and against the peer's extent, before any
+        byte moves. Idempotent: after a failure, repeating the call gives the
+        same result, provided the source ranges did not change meanwhile.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
