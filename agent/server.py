@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import signal
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -30,10 +31,15 @@ from volkin.log import event
 _log = logging.getLogger("agent.server")
 SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["BlockStore"].full_name
 VERSION = "0.1.0"
+IO_THREADS = 32
 
 
 async def serve(config: AgentConfig) -> None:
     """Serves until SIGTERM or SIGINT, then shuts down gracefully."""
+    # Copies and fua writes hold a worker thread while the device works; the
+    # default pool (cores + 4) would let a few long copies starve everything else.
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(IO_THREADS, thread_name_prefix="io"))
     store = await asyncio.to_thread(BlockStore, config.data_dir)
     metrics = AgentMetrics()
     metrics.extents.set(store.count())
@@ -61,7 +67,6 @@ async def serve(config: AgentConfig) -> None:
           etcd=",".join(config.etcd_endpoints), pid=os.getpid())
 
     stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
