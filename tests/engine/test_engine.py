@@ -250,3 +250,19 @@ def test_the_engine_imports_nothing_but_the_standard_library_and_itself() -> Non
                 assert name.startswith("volkin.engine") or top in allowed, (
                     f"{path} imports {name}")
                 assert top in sys.stdlib_module_names or top == "volkin", name
+
+
+def test_modified_maps_do_not_pile_up_as_snapshots_come_and_go() -> None:
+    h = filled(("v",))
+    for i in range(30):
+        h.snapshot("v", "s")
+        h.write("v", i % 6, 0, bytes([i]))
+        finish(h, "s")
+        assert h.delete("s")
+    assert len(h.engine.volume("v").intervals) == 1
+    h.snapshot("v", "s")
+    h.write("v", 2, 0, b"after")
+    started = h.engine.start_refresh("v", "s")
+    h.model.refresh("v", "s")
+    assert started.incremental and started.blocks_to_copy == 1
+    h.check_all()

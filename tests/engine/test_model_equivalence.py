@@ -21,7 +21,7 @@ from tests.engine.harness import Harness
 
 BLOCK = 8
 BLOCKS = 3
-NAMES = [f"v{i}" for i in range(7)]
+NAMES = [f"v{i}" for i in range(5)]
 
 
 class EngineVersusModel(RuleBasedStateMachine):
@@ -127,4 +127,4 @@ class EngineVersusModelLong(EngineVersusModel):
 
 
 TestEngineVersusModelThousands = pytest.mark.slow(EngineVersusModelLong.TestCase)
-TestEngineVersusModelThousands.settings = _settings(2000, 40)
+TestEngineVersusModelThousands.settings = _settings(3000, 40)

@@ -160,7 +160,8 @@ class MapEngine:
         self.graph.start_interval(src, start)
         self.graph.start_interval(dst, start, replaced)
         self.graph.synced[key] = start
-        self._forget_old_intervals(src, dst)
+        self.graph.compact_intervals(src)
+        self.graph.compact_intervals(dst)
         return RefreshStarted(target, source, since is not None, dst.size_blocks - valid.count())
 
     def detach_if_real(self, name: str) -> bool:
@@ -187,15 +188,16 @@ class MapEngine:
         self.graph.tick()
         # The live node first: dropping it lets ghosts that only it read go too.
         self.graph.remove_node(node)
-        for other in self.graph.nodes_of_memory(volume.memory):
-            self.graph.remove_node(other)  # a ghost with no readers left
-        for interval in volume.intervals:
-            del self.graph.maps[interval.modified]
-            if interval.replaced is not None:
-                del self.graph.maps[interval.replaced]
+        for ghost in self.graph.nodes_of_memory(volume.memory):
+            self.graph.remove_node(ghost)  # a ghost with no readers left
+        self.graph.drop_intervals(volume)
         del self.graph.volumes[name]
+        related = {uid for key in self.graph.synced if volume.uid in key for uid in key}
         for key in [k for k in self.graph.synced if volume.uid in k]:
             del self.graph.synced[key]
+        for survivor in self.graph.volumes.values():
+            if survivor.uid in related:
+                self.graph.compact_intervals(survivor)
         return Deleted(name, tuple(self.take_released()))
 
     def take_released(self) -> list[str]:
@@ -218,10 +220,6 @@ class MapEngine:
                 f"invalid volume name {name!r}: use 1-128 letters, digits, '-', '_' or '.'")
         if name in self.graph.volumes:
             raise VolumeExists(name)
-
-    def _forget_old_intervals(self, *volumes: Volume) -> None:
-        for volume in volumes:
-            self.graph.forget_intervals_before(volume)
 
     # -- block operations: plans ---------------------------------------------------
     def plan_read(self, name: str, block: int) -> Plan:

@@ -209,14 +209,36 @@ class Graph:
                 result = result.combine(self.maps[interval.replaced], "or")
         return result
 
-    def forget_intervals_before(self, volume: Volume) -> None:
-        """Drops intervals older than every reference point still recorded for `volume`."""
-        starts = [start for key, start in self.synced.items() if volume.uid in key]
-        oldest = min(starts, default=volume.intervals[-1].start)
-        keep = [i for i in volume.intervals if i.start >= oldest]
+    def compact_intervals(self, volume: Volume) -> None:
+        """Keeps only the intervals that a recorded reference point or the next write needs.
+
+        Intervals before the oldest reference point of `volume` are dropped. An
+        interval that starts at no reference point is folded into the one before
+        it; its replaced blocks become modified blocks there, because for the
+        earlier reference point they are changes that happened after it.
+        """
+        references = {start for key, start in self.synced.items() if volume.uid in key}
+        newest = volume.intervals[-1]
+        kept: list[Interval] = []
         for interval in volume.intervals:
-            if interval not in keep:
-                del self.maps[interval.modified]
+            if interval.start in references or interval is newest:
+                kept.append(interval)
+                continue
+            if kept:
+                target = self.maps[kept[-1].modified]
+                merged = target.combine(self.maps[interval.modified], "or")
                 if interval.replaced is not None:
-                    del self.maps[interval.replaced]
-        volume.intervals = keep
+                    merged = merged.combine(self.maps[interval.replaced], "or")
+                self.maps[kept[-1].modified] = merged
+            self._drop_interval_maps(interval)
+        volume.intervals = kept
+
+    def drop_intervals(self, volume: Volume) -> None:
+        for interval in volume.intervals:
+            self._drop_interval_maps(interval)
+        volume.intervals = []
+
+    def _drop_interval_maps(self, interval: Interval) -> None:
+        del self.maps[interval.modified]
+        if interval.replaced is not None:
+            del self.maps[interval.replaced]
