@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from volkin.errors import StorageFull, StorageIOError
+from volkin.errors import InvalidArgument, StorageFull, StorageIOError
 
 # linux/falloc.h
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -29,12 +29,16 @@ _fallocate.restype = ctypes.c_int
 
 @contextlib.contextmanager
 def storage_errors(what: str) -> Iterator[None]:
-    """Re-raises OSError as StorageFull (ENOSPC, EDQUOT) or StorageIOError, naming `what`."""
+    """Re-raises OSError as StorageFull (ENOSPC, EDQUOT), InvalidArgument (EFBIG: a file
+    larger than the file system allows) or StorageIOError (anything else), naming `what`."""
     try:
         yield
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise StorageFull(f"{what}: no space left on the agent's data disk") from exc
+        if exc.errno == errno.EFBIG:
+            raise InvalidArgument(
+                f"{what}: larger than the agent's data file system allows for one file") from exc
         raise StorageIOError(f"{what}: {exc.strerror or exc} (errno {exc.errno})") from exc
 
 

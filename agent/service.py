@@ -37,7 +37,7 @@ def _extent(info: ExtentInfo) -> agent_pb2.Extent:
 
 
 class _Call:
-    """Times one call and records its result; turns a domain error into its status."""
+    """Times one call and counts its result: ok, or the status its domain error maps to."""
 
     def __init__(self, metrics: AgentMetrics, op: str) -> None:
         self.metrics = metrics

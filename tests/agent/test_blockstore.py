@@ -107,6 +107,8 @@ def test_bad_names_sizes_and_epochs_are_refused(store: BlockStore) -> None:
             store.create("v1", size, bs, epoch=1)
     with pytest.raises(InvalidArgument, match="epoch"):
         store.create("v1", 8 * BS, BS, epoch=0)
+    with pytest.raises(InvalidArgument, match="larger than"):  # ext4 files end at 16 TiB
+        store.create("huge", 1 << 55, BS, epoch=1)
     with pytest.raises(NotFound):
         store.read("nope", 0, BS)
     with pytest.raises(InvalidArgument, match="WriteStream"):
