@@ -10,17 +10,27 @@ same target offsets again gives the same result, so copies are idempotent.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
 
 from agent import dispatch
 from agent.blockstore import MAX_IO_BYTES, BlockStore, CopyRange, coalesce
 from volkin.api.v1 import agent_pb2, agent_pb2_grpc
 from volkin.errors import InvalidArgument, OutOfRange, StorageIOError, Unavailable, VolkinError
+from volkin.log import event
 from volkin.rpc_status import error_from_rpc
+
+_log = logging.getLogger("agent.peer")
 
 # Headroom over MAX_IO_BYTES for the protobuf envelope of one chunk.
 CHANNEL_OPTIONS = [
@@ -34,14 +44,21 @@ CHANNEL_OPTIONS = [
 PIECE_BYTES = 32 << 20
 PARALLEL_PIECES = 4
 # Transient failures (peer unreachable, stream cut) are retried with backoff
-# 0.1, 0.2, 0.4, 0.8, 1.6 s: about three seconds before a copy gives up.
-ATTEMPTS = 6
+# 0.1, 0.2, 0.4, 0.8, 1.6, 2, 2 s: a peer that restarts within about seven
+# seconds does not fail the copy.
+ATTEMPTS = 8
 
 
-def _retrying() -> AsyncRetrying:
+def _retrying(copy: PeerCopy) -> AsyncRetrying:
+    def log_retry(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        event(_log, "agent.peer_retry", logging.WARNING, peer=copy.source_agent,
+              extent=copy.target_extent_id, attempt=state.attempt_number,
+              error=getattr(error, "message", error))
+
     return AsyncRetrying(
         retry=retry_if_exception_type(Unavailable), stop=stop_after_attempt(ATTEMPTS),
-        wait=wait_exponential(multiplier=0.1, max=2.0), reraise=True)
+        wait=wait_exponential(multiplier=0.1, max=2.0), reraise=True, before_sleep=log_retry)
 
 
 @dataclass(frozen=True)
@@ -90,7 +107,7 @@ def _domain_error(exc: grpc.aio.AioRpcError, address: str) -> VolkinError:
 
 async def _check_source(stub: agent_pb2_grpc.BlockStoreStub, copy: PeerCopy) -> None:
     """Validates every source range against the peer's extent before any byte moves."""
-    async for attempt in _retrying():
+    async for attempt in _retrying(copy):
         with attempt:
             try:
                 extent = await stub.StatExtent(
@@ -113,7 +130,7 @@ async def _check_source(stub: agent_pb2_grpc.BlockStoreStub, copy: PeerCopy) -> 
 async def _pull_piece(stub: agent_pb2_grpc.BlockStoreStub, store: BlockStore, copy: PeerCopy,
                       piece: CopyRange, on_bytes: Callable[[int], None]) -> None:
     done = 0
-    async for attempt in _retrying():
+    async for attempt in _retrying(copy):
         with attempt:
             call = stub.Read(agent_pb2.ReadRequest(
                 extent_id=copy.source_extent_id, offset=piece.source_offset + done,

@@ -7,7 +7,7 @@ import time
 import grpc
 import pytest
 
-from tests.agent.conftest import Agent, AgentFactory, MiB, create, pattern, read
+from tests.agent.conftest import Agent, AgentFactory, MiB, create, pattern, read, wait_until
 from volkin.api.v1 import agent_pb2
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -61,3 +61,20 @@ def test_a_peer_copy_killed_midway_is_right_when_retried(start_agent: AgentFacto
     source.start()
     target.stub.Copy(_copy_request(source), timeout=120)
     assert read(target, "v", 0, SIZE) == data
+
+
+def test_a_peer_copy_rides_out_a_quick_restart_of_its_source(start_agent: AgentFactory) -> None:
+    source, target = start_agent("source"), start_agent("target")
+    data = pattern(SIZE, seed=13)
+    create(source, "v", SIZE)
+    create(target, "v", SIZE)
+    _fill(source, data)
+    call = target.stub.Copy.future(_copy_request(source), timeout=120)
+    wait_until(lambda: target.stub.StatExtent(agent_pb2.StatExtentRequest(
+        extent_id="v"), timeout=5).allocated_bytes >= 8 * MiB, 30, "the copy is under way")
+    source.kill()
+    source.start()  # same port; the target's retries find it again
+    assert call.result().bytes_copied == SIZE
+    assert read(target, "v", 0, SIZE) == data
+    assert "event=agent.peer_retry" in target.log()  # the kill did interrupt the copy
+    assert "Traceback" not in target.log()
