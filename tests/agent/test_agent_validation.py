@@ -97,6 +97,7 @@ def bad_calls(a1: Agent, a2: Agent, v2_head: bytes) -> list[tuple[str, S, Callab
     ]
 
 
+@pytest.mark.slow  # the unreachable-peer case waits out the peer retries (~7 s)
 def test_every_kind_of_bad_input_is_refused_and_changes_nothing(
         start_agent: AgentFactory) -> None:
     a1, a2 = start_agent("a1"), start_agent("a2")
