@@ -134,6 +134,43 @@ def test_refresh_chain_v3_from_v2_from_v1_while_both_copies_run() -> None:
     h.check_all()
 
 
+def test_refresh_while_the_targets_snapshot_is_still_virtual() -> None:
+    h = filled(("v1", "v2"))
+    h.snapshot("v2", "s2")  # s2 holds nothing of its own yet
+    h.refresh("v2", "v1")
+    h.write("v2", 0, 0, b"v2")
+    h.check_all()
+    finish(h, "s2")
+    finish(h, "v2")
+    h.check_all()
+
+
+def test_snapshot_taken_during_a_refresh_is_the_refreshed_contents() -> None:
+    h = filled(("v1", "v2"))
+    h.refresh("v2", "v1")
+    h.background("v2", 1)
+    h.snapshot("v2", "mid")
+    h.write("v1", 2, 0, b"later")
+    h.write("v2", 3, 0, b"later")
+    h.check_all()
+    finish(h, "v2")
+    finish(h, "mid")
+    h.check_all()
+
+
+def test_restore_during_a_refresh_from_the_targets_own_snapshot() -> None:
+    h = filled(("v1", "v2"))
+    h.snapshot("v2", "s2")
+    h.refresh("v2", "v1")
+    h.background("v2", 0)
+    h.write("v2", 1, 0, b"new")
+    h.refresh("v2", "s2")  # changed our mind: back to the snapshot
+    h.write("s2", 2, 0, b"s2")
+    h.check_all()
+    finish(h, "v2")
+    h.check_all()
+
+
 # -- deletion ---------------------------------------------------------------------
 def test_deleting_a_volume_others_read_through_is_refused_with_the_reason() -> None:
     h = filled(("v1", "v2"))

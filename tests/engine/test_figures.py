@@ -200,13 +200,20 @@ def test_fig3b_writes_and_a_background_copy_mark_v_and_m() -> None:
     assert vm_map(h.engine, "S2") == (bits("11100000"), bits("01000000"))
 
 
-def test_fig3c_and_3d_refresh_start_sets_r_and_v2_m_to_not_v_of_s2() -> None:
+def test_fig3c_refresh_start_creates_v1_map_and_an_all_ones_refresh_map() -> None:
     h = fig3b()
     h.refresh("V2", "V1")
-    assert vm_map(h.engine, "V1") == (bits("11111111"), bits("00000000"))  # 3C
-    assert refresh_map(h.engine, "V2") == bits("11111111")  # 3C
+    assert vm_map(h.engine, "V1") == (bits("11111111"), bits("00000000"))
+    assert refresh_map(h.engine, "V2") == bits("11111111")
+    h.check_all()
+
+
+def test_fig3d_refresh_start_clears_v_of_v2_and_sets_its_m_to_not_v_of_s2() -> None:
+    h = fig3b()
+    h.refresh("V2", "V1")
     v_s2, _ = vm_map(h.engine, "S2")
-    assert vm_map(h.engine, "V2") == (bits("00000000"), [1 - v for v in v_s2])  # 3D
+    assert v_s2 == bits("11100000")
+    assert vm_map(h.engine, "V2") == (bits("00000000"), [1 - v for v in v_s2])
     h.check_all()
 
 

@@ -13,7 +13,7 @@ acknowledged write.
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -41,6 +41,14 @@ class EngineVersusModel(RuleBasedStateMachine):
     def _data(self, length: int) -> bytes:
         self.serial += 1
         return bytes((self.serial + i) % 251 + 1 for i in range(length))
+
+    def _note(self, steps: tuple[object, ...], crash_after: int | None) -> None:
+        if crash_after is not None and crash_after < len(steps):
+            event("crash inside a plan")
+        if any("~" in str(step) for step in steps):
+            event("a spill memory used")
+        if sum(1 for step in steps if type(step).__name__ == "Commit") > 1:
+            event("plan with several commits")
 
     @initialize()
     def two_unrelated_volumes(self) -> None:
@@ -76,19 +84,23 @@ class EngineVersusModel(RuleBasedStateMachine):
               crash_after: int | None) -> None:
         offset = span[0]
         length = min(span[1], BLOCK - offset)
-        self.h.write(self._existing(volume), block, offset, self._data(length), crash_after)
+        plan = self.h.write(self._existing(volume), block, offset, self._data(length),
+                            crash_after)
+        self._note(plan.steps, crash_after)
 
     @precondition(lambda self: len(self.h.model.volumes) > 0)
     @rule(volume=st.integers(0, 20), block=st.integers(0, BLOCKS - 1),
           crash_after=st.none() | st.integers(0, 8))
     def whole_block_write(self, volume: int, block: int, crash_after: int | None) -> None:
-        self.h.write(self._existing(volume), block, 0, self._data(BLOCK), crash_after)
+        plan = self.h.write(self._existing(volume), block, 0, self._data(BLOCK), crash_after)
+        self._note(plan.steps, crash_after)
 
     @precondition(lambda self: len(self.h.model.volumes) > 0)
     @rule(volume=st.integers(0, 20), block=st.integers(0, BLOCKS - 1),
           crash_after=st.none() | st.integers(0, 8))
     def background_step(self, volume: int, block: int, crash_after: int | None) -> None:
-        self.h.background(self._existing(volume), block, crash_after)
+        plan = self.h.background(self._existing(volume), block, crash_after)
+        self._note(plan.steps, crash_after)
 
     @precondition(lambda self: len(self.h.model.volumes) > 0)
     @rule(volume=st.integers(0, 20))
