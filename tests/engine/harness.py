@@ -28,6 +28,16 @@ class Harness:
         self.check_every_step = check_every_step
         self.plans_run = 0
 
+    @classmethod
+    def filled(cls, names: tuple[str, ...], blocks: int, block_size: int) -> Harness:
+        """Unrelated volumes whose blocks all hold distinct, recognisable bytes."""
+        h = cls(block_size=block_size)
+        for i, name in enumerate(names):
+            h.create_volume(name, blocks)
+            for n in range(blocks):
+                h.write(name, n, 0, bytes([(16 * i + n) % 255 + 1]) * block_size)
+        return h
+
     # -- topology (atomic: one etcd transaction each) ---------------------------
     def create_volume(self, name: str, size_blocks: int) -> None:
         self.engine.create_volume(name, size_blocks, self.block_size)
@@ -53,6 +63,15 @@ class Harness:
 
     def detach(self, name: str) -> bool:
         return self.engine.detach_if_real(name)
+
+    def finish(self, name: str) -> int:
+        """Runs a volume's whole background copy and ends it; returns the blocks copied."""
+        blocks = list(self.engine.blocks_to_copy(name))
+        for block in blocks:
+            self.background(name, block)
+        if not self.detach(name):
+            raise Divergence(f"{name} still reads through another volume after its copy")
+        return len(blocks)
 
     def restart(self) -> None:
         """A controller restart: the engine is rebuilt from the committed maps alone."""

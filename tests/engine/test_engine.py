@@ -19,21 +19,11 @@ B = 8
 
 
 def filled(names: tuple[str, ...], blocks: int = 6) -> Harness:
-    h = Harness(block_size=B)
-    for i, name in enumerate(names):
-        h.create_volume(name, blocks)
-        for n in range(blocks):
-            h.write(name, n, 0, bytes([16 * i + n + 1]) * B)
-    return h
+    return Harness.filled(names, blocks, B)
 
 
 def finish(h: Harness, name: str) -> int:
-    """Runs a volume's whole background copy; returns the blocks it copied."""
-    blocks = list(h.engine.blocks_to_copy(name))
-    for n in blocks:
-        h.background(name, n)
-    assert h.detach(name)
-    return len(blocks)
+    return h.finish(name)
 
 
 # -- cost -------------------------------------------------------------------------

@@ -55,12 +55,7 @@ def describe(engine: MapEngine, plan: Plan) -> str:
 
 
 def fresh(*names: str) -> Harness:
-    h = Harness(block_size=B)
-    for i, name in enumerate(names):
-        h.create_volume(name, N)
-        for n in range(N):
-            h.write(name, n, 0, bytes([16 * i + n + 1]) * B)
-    return h
+    return Harness.filled(names, N, B)
 
 
 def refreshing() -> Harness:
