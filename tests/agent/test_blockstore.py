@@ -219,3 +219,35 @@ def test_nowait_paths_step_aside_instead_of_waiting(store: BlockStore, tmp_path:
         os.close(fd)
     assert store.read_nowait("v1", 0, BS) is None  # would wait for the disk
     assert store.read("v1", 0, BS) == b"b" * BS
+
+
+def test_no_older_write_lands_after_a_newer_epoch_was_accepted(store: BlockStore) -> None:
+    import threading
+
+    store.create("v1", 8 * BS, BS, epoch=1)
+    refused = [0] * 4
+    landed_after = []
+    newer_done = threading.Event()
+
+    def stale_writer(n: int) -> None:
+        data = bytes([n + 1]) * BS
+        while True:
+            started_after_newer = newer_done.is_set()
+            try:
+                store.write("v1", 0, data, fua=False, epoch=1)
+            except FencedOut:
+                refused[n] += 1
+                return
+            if started_after_newer:
+                landed_after.append(n)  # accepted after the newer epoch returned: a bug
+
+    threads = [threading.Thread(target=stale_writer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    store.write("v1", 0, b"N" * BS, fua=False, epoch=2)
+    newer_done.set()
+    for t in threads:
+        t.join(10)
+    assert refused == [1, 1, 1, 1]
+    assert landed_after == []
+    assert store.read("v1", 0, BS) == b"N" * BS
