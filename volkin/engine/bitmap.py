@@ -51,8 +51,21 @@ class SegmentedBitmap:
             if value == self.default:
                 return
             bits = self._default_segment(seg)
-        bits = bits | (1 << bit) if value else bits & ~(1 << bit)
-        self._store(seg, bits)
+            self._ones_in_segment[seg] = bits.bit_count()
+        elif bool((bits >> bit) & 1) == value:
+            return
+        # One bit flips: keep the segment's count by arithmetic, not by a popcount.
+        if value:
+            bits |= 1 << bit
+            self._ones_in_segment[seg] += 1
+        else:
+            bits &= ~(1 << bit)
+            self._ones_in_segment[seg] -= 1
+        if bits == self._default_segment(seg):
+            del self._segments[seg]
+            del self._ones_in_segment[seg]
+        else:
+            self._segments[seg] = bits
 
     # -- whole-map queries -------------------------------------------------
     def count(self) -> int:
