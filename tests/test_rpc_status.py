@@ -36,3 +36,9 @@ def test_subclasses_take_their_parents_status_and_transport_codes_mean_unavailab
     assert isinstance(error_from_rpc(grpc.StatusCode.DEADLINE_EXCEEDED, "slow"),
                       errors.Unavailable)
     assert type(error_from_rpc(grpc.StatusCode.UNKNOWN, "?")) is errors.VolkinError
+
+
+def test_a_refused_state_change_is_failed_precondition_and_fencing_is_one_of_them() -> None:
+    assert status_of(errors.FailedPrecondition("dependents")) == (
+        grpc.StatusCode.FAILED_PRECONDITION)
+    assert issubclass(errors.FencedOut, errors.FailedPrecondition)

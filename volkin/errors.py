@@ -32,7 +32,12 @@ class AlreadyExists(VolkinError):
     """Something with that name exists already with different properties."""
 
 
-class FencedOut(VolkinError):
+class FailedPrecondition(VolkinError):
+    """The request is valid, but the current state forbids it (dependents, sizes differ).
+    Nothing was done; the message says what has to change first."""
+
+
+class FencedOut(FailedPrecondition):
     """The caller's fencing epoch is lower than one already seen: a newer owner took over."""
 
 

@@ -15,6 +15,9 @@ _STATUS: dict[type[errors.VolkinError], grpc.StatusCode] = {
     errors.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
     errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    # Last, so that FAILED_PRECONDITION from an agent reads back as FencedOut:
+    # fencing is the only precondition an agent's block store checks.
     errors.FencedOut: grpc.StatusCode.FAILED_PRECONDITION,
     errors.StorageFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.StorageIOError: grpc.StatusCode.INTERNAL,

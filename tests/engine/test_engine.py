@@ -6,11 +6,20 @@ from __future__ import annotations
 import ast
 import pathlib
 import sys
+from collections.abc import Callable
 
 import pytest
 
 from tests.engine.harness import Divergence, Harness
-from volkin.engine import Conflict, Copy, InvalidRequest, MapEngine, VolumeExists, VolumeNotFound
+from volkin.engine import (
+    Conflict,
+    Copy,
+    EngineError,
+    InvalidRequest,
+    MapEngine,
+    VolumeExists,
+    VolumeNotFound,
+)
 from volkin.engine.persist import dump, load
 from volkin.engine.planner import PlanBuilder
 from volkin.engine.vmview import vm_map
@@ -274,9 +283,32 @@ def test_the_engine_imports_nothing_but_the_standard_library_and_itself() -> Non
             for name in names:
                 top = name.split(".")[0]
                 assert top not in forbidden_anywhere, f"{path} imports {name}"
-                assert name.startswith("volkin.engine") or top in allowed, (
-                    f"{path} imports {name}")
+                assert name.startswith("volkin.engine") or name == "volkin.errors" or (
+                    top in allowed), f"{path} imports {name}"
                 assert top in sys.stdlib_module_names or top == "volkin", name
+    shared = ast.parse(pathlib.Path("volkin/errors.py").read_text(encoding="utf-8"))
+    imports = [n for n in ast.walk(shared) if isinstance(n, ast.Import | ast.ImportFrom)]
+    assert all(isinstance(n, ast.ImportFrom) and n.module == "__future__" for n in imports)
+
+
+def test_engine_errors_map_to_grpc_status_codes_in_the_one_table() -> None:
+    import grpc
+
+    from volkin.rpc_status import status_of
+
+    engine = MapEngine()
+    engine.create_volume("v", 4, 512)
+    engine.create_volume("w", 8, 512)
+    cases: list[tuple[Callable[[], object], grpc.StatusCode]] = [
+        (lambda: engine.plan_read("nope", 0), grpc.StatusCode.NOT_FOUND),
+        (lambda: engine.create_volume("v", 4, 512), grpc.StatusCode.ALREADY_EXISTS),
+        (lambda: engine.plan_read("v", 9), grpc.StatusCode.INVALID_ARGUMENT),
+        (lambda: engine.start_refresh("w", "v"), grpc.StatusCode.FAILED_PRECONDITION),
+    ]
+    for call, code in cases:
+        with pytest.raises(EngineError) as caught:
+            call()
+        assert status_of(caught.value) == code, caught.value
 
 
 def test_modified_maps_do_not_pile_up_as_snapshots_come_and_go() -> None:
