@@ -8,6 +8,7 @@ import grpc
 import pytest
 
 from tests.agent.conftest import Agent, AgentFactory, MiB, create, expect_status, pattern, read
+from tests.support.tmpfs import tiny_tmpfs
 from volkin.api.v1 import agent_pb2
 
 pytestmark = pytest.mark.integration
@@ -128,15 +129,9 @@ def test_every_kind_of_bad_input_is_refused_and_changes_nothing(
 
 def test_an_agent_on_a_full_disk_says_so_and_keeps_serving(start_agent: AgentFactory,
                                                             tmp_path: object) -> None:
-    import subprocess
     from pathlib import Path
 
-    mount = Path(str(tmp_path)) / "a1"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here")
-    try:
+    with tiny_tmpfs(Path(str(tmp_path)) / "a1", "3m"):
         a1 = start_agent("a1")
         create(a1, "v1", 16 * MiB)
         message = expect_status(S.RESOURCE_EXHAUSTED, lambda: [
@@ -146,6 +141,3 @@ def test_an_agent_on_a_full_disk_says_so_and_keeps_serving(start_agent: AgentFac
                                            punch_hole=True, epoch=1))
         a1.stub.Write(_w(0, b"g" * BS, epoch=1))
         assert read(a1, "v1", 0, BS) == b"g" * BS
-    finally:
-        for agent_dir in [mount]:
-            subprocess.run(["umount", "-l", str(agent_dir)], check=False)
