@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -41,6 +42,13 @@ def per_op_us(fn: Callable[[int], object], count: int) -> float:
     return (time.perf_counter() - start) / count * 1e6
 
 
+def first_writes(engine: MapEngine) -> Callable[[int], None]:
+    def write(i: int) -> None:
+        apply_commits(engine, engine.plan_write("v", i))
+
+    return write
+
+
 def refreshing_engine(blocks: int) -> MapEngine:
     engine = MapEngine()
     engine.create_volume("v1", blocks, BLOCK)
@@ -61,12 +69,13 @@ def decision_costs(count: int) -> list[tuple[str, float]]:
                  per_op_us(lambda i: plain.plan_write("v", i), count)))
     rows.append(("read of a primary", per_op_us(lambda i: plain.plan_read("v", i), count)))
 
-    snap = MapEngine()
-    snap.create_volume("v", TIB_BLOCKS, BLOCK)
-    for i in range(20):
-        snap.create_snapshot("v", f"s{i}")
-    rows.append(("write, first after snapshot, 20 snapshots (Fig 4)",
-                 per_op_us(lambda i: apply_commits(snap, snap.plan_write("v", i)), count)))
+    for snapshots in (1, 20):
+        snap = MapEngine()
+        snap.create_volume("v", TIB_BLOCKS, BLOCK)
+        for i in range(snapshots):
+            snap.create_snapshot("v", f"s{i}")
+        rows.append((f"write, first after snapshot, {snapshots} snapshot(s) (Fig 4)",
+                     per_op_us(first_writes(snap), count)))
     rows.append(("read of the oldest of 20 snapshots (Fig 5)",
                  per_op_us(lambda i: snap.plan_read("s0", count + i), count)))
 
@@ -126,7 +135,7 @@ def start_costs(reps: int) -> list[tuple[str, float, float]]:
     for label, make in operations:
         timings = []
         for blocks in (GIB_BLOCKS, TIB_BLOCKS):
-            total = 0.0
+            samples = []
             for _ in range(reps):
                 engine = MapEngine()
                 engine.create_volume("v1", blocks, BLOCK)
@@ -134,8 +143,8 @@ def start_costs(reps: int) -> list[tuple[str, float, float]]:
                 engine.create_snapshot("v2", "s2")
                 start = time.perf_counter()
                 make(engine)
-                total += time.perf_counter() - start
-            timings.append(total / reps * 1e6)
+                samples.append(time.perf_counter() - start)
+            timings.append(statistics.median(samples) * 1e6)
         rows.append((label, timings[0], timings[1]))
     return rows
 
@@ -161,8 +170,8 @@ def main() -> None:
         print(f"   {'scattered' if scattered else 'sequential':<12} {stored / 2**20:13.2f} MiB"
               f" {heap / 2**20:8.2f} MiB {flat / 2**20:9.2f} MiB {stored / flat:12.3f}")
 
-    reps = 20 if args.quick else 200
-    print(f"\n3. start cost, mean of {reps} (us)")
+    reps = 50 if args.quick else 1000
+    print(f"\n3. start cost, median of {reps} (us)")
     print(f"   {'operation':<34} {'1 GiB':>9} {'1 TiB':>9} {'TiB/GiB':>8}")
     for label, gib, tib in start_costs(reps):
         print(f"   {label:<34} {gib:9.1f} {tib:9.1f} {tib / gib:8.2f}")
