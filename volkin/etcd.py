@@ -8,7 +8,7 @@ cannot be reached in time and `LeaseLost` when a lease it names has expired.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import etcd3aio
@@ -56,6 +56,14 @@ class Etcd(Protocol):
 
     async def delete(self, key: str) -> None:
         """Deletes `key` if it exists."""
+        ...
+
+    async def txn(self, *, if_values: Mapping[str, bytes] | None = None,
+                  put: Mapping[str, bytes] | None = None,
+                  delete: Sequence[str] = ()) -> bool:
+        """Atomically: if every key in `if_values` holds exactly that value, stores `put`
+        and deletes `delete` (all in one revision) and returns True; else changes
+        nothing and returns False."""
         ...
 
     async def close(self) -> None:
@@ -153,6 +161,20 @@ class _Etcd3aio:
             await self._client.kv.delete(key, timeout=self._timeout)
         except (etcd3aio.EtcdError, grpc.RpcError, TimeoutError) as exc:
             raise self._unavailable(f"a delete of {key}", exc) from exc
+
+    async def txn(self, *, if_values: Mapping[str, bytes] | None = None,
+                  put: Mapping[str, bytes] | None = None,
+                  delete: Sequence[str] = ()) -> bool:
+        kv = self._client.kv
+        assert kv is not None
+        compare = [kv.txn_compare_value(k, v) for k, v in (if_values or {}).items()]
+        success = [kv.txn_op_put(k, v) for k, v in (put or {}).items()]
+        success += [kv.txn_op_delete(k) for k in delete]
+        try:
+            response = await kv.txn(compare, success, timeout=self._timeout)
+        except (etcd3aio.EtcdError, grpc.RpcError, TimeoutError) as exc:
+            raise self._unavailable(f"a transaction of {len(success)} operations", exc) from exc
+        return bool(response.succeeded)
 
     async def close(self) -> None:
         await self._client.close()

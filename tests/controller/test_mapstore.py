@@ -1,0 +1,200 @@
+"""The engine's maps in a real etcd: O(1) starts, group commit, recovery, fencing, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from controller.mapstore import GroupCommit, MapStore
+from tests.engine.harness import Harness
+from tests.support.etcd import EtcdServer, etcd_server
+from volkin import etcd
+from volkin.engine import Commit, MapEngine, Plan
+from volkin.engine.memstore import MemoryStore
+from volkin.engine.vmview import vm_map
+from volkin.errors import FencedOut
+
+__all__ = ["etcd_server"]
+pytestmark = pytest.mark.integration
+
+B = 16
+
+
+def run(server: EtcdServer, scenario: Callable[[etcd.Etcd], Awaitable[None]]) -> None:
+    async def main() -> None:
+        client = await etcd.connect([server.endpoint])
+        try:
+            await scenario(client)
+        finally:
+            await client.close()
+
+    asyncio.run(main())
+
+
+async def execute(engine: MapEngine, data: MemoryStore, group: GroupCommit, plan: Plan,
+                  payload: bytes = b"", stop_after_commits: int | None = None) -> bytes | None:
+    """Carries out a plan as the controller will: data steps on the memories, commits
+    through etcd. Stops after `stop_after_commits` commits (a crash)."""
+    result = None
+    commits = 0
+    for step in plan.steps:
+        if isinstance(step, Commit):
+            if stop_after_commits is not None and commits == stop_after_commits:
+                return None
+            await group.commit(step)
+            commits += 1
+        else:
+            result = data.run(engine, Plan(plan.unit, (step,)), payload)
+    return result
+
+
+def test_snapshot_and_refresh_of_a_terabyte_volume_write_one_key(
+        etcd_server: EtcdServer) -> None:
+    async def scenario(client: etcd.Etcd) -> None:
+        store = MapStore(client, "/t")
+        engine = await store.load()
+        blocks = (1 << 40) // 65536
+        engine.create_volume("v1", blocks, 65536)
+        engine.create_volume("v2", blocks, 65536)
+        await store.save(engine)
+        engine.create_snapshot("v2", "s2")
+        await store.save(engine)
+        engine.start_refresh("v2", "v1")
+        await store.save(engine)
+        assert list(await client.get_prefix("/t/")) == ["/t/topology"]
+        assert store.transactions == 3
+
+    run(etcd_server, scenario)
+
+
+def test_commits_survive_a_controller_restart_and_reads_match_the_model(
+        etcd_server: EtcdServer) -> None:
+    async def scenario(client: etcd.Etcd) -> None:
+        store = MapStore(client, "/t")
+        h = Harness.filled(("v1", "v2"), 8, B)  # data and model; maps go to etcd below
+        h.snapshot("v2", "s2")
+        h.refresh("v2", "v1")
+        engine = h.engine
+        await store.save(engine)
+        group = GroupCommit(store, engine)
+        await execute(engine, h.store, group, engine.plan_background("v2", 0))
+        plan = engine.plan_write("v1", 3)
+        await execute(engine, h.store, group, plan, b"new!")
+        h.model.write("v1", 3, 0, b"new!")
+        plan = engine.plan_write("s2", 5, whole_block=True)
+        await execute(engine, h.store, group, plan, b"S" * B)
+        h.model.write("s2", 5, 0, b"S" * B)
+
+        restarted = await MapStore(client, "/t").load()
+        for name in ("v1", "v2", "s2"):
+            assert vm_map(restarted, name) == vm_map(engine, name)
+        h.engine = restarted
+        h.check_all()
+
+    run(etcd_server, scenario)
+
+
+def test_a_crash_between_commits_recovers_from_what_etcd_holds(
+        etcd_server: EtcdServer) -> None:
+    async def scenario(client: etcd.Etcd) -> None:
+        store = MapStore(client, "/t")
+        h = Harness.filled(("v1", "v2"), 4, B)
+        h.snapshot("v2", "s2")
+        h.refresh("v2", "v1")
+        await store.save(h.engine)
+        group = GroupCommit(store, h.engine)
+        plan = h.engine.plan_write("v1", 2)  # push to S2, refresh V2's block, write V1
+        assert len(plan.commits) == 2
+        old = h.model.read("v1", 2)
+        await execute(h.engine, h.store, group, plan, b"lost", stop_after_commits=1)
+        h.engine = await MapStore(client, "/t").load()
+        h.check_all()  # the write never happened; everything else as before
+        assert h.read("v1", 2) == old
+
+    run(etcd_server, scenario)
+
+
+def test_concurrent_plans_share_transactions(etcd_server: EtcdServer) -> None:
+    async def scenario(client: etcd.Etcd) -> None:
+        store = MapStore(client, "/t")
+        h = Harness.filled(("v1", "v2"), 64, B)
+        h.snapshot("v2", "s2")
+        h.refresh("v2", "v1")
+        await store.save(h.engine)
+        group = GroupCommit(store, h.engine)
+        before = store.transactions
+        plans = [h.engine.plan_background("v2", n) for n in range(64)]
+        commits = sum(len(p.commits) for p in plans)
+        await asyncio.gather(*(execute(h.engine, h.store, group, p) for p in plans))
+        assert store.transactions - before < commits / 4
+        assert h.finish("v2") == 0  # every block was refreshed
+        h.engine = await MapStore(client, "/t").load()
+        h.check_all()
+
+    run(etcd_server, scenario)
+
+
+def test_a_controller_that_lost_its_lease_key_cannot_change_a_map(
+        etcd_server: EtcdServer) -> None:
+    async def scenario(client: etcd.Etcd) -> None:
+        await client.put("/t/leader", b"controller-a")
+        store = MapStore(client, "/t", guard=("/t/leader", b"controller-a"))
+        h = Harness.filled(("v1", "v2"), 4, B)
+        h.refresh("v2", "v1")
+        await store.save(h.engine)
+        stored = await client.get_prefix("/t/")
+        await client.put("/t/leader", b"controller-b")  # another controller took over
+        group = GroupCommit(store, h.engine)
+        with pytest.raises(FencedOut, match="another one took over"):
+            await execute(h.engine, h.store, group, h.engine.plan_background("v2", 1))
+        assert await client.get_prefix("/t/") == {**stored, "/t/leader": b"controller-b"}
+        assert 1 in set(h.engine.blocks_to_copy("v2"))  # nothing applied either
+
+    run(etcd_server, scenario)
+
+
+def test_commits_go_on_after_etcd_restarts(etcd_server: EtcdServer) -> None:
+    async def scenario(client: etcd.Etcd) -> None:
+        store = MapStore(client, "/t")
+        h = Harness.filled(("v1", "v2"), 4, B)
+        h.refresh("v2", "v1")
+        await store.save(h.engine)
+        group = GroupCommit(store, h.engine)
+        await execute(h.engine, h.store, group, h.engine.plan_background("v2", 0))
+        await asyncio.to_thread(etcd_server.restart)
+        for _attempt in range(20):
+            try:
+                await execute(h.engine, h.store, group, h.engine.plan_background("v2", 1))
+                break
+            except etcd.EtcdUnavailable:
+                await asyncio.sleep(0.5)
+        else:
+            pytest.fail("no commit went through within 10 s of an etcd restart")
+        restarted = await MapStore(client, "/t").load()
+        assert set(restarted.blocks_to_copy("v2")) == {2, 3}
+        h.engine = restarted
+        h.check_all()
+
+    run(etcd_server, scenario)
+
+
+def test_deleting_a_volume_removes_its_segments(etcd_server: EtcdServer) -> None:
+    async def scenario(client: etcd.Etcd) -> None:
+        store = MapStore(client, "/t")
+        h = Harness.filled(("v1", "v2"), 4, B)
+        h.snapshot("v2", "s2")
+        await store.save(h.engine)
+        group = GroupCommit(store, h.engine)
+        await execute(h.engine, h.store, group, h.engine.plan_write("s2", 1))
+        s2_valid = h.engine.graph.nodes[h.engine.volume("s2").node].valid
+        assert any(f"/maps/{s2_valid}/" in key for key in await client.get_prefix("/t/maps/"))
+        assert h.delete("s2")
+        await store.save(h.engine)
+        assert not any(f"/maps/{s2_valid}/" in key
+                       for key in await client.get_prefix("/t/maps/"))
+        h.engine = await MapStore(client, "/t").load()
+        h.check_all()
+
+    run(etcd_server, scenario)
