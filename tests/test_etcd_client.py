@@ -71,3 +71,23 @@ def test_an_unreachable_etcd_is_reported_in_bounded_time(etcd_server: EtcdServer
             await client.close()
 
     asyncio.run(scenario())
+
+
+def test_a_transaction_applies_all_or_nothing_by_its_compare(etcd_server: EtcdServer) -> None:
+    async def scenario() -> None:
+        client = await etcd.connect([etcd_server.endpoint])
+        try:
+            await client.put("/x/owner", b"me")
+            await client.put("/x/old", b"1")
+            assert await client.txn(if_values={"/x/owner": b"me"},
+                                    put={"/x/a": b"A", "/x/b": b"B"}, delete=["/x/old"])
+            assert await client.get_prefix("/x/") == {
+                "/x/owner": b"me", "/x/a": b"A", "/x/b": b"B"}
+            assert not await client.txn(if_values={"/x/owner": b"you"},
+                                        put={"/x/c": b"C"}, delete=["/x/a"])
+            assert await client.get_prefix("/x/") == {
+                "/x/owner": b"me", "/x/a": b"A", "/x/b": b"B"}
+        finally:
+            await client.close()
+
+    asyncio.run(scenario())
