@@ -1,0 +1,143 @@
+"""Carries out the engine's plans against real agents and etcd: the imperative shell.
+
+Each step of a `Plan` becomes one call:
+
+    Copy    -> Copy on the target's agent, pulling from the source's agent when the
+               two differ (agent to agent, never through the controller), durable
+    Commit  -> the group commit to etcd, then the engine applies it
+    Write   -> Write on the target's agent (FUA when the plan asks for durability)
+    Read    -> Read on the source's agent
+
+Steps run strictly in order, which keeps the durability order of the plan: a
+copy is durable (the agent fsyncs before it answers) before the commit that
+validates it, and that commit is in etcd before the write that overwrites what
+it preserved. `BlockLocks` serialises plans per block (`Plan.unit`).
+
+Extents are created when a memory is first used: a volume's when it is
+created, a spill memory's by the first copy into it. Data offsets are byte
+offsets inside the volume's block; the agents' extents use 512-byte blocks, so
+partial writes must be 512-byte aligned (finer ones are the NBD layer's
+read-modify-write).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import grpc
+
+from controller.mapstore import GroupCommit
+from controller.placement import ExtentRef, Placement
+from volkin.api.v1 import agent_pb2, agent_pb2_grpc
+from volkin.engine import Commit, Copy, MapEngine, Plan, Read, Write
+from volkin.errors import InvalidArgument
+
+EXTENT_BLOCK = 512
+
+
+class BlockLocks:
+    """One lock per block index: plans of the same unit never overlap."""
+
+    def __init__(self) -> None:
+        self._locks: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    @asynccontextmanager
+    async def hold(self, unit: int) -> AsyncIterator[None]:
+        async with self._locks[unit]:
+            yield
+
+
+class PlanExecutor:
+    def __init__(self, engine: MapEngine, group: GroupCommit, placement: Placement,
+                 epoch: int) -> None:
+        self.engine = engine
+        self._group = group
+        self._placement = placement
+        self._epoch = epoch
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._created: set[str] = set()
+
+    def _stub(self, agent: str) -> agent_pb2_grpc.BlockStoreStub:
+        if agent not in self._channels:
+            self._channels[agent] = grpc.aio.insecure_channel(agent, options=[
+                ("grpc.max_send_message_length", 8 << 20),
+                ("grpc.max_receive_message_length", 8 << 20)])
+        return agent_pb2_grpc.BlockStoreStub(self._channels[agent])  # type: ignore[no-untyped-call]
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close(None)
+
+    async def create_memory(self, memory: str, size_bytes: int) -> ExtentRef:
+        ref = self._placement.place(memory)
+        if memory not in self._created:
+            await self._stub(ref.agent).CreateExtent(agent_pb2.CreateExtentRequest(
+                extent_id=ref.extent_id, size_bytes=size_bytes, block_size=EXTENT_BLOCK,
+                epoch=self._epoch))
+            self._created.add(memory)
+        return ref
+
+    async def release(self, memories: list[str]) -> None:
+        for memory in memories:
+            ref = self._placement.forget(memory)
+            if ref is not None and memory in self._created:
+                await self._stub(ref.agent).DeleteExtent(agent_pb2.DeleteExtentRequest(
+                    extent_id=ref.extent_id, epoch=self._epoch))
+                self._created.discard(memory)
+
+    async def run(self, plan: Plan, data: bytes = b"", offset: int = 0) -> bytes | None:
+        """Carries out `plan`; returns the block a Read step read."""
+        result = None
+        for step in plan.steps:
+            if isinstance(step, Copy):
+                await self._copy(step)
+            elif isinstance(step, Commit):
+                await self._group.commit(step)
+            elif isinstance(step, Write):
+                await self._write(step, data, offset)
+            elif isinstance(step, Read):
+                result = await self._read(step)
+        return result
+
+    def _volume_geometry(self, memory: str) -> tuple[int, int]:
+        base = memory.partition("~")[0]
+        for volume in self.engine.graph.volumes.values():
+            if volume.memory == base:
+                return volume.block_size, volume.size_blocks * volume.block_size
+        raise KeyError(f"no volume owns memory {memory}")
+
+    async def _copy(self, step: Copy) -> None:
+        block_size, size = self._volume_geometry(step.target.memory)
+        source = self._placement.place(step.source.memory)
+        target = await self.create_memory(step.target.memory, size)
+        await self._stub(target.agent).Copy(agent_pb2.CopyRequest(
+            target_extent_id=target.extent_id, source_extent_id=source.extent_id,
+            source_agent="" if source.agent == target.agent else source.agent,
+            ranges=[agent_pb2.CopyRange(source_offset=step.source.block * block_size,
+                                        target_offset=step.target.block * block_size,
+                                        length=block_size)],
+            durable=True, epoch=self._epoch))
+
+    async def _write(self, step: Write, data: bytes, offset: int) -> None:
+        block_size, _ = self._volume_geometry(step.target.memory)
+        if offset % EXTENT_BLOCK or len(data) % EXTENT_BLOCK or offset + len(data) > block_size:
+            raise InvalidArgument(
+                f"write of {len(data)} bytes at {offset} is not inside one block in "
+                f"{EXTENT_BLOCK}-byte units")
+        ref = self._placement.place(step.target.memory)
+        await self._stub(ref.agent).Write(agent_pb2.WriteRequest(
+            extent_id=ref.extent_id, offset=step.target.block * block_size + offset, data=data,
+            fua=step.durable, epoch=self._epoch))
+
+    async def _read(self, step: Read) -> bytes:
+        block_size, _ = self._volume_geometry(step.source.memory)
+        ref = self._placement.place(step.source.memory)
+        chunks = []
+        async for chunk in self._stub(ref.agent).Read(agent_pb2.ReadRequest(
+                extent_id=ref.extent_id, offset=step.source.block * block_size,
+                length=block_size)):
+            chunks.append(chunk.data)
+        return b"".join(chunks)
