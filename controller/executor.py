@@ -88,8 +88,10 @@ class PlanExecutor:
                     extent_id=ref.extent_id, epoch=self._epoch))
                 self._created.discard(memory)
 
-    async def run(self, plan: Plan, data: bytes = b"", offset: int = 0) -> bytes | None:
-        """Carries out `plan`; returns the block a Read step read."""
+    async def run(self, plan: Plan, data: bytes = b"", offset: int = 0,
+                  fua: bool = False) -> bytes | None:
+        """Carries out `plan`; returns the block a Read step read. With `fua` the
+        caller's write is durable before this returns."""
         result = None
         for step in plan.steps:
             if isinstance(step, Copy):
@@ -97,7 +99,7 @@ class PlanExecutor:
             elif isinstance(step, Commit):
                 await self._group.commit(step)
             elif isinstance(step, Write):
-                await self._write(step, data, offset)
+                await self._write(step, data, offset, fua)
             elif isinstance(step, Read):
                 result = await self._read(step)
         return result
@@ -121,7 +123,12 @@ class PlanExecutor:
                                         length=block_size)],
             durable=True, epoch=self._epoch))
 
-    async def _write(self, step: Write, data: bytes, offset: int) -> None:
+    async def flush(self, memory: str) -> None:
+        ref = self._placement.place(memory)
+        await self._stub(ref.agent).Flush(agent_pb2.FlushRequest(
+            extent_id=ref.extent_id, epoch=self._epoch))
+
+    async def _write(self, step: Write, data: bytes, offset: int, fua: bool) -> None:
         block_size, _ = self._volume_geometry(step.target.memory)
         if offset % EXTENT_BLOCK or len(data) % EXTENT_BLOCK or offset + len(data) > block_size:
             raise InvalidArgument(
@@ -130,7 +137,7 @@ class PlanExecutor:
         ref = self._placement.place(step.target.memory)
         await self._stub(ref.agent).Write(agent_pb2.WriteRequest(
             extent_id=ref.extent_id, offset=step.target.block * block_size + offset, data=data,
-            fua=step.durable, epoch=self._epoch))
+            fua=fua or step.durable, epoch=self._epoch))
 
     async def _read(self, step: Read) -> bytes:
         block_size, _ = self._volume_geometry(step.source.memory)

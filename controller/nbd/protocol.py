@@ -1,0 +1,238 @@
+"""The NBD protocol, server side, without sockets: bytes in, bytes and decisions out.
+
+Fixed newstyle negotiation (NBD_OPT_GO, NBD_OPT_INFO, NBD_OPT_LIST,
+NBD_OPT_EXPORT_NAME, NBD_OPT_ABORT; every other option is answered
+NBD_REP_ERR_UNSUP) and simple replies in the transmission phase. The server in
+`controller.nbd.server` reads exact byte counts from its socket and hands them
+here, so everything a client can send is parsed by pure functions that tests
+(and fuzzers) call directly. Numbers are from the NBD protocol document
+(NetworkBlockDevice/nbd, doc/proto.md); everything is big-endian.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+NBDMAGIC = b"NBDMAGIC"
+IHAVEOPT = 0x49484156454F5054
+OPTION_REPLY_MAGIC = 0x3E889045565A9
+REQUEST_MAGIC = 0x25609513
+SIMPLE_REPLY_MAGIC = 0x67446698
+
+HANDSHAKE_FIXED_NEWSTYLE = 1 << 0
+HANDSHAKE_NO_ZEROES = 1 << 1
+CLIENT_FLAGS_KNOWN = HANDSHAKE_FIXED_NEWSTYLE | HANDSHAKE_NO_ZEROES
+
+MAX_OPTION_LENGTH = 64 * 1024  # options are names and short lists; anything longer is abuse
+MAX_NAME_LENGTH = 4096
+MAX_REQUEST_LENGTH = 32 * 1024 * 1024
+
+
+class Option(IntEnum):
+    EXPORT_NAME = 1
+    ABORT = 2
+    LIST = 3
+    INFO = 6
+    GO = 7
+
+
+class Rep(IntEnum):
+    ACK = 1
+    SERVER = 2
+    INFO = 3
+    ERR_UNSUP = (1 << 31) + 1
+    ERR_POLICY = (1 << 31) + 2
+    ERR_INVALID = (1 << 31) + 3
+    ERR_UNKNOWN = (1 << 31) + 6
+
+
+class Info(IntEnum):
+    EXPORT = 0
+    BLOCK_SIZE = 3
+
+
+class TxFlag(IntEnum):
+    HAS_FLAGS = 1 << 0
+    READ_ONLY = 1 << 1
+    SEND_FLUSH = 1 << 2
+    SEND_FUA = 1 << 3
+    SEND_TRIM = 1 << 5
+    SEND_WRITE_ZEROES = 1 << 6
+
+
+class Cmd(IntEnum):
+    READ = 0
+    WRITE = 1
+    DISC = 2
+    FLUSH = 3
+    TRIM = 4
+    WRITE_ZEROES = 6
+
+
+class CmdFlag(IntEnum):
+    FUA = 1 << 0
+    NO_HOLE = 1 << 1
+
+
+class Errno(IntEnum):
+    EPERM = 1
+    EIO = 5
+    EINVAL = 22
+    ENOSPC = 28
+    EOVERFLOW = 75
+    ENOTSUP = 95
+    ESHUTDOWN = 108
+
+
+TRANSMISSION_FLAGS = (TxFlag.HAS_FLAGS | TxFlag.SEND_FLUSH | TxFlag.SEND_FUA
+                      | TxFlag.SEND_TRIM | TxFlag.SEND_WRITE_ZEROES)
+# Flags each command may carry; anything else is EINVAL.
+ALLOWED_FLAGS = {
+    Cmd.READ: 0,
+    Cmd.WRITE: CmdFlag.FUA,
+    Cmd.DISC: 0,
+    Cmd.FLUSH: 0,
+    Cmd.TRIM: CmdFlag.FUA,
+    Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE,
+}
+
+
+class ProtocolError(Exception):
+    """The client broke the protocol; the connection must be dropped."""
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    name: str
+    size: int
+    preferred_block: int
+
+
+@dataclass(frozen=True)
+class OptionOutcome:
+    """What the server sends back for one option, and what happens next."""
+
+    reply: bytes
+    export: ExportInfo | None = None  # set: enter the transmission phase on this export
+    close: bool = False  # the client aborted, or the connection must end
+
+
+@dataclass(frozen=True)
+class Request:
+    flags: int
+    command: int
+    handle: int
+    offset: int
+    length: int
+
+
+# -- handshake ---------------------------------------------------------------------
+def greeting() -> bytes:
+    return NBDMAGIC + struct.pack(">QH", IHAVEOPT, HANDSHAKE_FIXED_NEWSTYLE | HANDSHAKE_NO_ZEROES)
+
+
+def parse_client_flags(data: bytes) -> int:
+    (flags,) = struct.unpack(">I", data)
+    if flags & ~CLIENT_FLAGS_KNOWN:
+        raise ProtocolError(f"unknown client flags {flags:#x}")
+    if not flags & HANDSHAKE_FIXED_NEWSTYLE:
+        raise ProtocolError("client does not speak fixed newstyle negotiation")
+    return int(flags)
+
+
+def parse_option_header(data: bytes) -> tuple[int, int]:
+    """The option and the length of its data, from the 16-byte option header."""
+    magic, option, length = struct.unpack(">QII", data)
+    if magic != IHAVEOPT:
+        raise ProtocolError(f"bad option magic {magic:#x}")
+    if length > MAX_OPTION_LENGTH:
+        raise ProtocolError(f"option {option} carries {length} bytes, more than any option needs")
+    return int(option), int(length)
+
+
+def option_reply(option: int, rep: int, data: bytes = b"") -> bytes:
+    return struct.pack(">QIII", OPTION_REPLY_MAGIC, option, rep, len(data)) + data
+
+
+def handle_option(option: int, data: bytes, exports: dict[str, ExportInfo],
+                  no_zeroes: bool) -> OptionOutcome:
+    """The answer to one option; never raises for bad option data (it answers an error)."""
+    if option == Option.ABORT:
+        return OptionOutcome(option_reply(option, Rep.ACK), close=True)
+    if option == Option.LIST:
+        if data:
+            return _error(option, Rep.ERR_INVALID, "NBD_OPT_LIST takes no data")
+        replies = b"".join(
+            option_reply(option, Rep.SERVER, struct.pack(">I", len(n.encode())) + n.encode())
+            for n in sorted(exports))
+        return OptionOutcome(replies + option_reply(option, Rep.ACK))
+    if option == Option.EXPORT_NAME:
+        export = exports.get(data.decode("utf-8", "replace"))
+        if export is None:
+            # No error reply exists for NBD_OPT_EXPORT_NAME: the server closes.
+            return OptionOutcome(b"", close=True)
+        reply = struct.pack(">QH", export.size, TRANSMISSION_FLAGS)
+        return OptionOutcome(reply + (b"" if no_zeroes else bytes(124)), export=export)
+    if option in (Option.INFO, Option.GO):
+        return _info_or_go(option, data, exports)
+    return _error(option, Rep.ERR_UNSUP, f"option {option} is not supported by volkin")
+
+
+def _info_or_go(option: int, data: bytes, exports: dict[str, ExportInfo]) -> OptionOutcome:
+    if len(data) < 6:
+        return _error(option, Rep.ERR_INVALID, "option data too short")
+    (name_length,) = struct.unpack_from(">I", data)
+    if name_length > MAX_NAME_LENGTH or 4 + name_length + 2 > len(data):
+        return _error(option, Rep.ERR_INVALID, "export name length does not fit the option")
+    name = data[4:4 + name_length].decode("utf-8", "replace")
+    (count,) = struct.unpack_from(">H", data, 4 + name_length)
+    if len(data) != 4 + name_length + 2 + 2 * count:
+        return _error(option, Rep.ERR_INVALID, "information request list does not fit")
+    requested = struct.unpack_from(f">{count}H", data, 4 + name_length + 2)
+    export = exports.get(name)
+    if export is None:
+        return _error(option, Rep.ERR_UNKNOWN, f"no volume named {name!r}")
+    replies = option_reply(option, Rep.INFO,
+                           struct.pack(">HQH", Info.EXPORT, export.size, TRANSMISSION_FLAGS))
+    if Info.BLOCK_SIZE in requested:
+        # Any byte range works (sub-block writes are read-modify-write); whole
+        # volume blocks are what avoids that.
+        replies += option_reply(option, Rep.INFO, struct.pack(
+            ">HIII", Info.BLOCK_SIZE, 1, export.preferred_block, MAX_REQUEST_LENGTH))
+    replies += option_reply(option, Rep.ACK)
+    return OptionOutcome(replies, export=export if option == Option.GO else None)
+
+
+def _error(option: int, rep: int, message: str) -> OptionOutcome:
+    return OptionOutcome(option_reply(option, rep, message.encode()))
+
+
+# -- transmission --------------------------------------------------------------------
+REQUEST_SIZE = 28
+
+
+def parse_request(data: bytes) -> Request:
+    magic, flags, command, handle, offset, length = struct.unpack(">IHHQQI", data)
+    if magic != REQUEST_MAGIC:
+        raise ProtocolError(f"bad request magic {magic:#x}")
+    return Request(int(flags), int(command), int(handle), int(offset), int(length))
+
+
+def check_request(request: Request, size: int) -> int:
+    """0 if the request may be served, else the NBD error to answer it with."""
+    allowed = ALLOWED_FLAGS.get(Cmd(request.command)) if request.command in set(Cmd) else None
+    if allowed is None or request.flags & ~allowed:
+        return Errno.EINVAL
+    if request.command in (Cmd.DISC, Cmd.FLUSH):
+        return 0
+    if request.length > MAX_REQUEST_LENGTH:
+        return Errno.EOVERFLOW if request.command == Cmd.READ else Errno.EINVAL
+    if request.offset + request.length > size:
+        return Errno.ENOSPC if request.command == Cmd.WRITE else Errno.EINVAL
+    return 0
+
+
+def simple_reply(handle: int, error: int = 0, data: bytes = b"") -> bytes:
+    return struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, error, handle) + data

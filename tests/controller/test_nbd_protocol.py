@@ -1,0 +1,127 @@
+"""The NBD protocol module without sockets: negotiation, requests, and garbage."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from controller.nbd import protocol as p
+
+EXPORTS = {"v1": p.ExportInfo("v1", 1 << 20, 65536), "v2": p.ExportInfo("v2", 4096, 4096)}
+
+
+def go_data(name: str, *infos: int) -> bytes:
+    raw = name.encode()
+    return struct.pack(">I", len(raw)) + raw + struct.pack(f">H{len(infos)}H", len(infos), *infos)
+
+
+def replies(data: bytes) -> list[tuple[int, int, bytes]]:
+    out = []
+    while data:
+        magic, option, rep, length = struct.unpack_from(">QIII", data)
+        assert magic == p.OPTION_REPLY_MAGIC
+        out.append((option, rep, data[20:20 + length]))
+        data = data[20 + length:]
+    return out
+
+
+def test_the_greeting_offers_fixed_newstyle_without_zeroes() -> None:
+    greeting = p.greeting()
+    assert greeting[:8] == b"NBDMAGIC"
+    assert struct.unpack(">QH", greeting[8:]) == (p.IHAVEOPT, 3)
+
+
+def test_a_client_that_does_not_speak_fixed_newstyle_is_refused() -> None:
+    with pytest.raises(p.ProtocolError):
+        p.parse_client_flags(struct.pack(">I", 0))
+    with pytest.raises(p.ProtocolError):
+        p.parse_client_flags(struct.pack(">I", 1 | 1 << 7))
+    assert p.parse_client_flags(struct.pack(">I", 3)) == 3
+
+
+def test_go_describes_the_export_and_enters_transmission() -> None:
+    outcome = p.handle_option(p.Option.GO, go_data("v1", p.Info.BLOCK_SIZE), EXPORTS, True)
+    assert outcome.export == EXPORTS["v1"]
+    (o1, r1, export), (o2, r2, sizes), (o3, r3, _) = replies(outcome.reply)
+    assert o1 == o2 == o3 == p.Option.GO
+    assert r1 == p.Rep.INFO
+    assert struct.unpack(">HQH", export) == (p.Info.EXPORT, 1 << 20, p.TRANSMISSION_FLAGS)
+    assert struct.unpack(">HIII", sizes) == (p.Info.BLOCK_SIZE, 1, 65536, p.MAX_REQUEST_LENGTH)
+    assert (r2, r3) == (p.Rep.INFO, p.Rep.ACK)
+
+
+def test_info_describes_without_entering_transmission() -> None:
+    outcome = p.handle_option(p.Option.INFO, go_data("v2"), EXPORTS, True)
+    assert outcome.export is None and not outcome.close
+    assert [r for _, r, _ in replies(outcome.reply)] == [p.Rep.INFO, p.Rep.ACK]
+
+
+def test_an_unknown_export_is_an_error_reply_not_a_disconnect() -> None:
+    outcome = p.handle_option(p.Option.GO, go_data("nope"), EXPORTS, True)
+    assert outcome.export is None and not outcome.close
+    [(_, rep, message)] = replies(outcome.reply)
+    assert rep == p.Rep.ERR_UNKNOWN and b"nope" in message
+
+
+def test_list_names_every_export_then_acks() -> None:
+    outcome = p.handle_option(p.Option.LIST, b"", EXPORTS, True)
+    listed = [(rep, data[4:]) for _, rep, data in replies(outcome.reply)]
+    assert listed == [(p.Rep.SERVER, b"v1"), (p.Rep.SERVER, b"v2"), (p.Rep.ACK, b"")]
+
+
+def test_unsupported_options_are_answered_unsup() -> None:
+    for option in (5, 8, 9, 10, 11, 12345):
+        [(_, rep, _)] = replies(p.handle_option(option, b"", EXPORTS, True).reply)
+        assert rep == p.Rep.ERR_UNSUP
+
+
+def test_export_name_answers_size_and_flags_with_or_without_zeroes() -> None:
+    outcome = p.handle_option(p.Option.EXPORT_NAME, b"v2", EXPORTS, no_zeroes=False)
+    assert outcome.export == EXPORTS["v2"]
+    assert outcome.reply == struct.pack(">QH", 4096, p.TRANSMISSION_FLAGS) + bytes(124)
+    assert p.handle_option(p.Option.EXPORT_NAME, b"x", EXPORTS, True).close
+
+
+def test_requests_out_of_range_or_with_unknown_flags_get_errors() -> None:
+    def check(command: int, offset: int, length: int, flags: int = 0) -> int:
+        return p.check_request(p.Request(flags, command, 7, offset, length), 4096)
+
+    assert check(p.Cmd.READ, 0, 4096) == 0
+    assert check(p.Cmd.READ, 1, 4096) == p.Errno.EINVAL
+    assert check(p.Cmd.WRITE, 4095, 2) == p.Errno.ENOSPC
+    assert check(p.Cmd.WRITE, 0, 512, p.CmdFlag.FUA) == 0
+    assert check(p.Cmd.READ, 0, 512, p.CmdFlag.FUA) == p.Errno.EINVAL
+    assert check(99, 0, 0) == p.Errno.EINVAL
+    assert check(p.Cmd.FLUSH, 0, 0) == 0
+
+
+def test_a_request_is_parsed_and_a_reply_is_built() -> None:
+    raw = struct.pack(">IHHQQI", p.REQUEST_MAGIC, 1, p.Cmd.WRITE, 42, 8192, 512)
+    assert p.parse_request(raw) == p.Request(1, p.Cmd.WRITE, 42, 8192, 512)
+    with pytest.raises(p.ProtocolError):
+        p.parse_request(b"\0" * p.REQUEST_SIZE)
+    assert p.simple_reply(42, 5) == struct.pack(">IIQ", p.SIMPLE_REPLY_MAGIC, 5, 42)
+
+
+@given(option=st.integers(0, 2**32 - 1), data=st.binary(max_size=300))
+def test_any_option_data_gets_a_well_formed_answer(option: int, data: bytes) -> None:
+    outcome = p.handle_option(option, data, EXPORTS, True)
+    if option == p.Option.EXPORT_NAME:
+        return  # answered with export data or a close, not option replies
+    for answered, rep, _ in replies(outcome.reply):
+        assert answered == option
+        assert rep in set(p.Rep)
+
+
+@given(header=st.binary(min_size=16, max_size=16))
+def test_any_option_header_parses_or_is_a_protocol_error(header: bytes) -> None:
+    try:
+        option, length = p.parse_option_header(header)
+    except p.ProtocolError:
+        return
+    assert header[:8] == struct.pack(">Q", p.IHAVEOPT)
+    assert option == struct.unpack(">I", header[8:12])[0]
+    assert 0 <= length <= p.MAX_OPTION_LENGTH
