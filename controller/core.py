@@ -13,7 +13,7 @@ its lock.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from controller.executor import EXTENT_BLOCK, BlockLocks, PlanExecutor
 from controller.mapstore import GroupCommit, MapStore
@@ -23,12 +23,22 @@ from volkin.errors import InvalidArgument, OutOfRange
 
 
 class Core:
-    def __init__(self, engine: MapEngine, store: MapStore, placement: Placement,
-                 epoch: int) -> None:
+    def __init__(self, engine: MapEngine, store: MapStore, placement: Placement, epoch: int,
+                 persist_placement: Callable[[Placement], Awaitable[None]] | None = None,
+                 discover_agents: Callable[[], Awaitable[dict[str, str]]] | None = None,
+                 ) -> None:
         self.engine = engine
         self.store = store
-        self.executor = PlanExecutor(engine, GroupCommit(store, engine), placement, epoch)
+        self.placement = placement
+        self.executor = PlanExecutor(engine, GroupCommit(store, engine), placement, epoch,
+                                     persist_placement)
         self.locks = BlockLocks()
+        self._discover_agents = discover_agents
+
+    async def refresh_agents(self) -> None:
+        """Learns the agents registered now (before placing a new memory)."""
+        if self._discover_agents is not None:
+            self.placement.update_agents(await self._discover_agents())
 
     async def close(self) -> None:
         await self.executor.close()
@@ -39,14 +49,21 @@ class Core:
             raise InvalidArgument(
                 f"size {size_bytes} must be a multiple of the block size {block_size}, "
                 f"itself a multiple of {EXTENT_BLOCK}")
+        await self.refresh_agents()
         info = self.engine.create_volume(name, size_bytes // block_size, block_size)
-        await self.executor.create_memory(info.memory, size_bytes)
+        try:
+            await self.executor.create_memory(info.memory, size_bytes)
+        except Exception:
+            self.engine.delete_volume(name)  # nothing was stored: forget it again
+            raise
         await self.store.save(self.engine)
         return info
 
     async def create_snapshot(self, source: str, name: str) -> VolumeInfo:
+        # No agent call: the snapshot's extent is created by the first copy or
+        # write into it, so a snapshot costs one etcd transaction and nothing else.
+        await self.refresh_agents()
         info = self.engine.create_snapshot(source, name)
-        await self.executor.create_memory(info.memory, info.size_blocks * info.block_size)
         await self.store.save(self.engine)
         return info
 
@@ -54,6 +71,11 @@ class Core:
         started = self.engine.start_refresh(target, source)
         await self.store.save(self.engine)
         return started
+
+    async def delete_volume(self, name: str) -> None:
+        deleted = self.engine.delete_volume(name)
+        await self.store.save(self.engine)
+        await self.executor.release(list(deleted.freed_memories))
 
     async def copy_in_background(self, name: str,
                                  progress: Callable[[int, int], None] | None = None) -> None:

@@ -13,8 +13,8 @@ copy is durable (the agent fsyncs before it answers) before the commit that
 validates it, and that commit is in etcd before the write that overwrites what
 it preserved. `BlockLocks` serialises plans per block (`Plan.unit`).
 
-Extents are created when a memory is first used: a volume's when it is
-created, a spill memory's by the first copy into it. Data offsets are byte
+Extents are created when a memory is first used: a primary volume's when it is
+created, a snapshot's or a spill memory's by the first copy or write into it. Data offsets are byte
 offsets inside the volume's block; the agents' extents use 512-byte blocks, so
 partial writes must be 512-byte aligned (finer ones are the NBD layer's
 read-modify-write).
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import grpc
@@ -52,11 +52,14 @@ class BlockLocks:
 
 class PlanExecutor:
     def __init__(self, engine: MapEngine, group: GroupCommit, placement: Placement,
-                 epoch: int) -> None:
+                 epoch: int,
+                 persist_placement: Callable[[Placement], Awaitable[None]] | None = None) -> None:
         self.engine = engine
         self._group = group
         self._placement = placement
         self._epoch = epoch
+        # Called after a new memory is placed and before its extent is created.
+        self._persist_placement = persist_placement
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._created: set[str] = set()
 
@@ -72,7 +75,10 @@ class PlanExecutor:
             await channel.close(None)
 
     async def create_memory(self, memory: str, size_bytes: int) -> ExtentRef:
+        new = self._placement.extent_of(memory) is None
         ref = self._placement.place(memory)
+        if new and self._persist_placement is not None:
+            await self._persist_placement(self._placement)
         if memory not in self._created:
             await self._stub(ref.agent).CreateExtent(agent_pb2.CreateExtentRequest(
                 extent_id=ref.extent_id, size_bytes=size_bytes, block_size=EXTENT_BLOCK,
@@ -81,12 +87,19 @@ class PlanExecutor:
         return ref
 
     async def release(self, memories: list[str]) -> None:
+        """Deletes the extents of memories no volume uses any more."""
         for memory in memories:
             ref = self._placement.forget(memory)
-            if ref is not None and memory in self._created:
-                await self._stub(ref.agent).DeleteExtent(agent_pb2.DeleteExtentRequest(
-                    extent_id=ref.extent_id, epoch=self._epoch))
+            if ref is not None:
+                try:
+                    await self._stub(ref.agent).DeleteExtent(agent_pb2.DeleteExtentRequest(
+                        extent_id=ref.extent_id, epoch=self._epoch))
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != grpc.StatusCode.NOT_FOUND:  # never created: fine
+                        raise
                 self._created.discard(memory)
+        if memories and self._persist_placement is not None:
+            await self._persist_placement(self._placement)
 
     async def run(self, plan: Plan, data: bytes = b"", offset: int = 0,
                   fua: bool = False) -> bytes | None:
@@ -134,7 +147,8 @@ class PlanExecutor:
             raise InvalidArgument(
                 f"write of {len(data)} bytes at {offset} is not inside one block in "
                 f"{EXTENT_BLOCK}-byte units")
-        ref = self._placement.place(step.target.memory)
+        ref = await self.create_memory(step.target.memory, self._volume_geometry(
+            step.target.memory)[1])
         await self._stub(ref.agent).Write(agent_pb2.WriteRequest(
             extent_id=ref.extent_id, offset=step.target.block * block_size + offset, data=data,
             fua=fua or step.durable, epoch=self._epoch))

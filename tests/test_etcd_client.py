@@ -87,6 +87,9 @@ def test_a_transaction_applies_all_or_nothing_by_its_compare(etcd_server: EtcdSe
                                         put={"/x/c": b"C"}, delete=["/x/a"])
             assert await client.get_prefix("/x/") == {
                 "/x/owner": b"me", "/x/a": b"A", "/x/b": b"B"}
+            assert not await client.txn(if_absent=["/x/a"], put={"/x/a": b"again"})
+            assert await client.txn(if_absent=["/x/new"], put={"/x/new": b"N"})
+            assert await client.get("/x/a") == b"A" and await client.get("/x/new") == b"N"
         finally:
             await client.close()
 

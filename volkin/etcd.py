@@ -59,11 +59,13 @@ class Etcd(Protocol):
         ...
 
     async def txn(self, *, if_values: Mapping[str, bytes] | None = None,
+                  if_absent: Sequence[str] = (),
                   put: Mapping[str, bytes] | None = None,
-                  delete: Sequence[str] = ()) -> bool:
-        """Atomically: if every key in `if_values` holds exactly that value, stores `put`
-        and deletes `delete` (all in one revision) and returns True; else changes
-        nothing and returns False."""
+                  delete: Sequence[str] = (), lease_id: int = 0) -> bool:
+        """Atomically: if every key in `if_values` holds exactly that value and no key
+        in `if_absent` exists, stores `put` (attached to the lease when `lease_id` is
+        non-zero) and deletes `delete`, all in one revision, and returns True; else
+        changes nothing and returns False."""
         ...
 
     async def close(self) -> None:
@@ -163,12 +165,14 @@ class _Etcd3aio:
             raise self._unavailable(f"a delete of {key}", exc) from exc
 
     async def txn(self, *, if_values: Mapping[str, bytes] | None = None,
+                  if_absent: Sequence[str] = (),
                   put: Mapping[str, bytes] | None = None,
-                  delete: Sequence[str] = ()) -> bool:
+                  delete: Sequence[str] = (), lease_id: int = 0) -> bool:
         kv = self._client.kv
         assert kv is not None
         compare = [kv.txn_compare_value(k, v) for k, v in (if_values or {}).items()]
-        success = [kv.txn_op_put(k, v) for k, v in (put or {}).items()]
+        compare += [kv.txn_compare_version(k, 0) for k in if_absent]
+        success = [kv.txn_op_put(k, v, lease=lease_id) for k, v in (put or {}).items()]
         success += [kv.txn_op_delete(k) for k in delete]
         try:
             response = await kv.txn(compare, success, timeout=self._timeout)

@@ -1,6 +1,111 @@
-"""Controller tests use real agents and a real etcd, as the agent tests do."""
+"""Controller tests use real agents, a real etcd and real controller processes."""
 
-from tests.agent.conftest import start_agent
-from tests.support.etcd import etcd_server
+from __future__ import annotations
 
-__all__ = ["etcd_server", "start_agent"]
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.agent.conftest import REPO, start_agent
+from tests.support.etcd import EtcdServer, etcd_server
+from volkin.api.v1 import admin_pb2_grpc
+
+__all__ = ["Controller", "etcd_server", "start_agent", "start_controller"]
+
+
+class Controller:
+    """One `python3 -m controller` process on free ports."""
+
+    def __init__(self, node_id: str, log_dir: Path, etcd: EtcdServer) -> None:
+        self.node_id = node_id
+        self.etcd = etcd
+        self.log_path = log_dir / f"{node_id}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.admin = ""
+        self.nbd = ""
+        self._channel: grpc.Channel | None = None
+
+    def spawn(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "controller", "--node-id", self.node_id,
+                 "--etcd-endpoints", self.etcd.endpoint, "--listen", "127.0.0.1:0",
+                 "--nbd-listen", "127.0.0.1:0", "--lease-ttl", "2", "--shutdown-grace", "2"],
+                stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                env={**os.environ, "PYTHONPATH": str(REPO)})
+
+    def wait_serving(self, timeout: float = 30.0) -> None:
+        offset = 0
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log_path.read_text() if self.log_path.exists() else ""
+            found = list(re.finditer(r"event=controller\.serving .*admin=(\S+) nbd=(\S+)",
+                                     text[offset:]))
+            if found:
+                self.admin, self.nbd = found[-1].group(1), found[-1].group(2)
+                return
+            if self.process is not None and self.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError(f"controller {self.node_id} is not serving:\n{self.log()}")
+
+    def start(self) -> Controller:
+        self.log_path.unlink(missing_ok=True)
+        self.spawn()
+        self.wait_serving()
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    @property
+    def stub(self) -> admin_pb2_grpc.AdminStub:
+        if self._channel is None:
+            self._channel = grpc.insecure_channel(self.admin)
+        return admin_pb2_grpc.AdminStub(self._channel)  # type: ignore[no-untyped-call]
+
+    def stop(self) -> int:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(30)
+        self.process = None
+        return code
+
+    def kill(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+
+ControllerFactory = Callable[[str], Controller]
+
+
+@pytest.fixture
+def start_controller(tmp_path: Path, etcd_server: EtcdServer) -> Iterator[ControllerFactory]:
+    controllers: list[Controller] = []
+
+    def start(node_id: str) -> Controller:
+        controller = Controller(node_id, tmp_path, etcd_server)
+        controllers.append(controller)
+        return controller.start()
+
+    yield start
+    for controller in controllers:
+        controller.kill()

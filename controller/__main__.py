@@ -1,0 +1,33 @@
+"""`volkin-controller`: builds the configuration and calls serve(); nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+from controller.config import load
+from controller.daemon import LeadershipLost, serve
+from volkin import log
+from volkin.errors import VolkinError
+
+
+def main() -> None:
+    try:
+        config = load(sys.argv[1:], os.environ)
+    except VolkinError as exc:
+        print(f"volkin-controller: {exc.message}", file=sys.stderr)
+        sys.exit(2)
+    log.configure(config.log_level)
+    try:
+        asyncio.run(serve(config))
+    except LeadershipLost as exc:
+        print(f"volkin-controller: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except (OSError, RuntimeError, VolkinError) as exc:
+        print(f"volkin-controller: cannot start: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

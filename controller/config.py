@@ -1,0 +1,80 @@
+"""The controller's configuration: flags, then environment, then a TOML file, then defaults.
+
+    flag --nbd-listen  ·  env VOLKIN_CONTROLLER_NBD_LISTEN  ·  file key nbd_listen
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from volkin import config
+from volkin.errors import InvalidArgument
+
+ENV_PREFIX = "VOLKIN_CONTROLLER_"
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    node_id: str
+    etcd_endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
+    etcd_prefix: str = "/volkin"
+    # host:port of the admin gRPC API; port 0 picks a free port.
+    listen: str = "0.0.0.0:7470"
+    # host:port of the NBD server; port 0 picks a free port.
+    nbd_listen: str = "0.0.0.0:10809"
+    # Block size of new volumes unless they name one: the unit of maps and copies.
+    block_size: int = 65536
+    # Seconds before etcd drops the leadership of a controller that stopped renewing.
+    lease_ttl: int = 10
+    shutdown_grace: float = 5.0
+    log_level: str = "info"
+
+
+_HELP = {
+    "node_id": "unique name of this controller (default: host name)",
+    "etcd_endpoints": "comma-separated etcd host:port list",
+    "etcd_prefix": "etcd key prefix",
+    "listen": "host:port of the admin gRPC API; port 0 picks a free port",
+    "nbd_listen": "host:port of the NBD server; port 0 picks a free port",
+    "block_size": "block size of new volumes in bytes (a multiple of 512)",
+    "lease_ttl": "seconds before another controller may take over after this one stops",
+    "shutdown_grace": "seconds in-flight calls get to finish on SIGTERM",
+    "log_level": "debug, info, warning or error",
+}
+
+
+def _convert(name: str, raw: Any) -> Any:
+    if name == "etcd_endpoints":
+        return config.endpoints(raw)
+    if name in ("lease_ttl", "block_size"):
+        return config.positive_int(raw)
+    if name == "shutdown_grace":
+        return float(raw)
+    return str(raw)
+
+
+def load(argv: Sequence[str], environ: Mapping[str, str]) -> ControllerConfig:
+    """Builds the configuration; raises InvalidArgument with the offending setting."""
+    chosen = config.load_settings(
+        ControllerConfig, prog="volkin-controller",
+        description="volkin controller: volumes, maps, NBD export and the admin API.",
+        env_prefix=ENV_PREFIX, help=_HELP, convert=_convert, argv=argv, environ=environ)
+    chosen.setdefault("node_id", socket.gethostname())
+    settings = ControllerConfig(**chosen)
+    config.check_address("listen", settings.listen)
+    config.check_address("nbd_listen", settings.nbd_listen)
+    if settings.block_size % 512:
+        raise InvalidArgument(f"setting block_size={settings.block_size} is not a multiple of 512")
+    if not settings.node_id or "/" in settings.node_id:
+        raise InvalidArgument(f"node_id {settings.node_id!r} must be non-empty without '/'")
+    return settings
+
+
+def advertised(listen: str, bound_port: int) -> str:
+    host = listen.rpartition(":")[0]
+    if host in ("0.0.0.0", "[::]", "::", ""):
+        host = socket.getfqdn()
+    return f"{host}:{bound_port}"
