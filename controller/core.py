@@ -80,12 +80,13 @@ class Core:
     async def copy_in_background(self, name: str,
                                  progress: Callable[[int, int], None] | None = None) -> None:
         """Makes `name` real block by block (Fig 7), then detaches it from its source."""
-        todo = list(self.engine.blocks_to_copy(name))
-        for done, block in enumerate(todo, 1):
+        total = self.engine.info(name)
+        todo = total.size_blocks - total.valid_blocks if total.source is not None else 0
+        for done, block in enumerate(self.engine.blocks_to_copy(name), 1):
             async with self.locks.hold(block):
                 await self.executor.run(self.engine.plan_background(name, block))
             if progress is not None:
-                progress(done, len(todo))
+                progress(done, todo)
         self.engine.detach_if_real(name)
         await self.store.save(self.engine)
         await self.executor.release(self.engine.take_released())

@@ -24,6 +24,8 @@ from volkin.etcd import Etcd
 from volkin.log import event
 
 _log = logging.getLogger("controller.jobs")
+# Blocks of one job copied at the same time.
+JOB_WORKERS = 16
 
 
 class JobState(Enum):
@@ -154,18 +156,30 @@ class Jobs:
             target = self._records[job_id].target
             block_size = core.engine.volume(target).block_size
             started = time.monotonic()
-            for copied, block in enumerate(list(core.engine.blocks_to_copy(target))):
-                await self._resume[job_id].wait()
-                record = self._records[job_id]
-                if record.rate:
-                    # Throttle: never ahead of rate * elapsed.
-                    ahead = copied * block_size / record.rate - (time.monotonic() - started)
-                    if ahead > 0:
-                        await asyncio.sleep(ahead)
-                async with core.locks.hold(block):
-                    await core.executor.run(core.engine.plan_background(target, block))
-                self._records[job_id] = replace(
-                    self._records[job_id], bytes_copied=record.bytes_copied + block_size)
+            # Lazily: the iterator walks a snapshot of the map, segment by segment, so a
+            # 1 TiB target does not become a list of 16 million block numbers. Several
+            # workers share it: plans of different blocks may run at once, and their
+            # commits then share etcd transactions (group commit).
+            blocks = enumerate(core.engine.blocks_to_copy(target))
+
+            async def worker() -> None:
+                for copied, block in blocks:
+                    await self._resume[job_id].wait()
+                    rate = self._records[job_id].rate
+                    if rate:
+                        # Throttle: never ahead of rate * elapsed.
+                        ahead = copied * block_size / rate - (time.monotonic() - started)
+                        if ahead > 0:
+                            await asyncio.sleep(ahead)
+                    async with core.locks.hold(block):
+                        await core.executor.run(core.engine.plan_background(target, block))
+                    record = self._records[job_id]
+                    self._records[job_id] = replace(
+                        record, bytes_copied=record.bytes_copied + block_size)
+
+            async with asyncio.TaskGroup() as workers:
+                for _ in range(JOB_WORKERS):
+                    workers.create_task(worker())
             core.engine.detach_if_real(target)
             await core.store.save(core.engine)
             await core.executor.release(core.engine.take_released())
@@ -173,6 +187,8 @@ class Jobs:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a job fails visibly, it never kills the controller
+            if isinstance(exc, ExceptionGroup):
+                exc = exc.exceptions[0]
             _log.exception("job %s failed", job_id)
             await self._finish(self._records[job_id], JobState.FAILED, str(exc))
 
