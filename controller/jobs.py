@@ -25,7 +25,7 @@ from volkin.log import event
 
 _log = logging.getLogger("controller.jobs")
 # Blocks of one job copied at the same time.
-JOB_WORKERS = 16
+JOB_WORKERS = 64
 
 
 class JobState(Enum):

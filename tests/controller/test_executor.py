@@ -118,3 +118,36 @@ def test_a_refresh_across_agents_with_writes_everywhere_during_the_copy(
             await client.close()
 
     asyncio.run(scenario())
+
+
+def test_concurrent_copies_between_the_same_extents_share_agent_calls() -> None:
+    from controller.executor import CopyBatcher
+    from volkin.api.v1 import agent_pb2
+
+    calls: list[list[int]] = []
+
+    async def send(key: tuple[str, str, str, str], ranges: list[agent_pb2.CopyRange]) -> None:
+        calls.append([r.source_offset for r in ranges])
+        await asyncio.sleep(0.01)
+        if any(r.source_offset == 666 for r in ranges):
+            raise RuntimeError("agent down")
+
+    async def scenario() -> None:
+        batcher = CopyBatcher(send)
+        key = ("a1", "m1", "m2", "")
+        await asyncio.gather(*(batcher.copy(key, agent_pb2.CopyRange(source_offset=n))
+                               for n in range(10)))
+        assert sorted(n for call in calls for n in call) == list(range(10))
+        assert len(calls) < 10
+        calls.clear()
+        results = await asyncio.gather(
+            batcher.copy(key, agent_pb2.CopyRange(source_offset=1)),
+            batcher.copy(key, agent_pb2.CopyRange(source_offset=666)),
+            batcher.copy(key, agent_pb2.CopyRange(source_offset=2)),
+            return_exceptions=True)
+        # Queued together, sent together: when that call fails, every copy in it fails
+        # (none of them may be committed as valid).
+        assert calls == [[1, 666, 2]]
+        assert all(isinstance(r, RuntimeError) for r in results), results
+
+    asyncio.run(scenario())
