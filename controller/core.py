@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from controller.executor import EXTENT_BLOCK, BlockLocks, PlanExecutor
 from controller.mapstore import GroupCommit, MapStore
 from controller.placement import Placement
-from volkin.engine import MapEngine, RefreshStarted, VolumeInfo
+from volkin.engine import Loc, MapEngine, Read, RefreshStarted, VolumeInfo, Write
 from volkin.errors import InvalidArgument, OutOfRange
 
 
@@ -112,24 +112,40 @@ class Core:
         return spans
 
     async def read(self, name: str, offset: int, length: int) -> bytes:
+        spans = self._spans(name, offset, length)
+        block_size = self.engine.volume(name).block_size
         out = []
-        for block, inside, take in self._spans(name, offset, length):
-            async with self.locks.hold(block):
-                data = await self.executor.run(self.engine.plan_read(name, block))
-            assert data is not None
-            out.append(data[inside:inside + take])
+        async with self.locks.hold_many(block for block, _, _ in spans):
+            # Blocks that resolve to consecutive blocks of one memory are read in one call.
+            locations = [self._read_location(name, block) for block, _, _ in spans]
+            for run, (memory, first) in _runs(locations):
+                data = await self.executor.read_blocks(memory, first, len(run))
+                for i, index in enumerate(run):
+                    _, inside, take = spans[index]
+                    out.append(data[i * block_size + inside:i * block_size + inside + take])
         return b"".join(out)
 
+    def _read_location(self, name: str, block: int) -> Loc:
+        step = self.engine.plan_read(name, block).steps[0]
+        assert isinstance(step, Read)
+        return step.source
+
     async def write(self, name: str, offset: int, data: bytes, fua: bool = False) -> None:
+        spans = self._spans(name, offset, len(data))
         block_size = self.engine.volume(name).block_size
-        position = 0
-        for block, inside, take in self._spans(name, offset, len(data)):
-            piece = data[position:position + take]
-            position += take
-            async with self.locks.hold(block):
+        async with self.locks.hold_many(block for block, _, _ in spans):
+            plain: list[tuple[Loc, bytes]] = []  # whole blocks whose plan is only the write
+            position = 0
+            for block, inside, take in spans:
+                piece = data[position:position + take]
+                position += take
                 if take == block_size:
                     plan = self.engine.plan_write(name, block, whole_block=True)
-                    await self.executor.run(plan, piece, 0, fua)
+                    step = plan.steps[0]
+                    if len(plan.steps) == 1 and isinstance(step, Write) and not step.durable:
+                        plain.append((step.target, piece))
+                    else:
+                        await self.executor.run(plan, piece, 0, fua)
                 elif inside % EXTENT_BLOCK == 0 and take % EXTENT_BLOCK == 0:
                     plan = self.engine.plan_write(name, block)
                     await self.executor.run(plan, piece, inside, fua)
@@ -139,7 +155,25 @@ class Core:
                     merged = current[:inside] + piece + current[inside + take:]
                     plan = self.engine.plan_write(name, block, whole_block=True)
                     await self.executor.run(plan, merged, 0, fua)
+            # The fast path, blocks already this volume's and already marked modified:
+            # consecutive ones go to the agent in one call.
+            for run, (memory, first) in _runs([target for target, _ in plain]):
+                await self.executor.write_blocks(
+                    memory, first, b"".join(plain[i][1] for i in run), fua)
 
     async def flush(self, name: str) -> None:
         """Every write acknowledged so far reaches stable storage (copies already did)."""
         await self.executor.flush(self.engine.volume(name).memory)
+
+
+def _runs(locations: list[Loc]) -> list[tuple[list[int], tuple[str, int]]]:
+    """Indexes of `locations` grouped into runs of consecutive blocks of one memory."""
+    runs: list[tuple[list[int], tuple[str, int]]] = []
+    for index, loc in enumerate(locations):
+        if runs:
+            members, (memory, first) = runs[-1]
+            if loc.memory == memory and loc.block == first + len(members):
+                members.append(index)
+                continue
+        runs.append(([index], (loc.memory, loc.block)))
+    return runs

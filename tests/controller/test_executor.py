@@ -151,3 +151,30 @@ def test_concurrent_copies_between_the_same_extents_share_agent_calls() -> None:
         assert all(isinstance(r, RuntimeError) for r in results), results
 
     asyncio.run(scenario())
+
+
+def test_block_locks_serialise_per_block_and_leave_nothing_behind() -> None:
+    from controller.executor import BlockLocks
+
+    async def scenario() -> None:
+        locks = BlockLocks()
+        order: list[str] = []
+
+        async def holder(name: str, blocks: list[int], pause: float) -> None:
+            async with locks.hold_many(blocks):
+                order.append(f"{name}+")
+                await asyncio.sleep(pause)
+                order.append(f"{name}-")
+
+        # b and c overlap a on block 5 and must wait; d touches other blocks and runs at once.
+        await asyncio.gather(holder("a", [5, 1], 0.05), holder("b", [9, 5], 0.01),
+                             holder("c", [5], 0.01), holder("d", [7], 0.0))
+        assert order.index("a-") < order.index("b+") and order.index("a-") < order.index("c+")
+        assert order.index("d-") < order.index("a-")
+        assert len(locks) == 0  # no lock outlives its holders
+        for n in range(10000):
+            async with locks.hold(n):
+                pass
+        assert len(locks) == 0
+
+    asyncio.run(scenario())
