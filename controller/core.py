@@ -50,31 +50,35 @@ class Core:
                 f"size {size_bytes} must be a multiple of the block size {block_size}, "
                 f"itself a multiple of {EXTENT_BLOCK}")
         await self.refresh_agents()
-        info = self.engine.create_volume(name, size_bytes // block_size, block_size)
-        try:
-            await self.executor.create_memory(info.memory, size_bytes)
-        except Exception:
-            self.engine.delete_volume(name)  # nothing was stored: forget it again
-            raise
-        await self.store.save(self.engine)
+        async with self.locks.exclusive():
+            info = self.engine.create_volume(name, size_bytes // block_size, block_size)
+            try:
+                await self.executor.create_memory(info.memory, size_bytes)
+            except Exception:
+                self.engine.delete_volume(name)  # nothing was stored: forget it again
+                raise
+            await self.store.save(self.engine)
         return info
 
     async def create_snapshot(self, source: str, name: str) -> VolumeInfo:
         # No agent call: the snapshot's extent is created by the first copy or
         # write into it, so a snapshot costs one etcd transaction and nothing else.
         await self.refresh_agents()
-        info = self.engine.create_snapshot(source, name)
-        await self.store.save(self.engine)
+        async with self.locks.exclusive():
+            info = self.engine.create_snapshot(source, name)
+            await self.store.save(self.engine)
         return info
 
     async def start_refresh(self, target: str, source: str) -> RefreshStarted:
-        started = self.engine.start_refresh(target, source)
-        await self.store.save(self.engine)
+        async with self.locks.exclusive():
+            started = self.engine.start_refresh(target, source)
+            await self.store.save(self.engine)
         return started
 
     async def delete_volume(self, name: str) -> None:
-        deleted = self.engine.delete_volume(name)
-        await self.store.save(self.engine)
+        async with self.locks.exclusive():
+            deleted = self.engine.delete_volume(name)
+            await self.store.save(self.engine)
         await self.executor.release(list(deleted.freed_memories))
 
     async def copy_in_background(self, name: str,
@@ -87,9 +91,16 @@ class Core:
                 await self.executor.run(self.engine.plan_background(name, block))
             if progress is not None:
                 progress(done, todo)
-        self.engine.detach_if_real(name)
-        await self.store.save(self.engine)
-        await self.executor.release(self.engine.take_released())
+        await self.finish_copy(name)
+
+    async def finish_copy(self, name: str) -> None:
+        """Detaches `name` from its source if every block is its own, and frees what
+        no volume needs any more."""
+        async with self.locks.exclusive():
+            self.engine.detach_if_real(name)
+            await self.store.save(self.engine)
+            released = self.engine.take_released()
+        await self.executor.release(released)
 
     # -- byte I/O ------------------------------------------------------------------
     def size(self, name: str) -> int:

@@ -39,7 +39,12 @@ MAX_WRITE = 4 << 20  # the agent's largest Write message
 
 
 class BlockLocks:
-    """One lock per block index: plans of the same unit never overlap.
+    """One lock per block index, and a gate between block plans and topology changes.
+
+    Plans of the same unit never overlap; plans of different units run at once.
+    A topology operation (snapshot, refresh, delete, detach) changes the graph
+    every plan was computed from, so it runs `exclusive()`: it waits until no plan
+    is in flight, and plans that arrive meanwhile wait for it (it is never starved).
 
     A lock exists only while someone holds or waits for it, so a job over a 1 TiB
     volume does not leave 16 million locks behind. Several blocks are always taken
@@ -48,6 +53,37 @@ class BlockLocks:
 
     def __init__(self) -> None:
         self._locks: dict[int, tuple[asyncio.Lock, int]] = {}
+        self._gate = asyncio.Condition()
+        self._plans = 0  # holders of block locks
+        self._topology_waiting = 0
+        self._topology = False
+
+    @asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        async with self._gate:
+            self._topology_waiting += 1
+            try:
+                await self._gate.wait_for(lambda: self._plans == 0 and not self._topology)
+            finally:
+                self._topology_waiting -= 1
+            self._topology = True
+        try:
+            yield
+        finally:
+            async with self._gate:
+                self._topology = False
+                self._gate.notify_all()
+
+    async def _enter_plans(self) -> None:
+        async with self._gate:
+            await self._gate.wait_for(
+                lambda: not self._topology and not self._topology_waiting)
+            self._plans += 1
+
+    async def _leave_plans(self) -> None:
+        async with self._gate:
+            self._plans -= 1
+            self._gate.notify_all()
 
     def __len__(self) -> int:
         return len(self._locks)
@@ -59,6 +95,7 @@ class BlockLocks:
 
     @asynccontextmanager
     async def hold_many(self, units: Iterable[int]) -> AsyncIterator[None]:
+        await self._enter_plans()
         held: list[int] = []
         try:
             for unit in sorted(set(units)):
@@ -74,6 +111,7 @@ class BlockLocks:
             for unit in reversed(held):
                 self._locks[unit][0].release()
                 self._unref(unit)
+            await self._leave_plans()
 
     def _ref(self, unit: int) -> asyncio.Lock:
         lock, users = self._locks.get(unit) or (asyncio.Lock(), 0)

@@ -180,9 +180,7 @@ class Jobs:
             async with asyncio.TaskGroup() as workers:
                 for _ in range(JOB_WORKERS):
                     workers.create_task(worker())
-            core.engine.detach_if_real(target)
-            await core.store.save(core.engine)
-            await core.executor.release(core.engine.take_released())
+            await core.finish_copy(target)
             await self._finish(self._records[job_id], JobState.DONE)
         except asyncio.CancelledError:
             raise

@@ -178,3 +178,30 @@ def test_block_locks_serialise_per_block_and_leave_nothing_behind() -> None:
         assert len(locks) == 0
 
     asyncio.run(scenario())
+
+
+def test_a_topology_change_waits_for_plans_in_flight_and_plans_wait_for_it() -> None:
+    from controller.executor import BlockLocks
+
+    async def scenario() -> None:
+        locks = BlockLocks()
+        order: list[str] = []
+
+        async def plan(name: str, delay: float) -> None:
+            await asyncio.sleep(delay)
+            async with locks.hold(3):
+                order.append(f"{name}+")
+                await asyncio.sleep(0.03)
+                order.append(f"{name}-")
+
+        async def topology() -> None:
+            await asyncio.sleep(0.01)  # while plan p1 is in flight
+            async with locks.exclusive():
+                order.append("T+")
+                await asyncio.sleep(0.02)
+                order.append("T-")
+
+        await asyncio.gather(plan("p1", 0), topology(), plan("p2", 0.02))
+        assert order == ["p1+", "p1-", "T+", "T-", "p2+", "p2-"]
+
+    asyncio.run(scenario())
