@@ -1,0 +1,62 @@
+"""`volkin`: parses the command line, runs one command, turns every failure into one line.
+
+Exit codes: 0 success; 1 the request failed (the controller said no or cannot be
+reached, a job failed, a dev component did not start); 2 the command line is wrong
+(nothing was sent); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections.abc import Mapping, Sequence
+
+from volkin.cli import commands, dev
+from volkin.cli.args import parse
+from volkin.cli.client import Controller, controller_address
+from volkin.errors import InvalidArgument, VolkinError
+
+DEBUG_ENV = "VOLKIN_DEBUG"
+
+
+def _fail(message: str) -> None:
+    # One line, whatever the controller's message looked like.
+    print("volkin: " + " ".join(message.split()), file=sys.stderr, flush=True)
+
+
+def run(argv: Sequence[str], environ: Mapping[str, str]) -> int:
+    try:
+        args = parse(argv)
+        if args.command in dev.COMMANDS:
+            return dev.COMMANDS[args.command](args)
+        with Controller(controller_address(args.controller, environ)) as controller:
+            return commands.COMMANDS[args.command](args, controller)
+    except InvalidArgument as exc:
+        _fail(exc.message)
+        return 2
+    except VolkinError as exc:
+        _fail(exc.message)
+        return 1
+    except KeyboardInterrupt:
+        _fail("interrupted")
+        return 130
+    except BrokenPipeError:
+        # `volkin job list | head -1`: the reader left; nothing to say, and
+        # nothing more to flush into the broken pipe at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as exc:
+        if environ.get(DEBUG_ENV):
+            traceback.print_exc()
+        _fail(f"unexpected error: {type(exc).__name__}: {exc} "
+              f"(set {DEBUG_ENV}=1 for the traceback)")
+        return 1
+
+
+def main() -> None:
+    sys.exit(run(sys.argv[1:], os.environ))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""The connection to the controller's admin API, and the one place its errors become words.
+
+Every call has a deadline; a failed call becomes a `CommandError` whose message is
+the controller's own (it says what was wrong), prefixed with what we tried to do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import TypeVar
+
+import grpc
+
+from volkin.api.v1 import admin_pb2, admin_pb2_grpc
+from volkin.errors import InvalidArgument, VolkinError
+
+ENV = "VOLKIN_CONTROLLER"
+CALL_TIMEOUT = 30.0
+_PROBE_TIMEOUT = 1.0
+T = TypeVar("T")
+
+
+class CommandError(VolkinError):
+    """The command was well formed but did not succeed (exit code 1)."""
+
+
+def controller_address(flag: str | None, environ: Mapping[str, str]) -> str:
+    """`--controller`, else VOLKIN_CONTROLLER; must be host:port."""
+    address = flag or environ.get(ENV, "")
+    if not address:
+        raise InvalidArgument(f"no controller address: pass --controller HOST:PORT or set {ENV} "
+                              "(volkin dev up prints it)")
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidArgument(f"controller address {address!r} is not host:port")
+    return address
+
+
+class Controller:
+    """A channel to one controller; use as a context manager."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._channel = grpc.insecure_channel(address)
+        self.stub = admin_pb2_grpc.AdminStub(self._channel)  # type: ignore[no-untyped-call]
+
+    def __enter__(self) -> Controller:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._channel.close()
+
+    def call(self, what: str, method: Callable[..., T], request: object) -> T:
+        """`method(request)` with a deadline; a failure raises CommandError naming `what`."""
+        try:
+            return method(request, timeout=CALL_TIMEOUT)
+        except grpc.RpcError as exc:
+            raise self.error(what, exc) from None
+
+    def watch_job(self, job_id: str) -> Iterator[admin_pb2.Job]:
+        """The job's updates until it finishes; a broken stream raises CommandError."""
+        try:
+            yield from self.stub.WatchJob(admin_pb2.GetJobRequest(id=job_id))
+        except grpc.RpcError as exc:
+            raise self.error(f"watch job {job_id}", exc) from None
+
+    def error(self, what: str, exc: grpc.RpcError) -> CommandError:
+        code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+        details = (exc.details() if isinstance(exc, grpc.Call) else None) or str(exc)
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) \
+                and not self._reachable():
+            return CommandError(f"cannot reach the controller at {self.address}: is it running? "
+                                f"(--controller or {ENV})")
+        return CommandError(f"{what}: {details} ({code.name})")
+
+    def _reachable(self) -> bool:
+        # The controller answers UNAVAILABLE itself (no agent registered) over a
+        # working connection; only a connection that cannot be made means "not there".
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=_PROBE_TIMEOUT)
+            return True
+        except grpc.FutureTimeoutError:
+            return False

@@ -1,0 +1,189 @@
+"""What each admin command does: one function per command, protobuf in, words out.
+
+Every function takes the parsed arguments and an open `Controller`, prints its result
+on stdout, and returns the exit code. Failures are raised (client.CommandError) and
+reported by `__main__`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
+
+from volkin.api.v1 import admin_pb2
+from volkin.cli import output
+from volkin.cli.client import CommandError, Controller
+
+# Non-TTY progress: one line per this many seconds (and one per state change).
+PLAIN_PROGRESS_EVERY = 2.0
+
+
+def _show(args: argparse.Namespace, items: list[dict[str, Any]],
+          render: Callable[[list[dict[str, Any]]], str], single: bool) -> None:
+    if args.output == "json":
+        print(output.to_json(items[0] if single else items))
+    else:
+        print(render(items))
+
+
+def volume_create(args: argparse.Namespace, c: Controller) -> int:
+    volume = c.call(f"create volume {args.name}", c.stub.CreateVolume,
+                    admin_pb2.CreateVolumeRequest(name=args.name, size_bytes=args.size,
+                                                  block_size=args.block_size))
+    _show(args, [output.volume_dict(volume)], output.volume_table, single=True)
+    return 0
+
+
+def volume_list(args: argparse.Namespace, c: Controller) -> int:
+    reply = c.call("list volumes", c.stub.ListVolumes, admin_pb2.ListVolumesRequest())
+    _show(args, [output.volume_dict(v) for v in reply.volumes], output.volume_table,
+          single=False)
+    return 0
+
+
+def volume_show(args: argparse.Namespace, c: Controller) -> int:
+    volume = c.call(f"show volume {args.name}", c.stub.GetVolume,
+                    admin_pb2.GetVolumeRequest(name=args.name))
+    _show(args, [output.volume_dict(volume)], output.volume_table, single=True)
+    return 0
+
+
+def volume_delete(args: argparse.Namespace, c: Controller) -> int:
+    c.call(f"delete volume {args.name}", c.stub.DeleteVolume,
+           admin_pb2.DeleteVolumeRequest(name=args.name))
+    return 0
+
+
+def snapshot_create(args: argparse.Namespace, c: Controller) -> int:
+    volume = c.call(f"snapshot {args.source} as {args.name}", c.stub.CreateSnapshot,
+                    admin_pb2.CreateSnapshotRequest(source=args.source, name=args.name))
+    _show(args, [output.volume_dict(volume)], output.volume_table, single=True)
+    return 0
+
+
+def refresh(args: argparse.Namespace, c: Controller) -> int:
+    job = c.call(f"refresh {args.target} from {args.source}", c.stub.StartRefresh,
+                 admin_pb2.StartRefreshRequest(target=args.target, source=args.source,
+                                               rate_bytes_per_second=args.rate))
+    if args.output == "json" and not args.wait:
+        print(output.to_json(output.job_dict(job)))
+    else:
+        print(job.id, flush=True)
+    if not args.wait:
+        return 0
+    final = wait_for(c, job.id, sys.stderr)
+    if args.output == "json":
+        print(output.to_json(output.job_dict(final)))
+    return _job_outcome(final)
+
+
+def job_list(args: argparse.Namespace, c: Controller) -> int:
+    reply = c.call("list jobs", c.stub.ListJobs, admin_pb2.ListJobsRequest())
+    _show(args, [output.job_dict(j) for j in reply.jobs], output.job_table, single=False)
+    return 0
+
+
+def job_show(args: argparse.Namespace, c: Controller) -> int:
+    job = c.call(f"show job {args.id}", c.stub.GetJob, admin_pb2.GetJobRequest(id=args.id))
+    _show(args, [output.job_dict(job)], output.job_table, single=True)
+    return 0
+
+
+def job_pause(args: argparse.Namespace, c: Controller) -> int:
+    job = c.call(f"pause job {args.id}", c.stub.PauseJob, admin_pb2.PauseJobRequest(id=args.id))
+    _show(args, [output.job_dict(job)], output.job_table, single=True)
+    return 0
+
+
+def job_resume(args: argparse.Namespace, c: Controller) -> int:
+    job = c.call(f"resume job {args.id}", c.stub.ResumeJob,
+                 admin_pb2.ResumeJobRequest(id=args.id))
+    _show(args, [output.job_dict(job)], output.job_table, single=True)
+    return 0
+
+
+def job_wait(args: argparse.Namespace, c: Controller) -> int:
+    # GetJob first, so an unknown id is NOT_FOUND at once with the usual message.
+    c.call(f"wait for job {args.id}", c.stub.GetJob, admin_pb2.GetJobRequest(id=args.id))
+    final = wait_for(c, args.id, sys.stderr)
+    _show(args, [output.job_dict(final)], output.job_table, single=True)
+    return _job_outcome(final)
+
+
+_FINISHED = (admin_pb2.JOB_STATE_DONE, admin_pb2.JOB_STATE_FAILED)
+
+
+def _job_outcome(job: admin_pb2.Job) -> int:
+    if job.state == admin_pb2.JOB_STATE_FAILED:
+        raise CommandError(f"job {job.id} failed: {job.error or 'no reason given'}")
+    return 0
+
+
+class Progress:
+    """Shows a job's updates on `stream`: one line rewritten in place on a terminal,
+    otherwise a plain line every PLAIN_PROGRESS_EVERY seconds and at each state change."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.start = time.monotonic()
+        self._first: tuple[float, int] | None = None
+        self._last_line = 0.0
+        self._last_state = -1
+        self._width = 0
+
+    def update(self, job: admin_pb2.Job, final: bool = False) -> None:
+        now = time.monotonic()
+        if self._first is None:
+            self._first = (now, job.bytes_copied)
+        t0, b0 = self._first
+        speed = (job.bytes_copied - b0) / (now - t0) if now - t0 > 0.2 else None
+        line = output.progress_line(output.job_dict(job), speed, now - self.start)
+        if self.tty:
+            self.stream.write("\r" + line.ljust(self._width) + ("\n" if final else ""))
+            self._width = len(line)
+        elif final or job.state != self._last_state or now - self._last_line >= \
+                PLAIN_PROGRESS_EVERY:
+            self.stream.write(line + "\n")
+            self._last_line = now
+        self._last_state = job.state
+        self.stream.flush()
+
+
+def wait_for(c: Controller, job_id: str, stream: TextIO) -> admin_pb2.Job:
+    """Follows the job until it is done or failed, showing progress; returns its last state."""
+    progress = Progress(stream)
+    while True:
+        last: admin_pb2.Job | None = None
+        for job in c.watch_job(job_id):
+            last = job
+            if job.state in _FINISHED:
+                progress.update(job, final=True)
+                return job
+            progress.update(job)
+        # The stream ended early (the controller restarted?): ask, then follow again.
+        now: admin_pb2.Job = c.call(f"wait for job {job_id}", c.stub.GetJob,
+                                    admin_pb2.GetJobRequest(id=job_id))
+        if now.state in _FINISHED:
+            progress.update(now, final=True)
+            return now
+        if last is None:
+            time.sleep(0.5)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, Controller], int]] = {
+    "volume.create": volume_create,
+    "volume.list": volume_list,
+    "volume.show": volume_show,
+    "volume.delete": volume_delete,
+    "snapshot.create": snapshot_create,
+    "refresh": refresh,
+    "job.list": job_list,
+    "job.show": job_show,
+    "job.wait": job_wait,
+    "job.pause": job_pause,
+    "job.resume": job_resume,
+}

@@ -1,0 +1,110 @@
+"""How the CLI shows things: tables for people, JSON for programs, progress lines.
+
+The JSON forms are a contract for scripts: snake_case keys, sizes in bytes, enum
+values as lower-case words (`primary`, `running`), every field always present.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from volkin.api.v1 import admin_pb2
+from volkin.cli.sizes import format_size
+
+Row = Mapping[str, Any]
+
+
+def _enum_word(name: str, prefix: str) -> str:
+    return name.removeprefix(prefix).lower()
+
+
+def volume_dict(volume: admin_pb2.Volume) -> dict[str, Any]:
+    return {
+        "name": volume.name,
+        "kind": _enum_word(admin_pb2.VolumeKind.Name(volume.kind), "VOLUME_KIND_"),
+        "size_bytes": volume.size_bytes,
+        "block_size": volume.block_size,
+        "source": volume.source,
+        "valid_blocks": volume.valid_blocks,
+        "total_blocks": volume.total_blocks,
+        "agents": list(volume.agents),
+    }
+
+
+def job_dict(job: admin_pb2.Job) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "kind": _enum_word(admin_pb2.JobKind.Name(job.kind), "JOB_KIND_"),
+        "state": _enum_word(admin_pb2.JobState.Name(job.state), "JOB_STATE_"),
+        "target": job.target,
+        "source": job.source,
+        "blocks_total": job.blocks_total,
+        "blocks_done": job.blocks_done,
+        "bytes_copied": job.bytes_copied,
+        "rate_bytes_per_second": job.rate_bytes_per_second,
+        "error": job.error,
+    }
+
+
+def to_json(value: object) -> str:
+    return json.dumps(value, indent=2, sort_keys=False)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns separated by two spaces; no trailing blanks."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+    lines = []
+    for row in [list(headers), *rows]:
+        cells = [cell.ljust(w) for cell, w in zip(row, widths, strict=True)]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _percent(done: int, total: int) -> str:
+    return f"{100 * done // total}%" if total else "-"
+
+
+def volume_table(volumes: Sequence[Row]) -> str:
+    rows = [[v["name"], v["kind"], format_size(v["size_bytes"]), format_size(v["block_size"]),
+             v["source"] or "-", _percent(v["valid_blocks"], v["total_blocks"]),
+             ",".join(v["agents"]) or "-"] for v in volumes]
+    return table(["NAME", "KIND", "SIZE", "BLOCK", "SOURCE", "REAL", "AGENTS"], rows)
+
+
+def _blocks(job: Row) -> str:
+    done, total = job["blocks_done"], job["blocks_total"]
+    return f"{done}/{total} ({_percent(done, total)})"
+
+
+def job_table(jobs: Sequence[Row]) -> str:
+    rows = [[j["id"], j["kind"], j["state"], j["target"], j["source"] or "-", _blocks(j),
+             format_size(j["bytes_copied"]),
+             format_size(j["rate_bytes_per_second"]) + "/s" if j["rate_bytes_per_second"]
+             else "unlimited",
+             j["error"] or "-"] for j in jobs]
+    return table(["ID", "KIND", "STATE", "TARGET", "SOURCE", "BLOCKS", "COPIED", "RATE", "ERROR"],
+                 rows)
+
+
+def progress_line(job: Row, speed: float | None, elapsed: float) -> str:
+    """One line that says where a job is: `j1 refresh V2 <- V1  running  512/1024 blocks …`.
+    `speed` is bytes per second as seen by the watcher, None before it could tell."""
+    done, total = job["blocks_done"], job["blocks_total"]
+    shown = "-" if speed is None else format_size(int(speed))
+    line = (f"{job['id']} {job['kind']} {job['target']} <- {job['source']}  {job['state']}  "
+            f"{done}/{total} blocks ({_percent(done, total)})  "
+            f"{format_size(job['bytes_copied'])} copied  {shown}/s  {elapsed:.1f}s")
+    if job["error"]:
+        line += f"  error: {job['error']}"
+    return line
+
+
+def component_table(components: Sequence[Row]) -> str:
+    """The dev cluster's processes, for `volkin dev status`."""
+    rows = [[c["name"], str(c["pid"] or "-"), c["address"],
+             "running" if c["running"] else "stopped", c["log"]] for c in components]
+    return table(["COMPONENT", "PID", "ADDRESS", "STATE", "LOG"], rows)
