@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,7 +62,7 @@ class DevCluster:
         assert done.returncode == 0, f"volkin {' '.join(args)}: {done.stderr}"
         return done.stdout
 
-    def json(self, *args: str) -> object:
+    def json(self, *args: str) -> Any:
         return json.loads(self.ok(*args, "-o", "json"))
 
     def recorded_pids(self) -> list[tuple[int, list[str]]]:
