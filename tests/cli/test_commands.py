@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -102,7 +103,10 @@ def test_snapshot_then_refresh_wait_reaches_done(dev_cluster: DevCluster) -> Non
     assert dev_cluster.json("volume", "show", "dst")["source"] == ""
 
     waited = dev_cluster.cli("job", "wait", job_id, "-o", "json")
-    assert waited.returncode == 0 and '"state": "done"' in waited.stdout
+    assert waited.returncode == 0 and json.loads(waited.stdout)["state"] == "done"
+
+    again = dev_cluster.json("refresh", "dst", "--from", "src", "--wait")
+    assert again["state"] == "done" and again["id"] != job_id, "stdout is the final job alone"
     for name in ("dst-snap", "dst", "src"):
         dev_cluster.ok("volume", "delete", name)
 

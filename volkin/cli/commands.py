@@ -68,12 +68,11 @@ def refresh(args: argparse.Namespace, c: Controller) -> int:
     job = c.call(f"refresh {args.target} from {args.source}", c.stub.StartRefresh,
                  admin_pb2.StartRefreshRequest(target=args.target, source=args.source,
                                                rate_bytes_per_second=args.rate))
-    if args.output == "json" and not args.wait:
-        print(output.to_json(output.job_dict(job)))
-    else:
-        print(job.id, flush=True)
     if not args.wait:
+        print(output.to_json(output.job_dict(job)) if args.output == "json" else job.id)
         return 0
+    if args.output != "json":
+        print(job.id, flush=True)
     final = wait_for(c, job.id, sys.stderr)
     if args.output == "json":
         print(output.to_json(output.job_dict(final)))
