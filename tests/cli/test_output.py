@@ -104,11 +104,12 @@ def test_a_failed_job_shows_why_in_its_progress_line() -> None:
 
 
 def test_component_table_says_running_or_stopped_without_a_pid() -> None:
-    etcd = {"name": "etcd", "pid": 41, "address": "127.0.0.1:2", "running": True,
-            "log": "/d/logs/etcd.log"}
-    controller = {"name": "controller", "pid": None, "address": "127.0.0.1:3", "running": False,
-                  "log": "/d/logs/controller.log"}
-    rows: list[dict[str, object]] = [etcd, controller]
+    etcd: dict[str, object] = {"name": "etcd", "pid": 41, "address": "127.0.0.1:2", "running": True,
+                               "log": "/d/logs/etcd.log"}
+    controller: dict[str, object] = {"name": "controller", "pid": None,
+                                     "address": "127.0.0.1:3", "running": False,
+                                     "log": "/d/logs/controller.log"}
+    rows = [etcd, controller]
     lines = output.component_table(rows).splitlines()
     assert lines[0].split() == ["COMPONENT", "PID", "ADDRESS", "STATE", "LOG"]
     assert lines[1].split() == ["etcd", "41", "127.0.0.1:2", "running", "/d/logs/etcd.log"]
