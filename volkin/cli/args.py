@@ -141,10 +141,11 @@ def build() -> _Parser:
     dir_help = "directory of the cluster's state, data and logs"
     p = leaf(dev, "up", "dev.up", "start whatever part of the dev cluster is not running", [])
     p.add_argument("--dir", required=True, help=dir_help)
-    p.add_argument("--agents", type=_positive, default=None,
+    p.add_argument("--agents", type=_positive, default=None, metavar="N",
                    help=f"number of agents (default: {DEFAULT_AGENTS}, or as many as before)")
-    p.add_argument("--timeout", type=_seconds, default=60.0,
-                   help="seconds to wait for each component to become healthy")
+    p.add_argument("--timeout", type=_seconds, default=60.0, metavar="SECONDS",
+                   help="how long etcd, then the other components, may take to become "
+                   "healthy (default: 60)")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="say on stderr what is started and when it serves")
     p = leaf(dev, "status", "dev.status", "show each component: pid, address, running",
@@ -152,8 +153,8 @@ def build() -> _Parser:
     p.add_argument("--dir", required=True, help=dir_help)
     p = leaf(dev, "down", "dev.down", "stop every component (SIGTERM, then SIGKILL)", [])
     p.add_argument("--dir", required=True, help=dir_help)
-    p.add_argument("--timeout", type=_seconds, default=10.0,
-                   help="seconds a component gets to exit before SIGKILL")
+    p.add_argument("--timeout", type=_seconds, default=10.0, metavar="SECONDS",
+                   help="how long a component may take to exit before SIGKILL (default: 10)")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="say on stderr what is stopped")
     p = leaf(dev, "demo", "dev.demo",
