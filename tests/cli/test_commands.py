@@ -120,14 +120,14 @@ def test_pause_holds_a_job_still_and_resume_lets_wait_finish(dev_cluster: DevClu
 
     paused = dev_cluster.json("job", "pause", job_id)
     assert paused["state"] == "paused"
-    # Copies already in flight may land after the pause; then nothing moves.
-    held, deadline = -1, time.monotonic() + 10
-    while time.monotonic() < deadline:
-        time.sleep(0.5)
-        now = _job(dev_cluster, job_id)
-        if now["blocks_done"] == held:
-            break
-        held = now["blocks_done"]
+    # Copies already in flight (a batch may wait for the rate limit) may land after
+    # the pause; then nothing moves.
+    held, since, deadline = -1, time.monotonic(), time.monotonic() + 15
+    while time.monotonic() - since < 1.5 and time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = _job(dev_cluster, job_id)["blocks_done"]
+        if now != held:
+            held, since = now, time.monotonic()
     time.sleep(1.0)
     still = _job(dev_cluster, job_id)
     assert still["state"] == "paused" and still["blocks_done"] == held < 256
