@@ -48,6 +48,20 @@ async def serve(config: ControllerConfig) -> None:
     leadership = Leadership(client, prefix, config.node_id, config.lease_ttl)
     await leadership.acquire()
     keeping = asyncio.create_task(leadership.keep(), name="leadership")
+    try:
+        await _lead(config, client, leadership)
+    finally:
+        keeping.cancel()
+        await asyncio.gather(keeping, return_exceptions=True)
+        # However this controller stops (even failing to bind its ports), the next one
+        # must not wait out the lease.
+        if not leadership.lost.is_set():
+            await leadership.release()
+        await client.close()
+
+
+async def _lead(config: ControllerConfig, client: etcd.Etcd, leadership: Leadership) -> None:
+    prefix = config.etcd_prefix.rstrip("/")
     guard = {leadership.key: leadership.value}
 
     async def agents() -> dict[str, str]:
@@ -103,12 +117,7 @@ async def serve(config: ControllerConfig) -> None:
     await nbd.stop()
     await jobs.stop()
     await server.stop(config.shutdown_grace)
-    keeping.cancel()
-    await asyncio.gather(keeping, return_exceptions=True)
-    if not leadership.lost.is_set():
-        await leadership.release()
     await core.close()
-    await client.close()
     event(_log, "controller.stopped", node=config.node_id)
     if leadership.lost.is_set():
         raise LeadershipLost("the leadership lease was lost; stopped serving")

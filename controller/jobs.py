@@ -65,6 +65,8 @@ class Jobs:
         self._records: dict[str, JobRecord] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._resume: dict[str, asyncio.Event] = {}
+        self._in_flight: dict[str, int] = {}  # blocks of a job being copied right now
+        self._idle: dict[str, asyncio.Event] = {}  # set when a job's in-flight count hits 0
 
     def _key(self, job_id: str) -> str:
         return f"{self._prefix}/jobs/{job_id}"
@@ -118,10 +120,15 @@ class Jobs:
         if record.state is not JobState.RUNNING:
             raise FailedPrecondition(f"job {job_id} is {record.state.value}; only a running "
                                      f"job can be paused")
+        self._resume[job_id].clear()  # first: no new block starts from here on
         record = replace(record, state=JobState.PAUSED)
         await self._store(record)
-        self._resume[job_id].clear()
-        return record
+        # Blocks already being copied finish first, so a paused job is still when
+        # this returns.
+        if self._in_flight.get(job_id):
+            self._idle[job_id].clear()
+            await self._idle[job_id].wait()
+        return self._records[job_id]
 
     async def resume(self, job_id: str) -> JobRecord:
         record = self.get(job_id)
@@ -148,6 +155,8 @@ class Jobs:
         if record.state is JobState.RUNNING:
             resume.set()
         self._resume[record.id] = resume
+        self._in_flight[record.id] = 0
+        self._idle[record.id] = asyncio.Event()
         self._tasks[record.id] = asyncio.create_task(self._run(record.id), name=record.id)
 
     async def _run(self, job_id: str) -> None:
@@ -162,17 +171,27 @@ class Jobs:
             # commits then share etcd transactions (group commit).
             blocks = enumerate(core.engine.blocks_to_copy(target))
 
+            resume = self._resume[job_id]
+            idle = self._idle[job_id]
+
             async def worker() -> None:
                 for copied, block in blocks:
-                    await self._resume[job_id].wait()
                     rate = self._records[job_id].rate
                     if rate:
                         # Throttle: never ahead of rate * elapsed.
                         ahead = copied * block_size / rate - (time.monotonic() - started)
                         if ahead > 0:
                             await asyncio.sleep(ahead)
-                    async with core.locks.hold(block):
-                        await core.executor.run(core.engine.plan_background(target, block))
+                    while not resume.is_set():  # paused: `pause` waits for in-flight blocks
+                        await resume.wait()
+                    self._in_flight[job_id] += 1  # no await since the check above
+                    try:
+                        async with core.locks.hold(block):
+                            await core.executor.run(core.engine.plan_background(target, block))
+                    finally:
+                        self._in_flight[job_id] -= 1
+                        if not self._in_flight[job_id]:
+                            idle.set()
                     record = self._records[job_id]
                     self._records[job_id] = replace(
                         record, bytes_copied=record.bytes_copied + block_size)
