@@ -28,6 +28,7 @@ from contextlib import asynccontextmanager
 
 import grpc
 
+from controller.batching import Batcher
 from controller.mapstore import GroupCommit
 from controller.placement import ExtentRef, Placement
 from volkin.api.v1 import agent_pb2, agent_pb2_grpc
@@ -129,45 +130,6 @@ class BlockLocks:
 _CopyKey = tuple[str, str, str, str]  # target agent, target extent, source extent, source agent
 
 
-class CopyBatcher:
-    """Concurrent copies between the same two extents share one agent call and one fsync.
-
-    While one `Copy` call is in flight, the copies that arrive for the same pair of
-    extents queue up; the next call carries all their ranges (the agent merges the
-    contiguous ones). Each caller returns only when its own range is durable.
-    """
-
-    def __init__(self, send: Callable[[_CopyKey, list[agent_pb2.CopyRange]], Awaitable[None]]
-                 ) -> None:
-        self._send = send
-        self._queues: dict[_CopyKey, list[tuple[agent_pb2.CopyRange, asyncio.Future[None]]]] = {}
-
-    async def copy(self, key: _CopyKey, copy_range: agent_pb2.CopyRange) -> None:
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        queue = self._queues.get(key)
-        if queue is None:
-            self._queues[key] = [(copy_range, done)]
-            asyncio.get_running_loop().create_task(self._flush(key))
-        else:
-            queue.append((copy_range, done))
-        await done
-
-    async def _flush(self, key: _CopyKey) -> None:
-        while self._queues.get(key):
-            batch, self._queues[key] = self._queues[key], []
-            try:
-                await self._send(key, [r for r, _ in batch])
-            except Exception as exc:  # every plan in the batch learns why it must stop
-                for _, done in batch:
-                    if not done.done():
-                        done.set_exception(exc)
-            else:
-                for _, done in batch:
-                    if not done.done():
-                        done.set_result(None)
-        self._queues.pop(key, None)
-
-
 class PlanExecutor:
     def __init__(self, engine: MapEngine, group: GroupCommit, placement: Placement,
                  epoch: int,
@@ -180,7 +142,8 @@ class PlanExecutor:
         self._persist_placement = persist_placement
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._created: set[str] = set()
-        self._copies = CopyBatcher(self._send_copy)
+        # Concurrent copies between the same two extents share one agent call and one fsync.
+        self._copies: Batcher[_CopyKey, agent_pb2.CopyRange] = Batcher(self._send_copy)
 
     def _stub(self, agent: str) -> agent_pb2_grpc.BlockStoreStub:
         if agent not in self._channels:
@@ -249,7 +212,7 @@ class PlanExecutor:
         target = await self.create_memory(step.target.memory, size)
         key = (target.agent, target.extent_id, source.extent_id,
                "" if source.agent == target.agent else source.agent)
-        await self._copies.copy(key, agent_pb2.CopyRange(
+        await self._copies.submit(key, agent_pb2.CopyRange(
             source_offset=step.source.block * block_size,
             target_offset=step.target.block * block_size, length=block_size))
 

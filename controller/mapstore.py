@@ -25,11 +25,11 @@ blocks again.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import zlib
 from collections.abc import Sequence
 
+from controller.batching import Batcher
 from volkin.engine import Commit, MapEngine
 from volkin.engine.bitmap import SEGMENT_BITS, SegmentedBitmap
 from volkin.engine.persist import EngineState, dump, load
@@ -142,31 +142,11 @@ class GroupCommit:
     def __init__(self, store: MapStore, engine: MapEngine) -> None:
         self._store = store
         self._engine = engine
-        self._queue: list[tuple[Commit, asyncio.Future[None]]] = []
-        self._flushing = False
+        self._batcher: Batcher[None, Commit] = Batcher(self._send)
 
     async def commit(self, commit: Commit) -> None:
         """Returns once `commit` is in etcd and applied to the engine; raises if not."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append((commit, done))
-        if not self._flushing:
-            self._flushing = True
-            asyncio.get_running_loop().create_task(self._flush())
-        await done
+        await self._batcher.submit(None, commit)
 
-    async def _flush(self) -> None:
-        try:
-            while self._queue:
-                batch, self._queue = self._queue, []
-                try:
-                    await self._store.commit(self._engine, [c for c, _ in batch])
-                except Exception as exc:  # every waiter learns why its plan must stop
-                    for _, done in batch:
-                        if not done.done():
-                            done.set_exception(exc)
-                else:
-                    for _, done in batch:
-                        if not done.done():
-                            done.set_result(None)
-        finally:
-            self._flushing = False
+    async def _send(self, _: None, commits: list[Commit]) -> None:
+        await self._store.commit(self._engine, commits)

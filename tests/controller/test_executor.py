@@ -121,7 +121,7 @@ def test_a_refresh_across_agents_with_writes_everywhere_during_the_copy(
 
 
 def test_concurrent_copies_between_the_same_extents_share_agent_calls() -> None:
-    from controller.executor import CopyBatcher
+    from controller.batching import Batcher
     from volkin.api.v1 import agent_pb2
 
     calls: list[list[int]] = []
@@ -133,17 +133,17 @@ def test_concurrent_copies_between_the_same_extents_share_agent_calls() -> None:
             raise RuntimeError("agent down")
 
     async def scenario() -> None:
-        batcher = CopyBatcher(send)
+        batcher: Batcher[tuple[str, str, str, str], agent_pb2.CopyRange] = Batcher(send)
         key = ("a1", "m1", "m2", "")
-        await asyncio.gather(*(batcher.copy(key, agent_pb2.CopyRange(source_offset=n))
+        await asyncio.gather(*(batcher.submit(key, agent_pb2.CopyRange(source_offset=n))
                                for n in range(10)))
         assert sorted(n for call in calls for n in call) == list(range(10))
         assert len(calls) < 10
         calls.clear()
         results = await asyncio.gather(
-            batcher.copy(key, agent_pb2.CopyRange(source_offset=1)),
-            batcher.copy(key, agent_pb2.CopyRange(source_offset=666)),
-            batcher.copy(key, agent_pb2.CopyRange(source_offset=2)),
+            batcher.submit(key, agent_pb2.CopyRange(source_offset=1)),
+            batcher.submit(key, agent_pb2.CopyRange(source_offset=666)),
+            batcher.submit(key, agent_pb2.CopyRange(source_offset=2)),
             return_exceptions=True)
         # Queued together, sent together: when that call fails, every copy in it fails
         # (none of them may be committed as valid).
