@@ -113,6 +113,23 @@ class Jobs:
         self._start(record)
         return record
 
+    async def start_materialize(self, name: str, rate: int) -> JobRecord:
+        """The background copy that makes `name` real (the running one, if there is one)."""
+        if rate < 0:
+            raise InvalidArgument(f"rate must be >= 0 bytes per second, got {rate}")
+        info = self._core.engine.info(name)
+        for other in self._records.values():
+            if other.target == name and other.state in (JobState.RUNNING, JobState.PAUSED):
+                return other
+        if info.source is None:
+            raise FailedPrecondition(f"volume {name!r} is already real: every block is in its "
+                                     f"own memory and it reads through no other volume")
+        record = JobRecord(await self._new_id(), "materialize", name, info.source,
+                           info.size_blocks - info.valid_blocks, rate)
+        await self._store(record)
+        self._start(record)
+        return record
+
     async def pause(self, job_id: str) -> JobRecord:
         record = self.get(job_id)
         if record.state is JobState.PAUSED:

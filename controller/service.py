@@ -115,6 +115,16 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             return self._job(record)
         return await _answer(context, call)
 
+    async def StartMaterialize(self, request: admin_pb2.StartMaterializeRequest,
+                               context: Context) -> admin_pb2.Job:
+        async def call() -> admin_pb2.Job:
+            record = await self._jobs.start_materialize(request.name,
+                                                        request.rate_bytes_per_second)
+            event(_log, "materialize.started", job=record.id, volume=request.name,
+                  blocks=record.blocks_total)
+            return self._job(record)
+        return await _answer(context, call)
+
     async def GetJob(self, request: admin_pb2.GetJobRequest, context: Context) -> admin_pb2.Job:
         async def call() -> admin_pb2.Job:
             return self._job(self._jobs.get(request.id))

@@ -153,3 +153,22 @@ def test_the_demo_refreshes_over_nbd_and_says_pass(dev_cluster: DevCluster) -> N
                             "--rate", "8MiB")
     assert again.returncode == 0, again.stdout + again.stderr
     assert "left by an earlier demo" in again.stdout and "verdict: PASS" in again.stdout
+
+
+def test_snapshot_materialize_wait_makes_it_real_so_its_origin_can_go(
+        dev_cluster: DevCluster) -> None:
+    dev_cluster.ok("volume", "create", "orig", "--size", "2MiB")
+    dev_cluster.ok("snapshot", "create", "orig", "orig-snap")
+    refused = dev_cluster.cli("volume", "delete", "orig")
+    assert refused.returncode == 1 and "orig-snap" in one_error_line(refused)
+
+    done = dev_cluster.cli("snapshot", "materialize", "orig-snap", "--wait")
+    assert done.returncode == 0, done.stderr
+    job_id = done.stdout.strip()
+    assert done.stderr.splitlines()[-1].startswith(
+        f"{job_id} materialize orig-snap <- orig  done  32/32 blocks (100%)")
+    assert dev_cluster.json("volume", "show", "orig-snap")["source"] == ""
+    again = dev_cluster.cli("snapshot", "materialize", "orig-snap")
+    assert again.returncode == 1 and "already real" in one_error_line(again)
+    dev_cluster.ok("volume", "delete", "orig")
+    dev_cluster.ok("volume", "delete", "orig-snap")

@@ -175,3 +175,29 @@ def test_kill_9_in_the_middle_of_a_running_copy_loses_nothing(
     qemu_io(c.nbd, "V1", "read -P 0x31 0 8M", "read -P 0x41 8M 1M", "read -P 0x31 9M 7M")
     qemu_io(c.nbd, "V2", "read -P 0x31 0 16M")  # V1 as it was when the refresh started
     qemu_io(c.nbd, "S2", "read -P 0x32 0 9M", "read -P 0x42 9M 1M", "read -P 0x32 10M 6M")
+
+
+def test_materializing_a_snapshot_makes_it_real_and_frees_its_origin(
+        start_agent: AgentFactory, start_controller: ControllerFactory) -> None:
+    start_agent("a1"), start_agent("a2")
+    c = start_controller("c1")
+    admin = c.stub
+    admin.CreateVolume(admin_pb2.CreateVolumeRequest(name="V", size_bytes=4 * MiB))
+    qemu_io(c.nbd, "V", "write -P 0x61 0 4M")
+    admin.CreateSnapshot(admin_pb2.CreateSnapshotRequest(source="V", name="S"))
+    qemu_io(c.nbd, "V", "write -P 0x62 0 1M")  # copy-on-write: S keeps 0x61 there
+    assert status_of(lambda: admin.DeleteVolume(admin_pb2.DeleteVolumeRequest(
+        name="V"))) == grpc.StatusCode.FAILED_PRECONDITION  # S still reads through V
+
+    job = admin.StartMaterialize(admin_pb2.StartMaterializeRequest(name="S"))
+    assert job.kind == admin_pb2.JOB_KIND_MATERIALIZE and job.blocks_total == 48
+    done = wait_job(c, job.id)
+    assert done.state == admin_pb2.JOB_STATE_DONE and done.blocks_done == 48
+    snapshot = admin.GetVolume(admin_pb2.GetVolumeRequest(name="S"))
+    assert snapshot.source == "" and snapshot.valid_blocks == snapshot.total_blocks == 64
+    assert status_of(lambda: admin.StartMaterialize(admin_pb2.StartMaterializeRequest(
+        name="S"))) == grpc.StatusCode.FAILED_PRECONDITION  # already real
+
+    admin.DeleteVolume(admin_pb2.DeleteVolumeRequest(name="V"))
+    assert [v.name for v in admin.ListVolumes(admin_pb2.ListVolumesRequest()).volumes] == ["S"]
+    qemu_io(c.nbd, "S", "read -P 0x61 0 4M")

@@ -118,6 +118,13 @@ def build() -> _Parser:
              "NAME becomes a PIT copy of SOURCE, usable at once", admin)
     p.add_argument("source")
     p.add_argument("name")
+    p = leaf(snapshot, "materialize", "snapshot.materialize",
+             "copy every block NAME still reads through its source into its own memory "
+             "(makes it real); prints the background job's id", admin)
+    p.add_argument("name")
+    p.add_argument("--wait", action="store_true", help="show progress until the copy is done")
+    p.add_argument("--rate", type=_typed(parse_rate), default=0, metavar="BYTES_PER_S",
+                   help="background copy limit, e.g. 16MiB (default: unlimited)")
 
     p = leaf(top, "refresh", "refresh",
              "TARGET becomes a PIT copy of SOURCE at once; prints the background job's id", admin)

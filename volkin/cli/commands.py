@@ -68,6 +68,18 @@ def refresh(args: argparse.Namespace, c: Controller) -> int:
     job = c.call(f"refresh {args.target} from {args.source}", c.stub.StartRefresh,
                  admin_pb2.StartRefreshRequest(target=args.target, source=args.source,
                                                rate_bytes_per_second=args.rate))
+    return _started(args, c, job)
+
+
+def snapshot_materialize(args: argparse.Namespace, c: Controller) -> int:
+    job = c.call(f"materialize {args.name}", c.stub.StartMaterialize,
+                 admin_pb2.StartMaterializeRequest(name=args.name,
+                                                   rate_bytes_per_second=args.rate))
+    return _started(args, c, job)
+
+
+def _started(args: argparse.Namespace, c: Controller, job: admin_pb2.Job) -> int:
+    """Prints a new job's id (or the job, with -o json); with --wait, follows it."""
     if not args.wait:
         print(output.to_json(output.job_dict(job)) if args.output == "json" else job.id)
         return 0
@@ -179,6 +191,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Controller], int]] = {
     "volume.show": volume_show,
     "volume.delete": volume_delete,
     "snapshot.create": snapshot_create,
+    "snapshot.materialize": snapshot_materialize,
     "refresh": refresh,
     "job.list": job_list,
     "job.show": job_show,

@@ -286,6 +286,29 @@ class StartRefreshRequest(_message.Message):
 Global___StartRefreshRequest: _TypeAlias = StartRefreshRequest  # noqa: Y015
 
 @_typing.final
+class StartMaterializeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    RATE_BYTES_PER_SECOND_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    rate_bytes_per_second: _builtins.int
+    """Background copy rate limit; 0 means unlimited."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        rate_bytes_per_second: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "rate_bytes_per_second", b"rate_bytes_per_second"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartMaterializeRequest: _TypeAlias = StartMaterializeRequest  # noqa: Y015
+
+@_typing.final
 class Job(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

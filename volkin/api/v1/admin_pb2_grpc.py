@@ -64,6 +64,11 @@ class AdminStub:
                 request_serializer=volkin_dot_api_dot_v1_dot_admin__pb2.StartRefreshRequest.SerializeToString,
                 response_deserializer=volkin_dot_api_dot_v1_dot_admin__pb2.Job.FromString,
                 _registered_method=True)
+        self.StartMaterialize = channel.unary_unary(
+                '/volkin.api.v1.Admin/StartMaterialize',
+                request_serializer=volkin_dot_api_dot_v1_dot_admin__pb2.StartMaterializeRequest.SerializeToString,
+                response_deserializer=volkin_dot_api_dot_v1_dot_admin__pb2.Job.FromString,
+                _registered_method=True)
         self.GetJob = channel.unary_unary(
                 '/volkin.api.v1.Admin/GetJob',
                 request_serializer=volkin_dot_api_dot_v1_dot_admin__pb2.GetJobRequest.SerializeToString,
@@ -133,6 +138,15 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartMaterialize(self, request, context):
+        """Starts the background copy that makes a volume real (a snapshot, or anything
+        still reading through another volume): every block in its own memory, then
+        it no longer depends on its source. Returns the running job if there is one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetJob(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -195,6 +209,11 @@ def add_AdminServicer_to_server(servicer, server):
             'StartRefresh': grpc.unary_unary_rpc_method_handler(
                     servicer.StartRefresh,
                     request_deserializer=volkin_dot_api_dot_v1_dot_admin__pb2.StartRefreshRequest.FromString,
+                    response_serializer=volkin_dot_api_dot_v1_dot_admin__pb2.Job.SerializeToString,
+            ),
+            'StartMaterialize': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartMaterialize,
+                    request_deserializer=volkin_dot_api_dot_v1_dot_admin__pb2.StartMaterializeRequest.FromString,
                     response_serializer=volkin_dot_api_dot_v1_dot_admin__pb2.Job.SerializeToString,
             ),
             'GetJob': grpc.unary_unary_rpc_method_handler(
@@ -384,6 +403,33 @@ class Admin:
             target,
             '/volkin.api.v1.Admin/StartRefresh',
             volkin_dot_api_dot_v1_dot_admin__pb2.StartRefreshRequest.SerializeToString,
+            volkin_dot_api_dot_v1_dot_admin__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartMaterialize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/volkin.api.v1.Admin/StartMaterialize',
+            volkin_dot_api_dot_v1_dot_admin__pb2.StartMaterializeRequest.SerializeToString,
             volkin_dot_api_dot_v1_dot_admin__pb2.Job.FromString,
             options,
             channel_credentials,
