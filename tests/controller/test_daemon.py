@@ -130,7 +130,9 @@ def test_a_standby_controller_takes_over_when_the_active_one_dies(
     qemu_io(first.nbd, "V", "write -P 0x5a 0 1M")
     second = Controller("c2", first.log_path.parent, first.etcd)
     second.spawn()
-    time.sleep(1.0)
+    deadline = time.monotonic() + 20
+    while "controller.standby" not in second.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert "controller.standby" in second.log() and "controller.serving" not in second.log()
     first.kill()
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from controller.nbd import protocol as p
@@ -106,6 +106,7 @@ def test_a_request_is_parsed_and_a_reply_is_built() -> None:
     assert p.simple_reply(42, 5) == struct.pack(">IIQ", p.SIMPLE_REPLY_MAGIC, 5, 42)
 
 
+@settings(deadline=None)
 @given(option=st.integers(0, 2**32 - 1), data=st.binary(max_size=300))
 def test_any_option_data_gets_a_well_formed_answer(option: int, data: bytes) -> None:
     outcome = p.handle_option(option, data, EXPORTS, True)
@@ -116,6 +117,7 @@ def test_any_option_data_gets_a_well_formed_answer(option: int, data: bytes) -> 
         assert rep in set(p.Rep)
 
 
+@settings(deadline=None)
 @given(header=st.binary(min_size=16, max_size=16))
 def test_any_option_header_parses_or_is_a_protocol_error(header: bytes) -> None:
     try:
