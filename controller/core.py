@@ -2,9 +2,9 @@
 
 `Core` ties the engine, the etcd map store, the plan executor and the block
 locks together. Topology operations change the engine and store it (one
-transaction); byte I/O splits a request into blocks and runs one plan per block
-under that block's lock; a background copy walks the blocks a volume still
-reads through another, one plan each, then detaches the volume.
+transaction); byte I/O splits a request into blocks and runs their plans under those
+blocks' locks; a background copy (`controller.jobs`) copies one block at a time
+with `copy_block`, then `finish_copy` detaches the volume.
 
 Writes that cover part of a block are passed on as they are when they are in
 whole 512-byte sectors; anything finer is read-modify-write of the block under
@@ -81,17 +81,10 @@ class Core:
             await self.store.save(self.engine)
         await self.executor.release(list(deleted.freed_memories))
 
-    async def copy_in_background(self, name: str,
-                                 progress: Callable[[int, int], None] | None = None) -> None:
-        """Makes `name` real block by block (Fig 7), then detaches it from its source."""
-        total = self.engine.info(name)
-        todo = total.size_blocks - total.valid_blocks if total.source is not None else 0
-        for done, block in enumerate(self.engine.blocks_to_copy(name), 1):
-            async with self.locks.hold(block):
-                await self.executor.run(self.engine.plan_background(name, block))
-            if progress is not None:
-                progress(done, todo)
-        await self.finish_copy(name)
+    async def copy_block(self, name: str, block: int) -> None:
+        """One step of a background copy (Fig 7): block `block` of `name` becomes its own."""
+        async with self.locks.hold(block):
+            await self.executor.run(self.engine.plan_background(name, block))
 
     async def finish_copy(self, name: str) -> None:
         """Detaches `name` from its source if every block is its own, and frees what

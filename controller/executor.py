@@ -200,11 +200,8 @@ class PlanExecutor:
         return result
 
     def _volume_geometry(self, memory: str) -> tuple[int, int]:
-        base = memory.partition("~")[0]
-        for volume in self.engine.graph.volumes.values():
-            if volume.memory == base:
-                return volume.block_size, volume.size_blocks * volume.block_size
-        raise KeyError(f"no volume owns memory {memory}")
+        volume = self.engine.volume_of_memory(memory)
+        return volume.block_size, volume.size_blocks * volume.block_size
 
     async def _copy(self, step: Copy) -> None:
         block_size, size = self._volume_geometry(step.target.memory)
@@ -228,13 +225,12 @@ class PlanExecutor:
             extent_id=ref.extent_id, epoch=self._epoch))
 
     async def _write(self, step: Write, data: bytes, offset: int, fua: bool) -> None:
-        block_size, _ = self._volume_geometry(step.target.memory)
+        block_size, size = self._volume_geometry(step.target.memory)
         if offset % EXTENT_BLOCK or len(data) % EXTENT_BLOCK or offset + len(data) > block_size:
             raise InvalidArgument(
                 f"write of {len(data)} bytes at {offset} is not inside one block in "
                 f"{EXTENT_BLOCK}-byte units")
-        ref = await self.create_memory(step.target.memory, self._volume_geometry(
-            step.target.memory)[1])
+        ref = await self.create_memory(step.target.memory, size)
         await self._stub(ref.agent).Write(agent_pb2.WriteRequest(
             extent_id=ref.extent_id, offset=step.target.block * block_size + offset, data=data,
             fua=fua or step.durable, epoch=self._epoch))

@@ -20,7 +20,7 @@ from enum import Enum
 
 from controller.core import Core
 from volkin.errors import FailedPrecondition, InvalidArgument, NotFound, VolkinError
-from volkin.etcd import Etcd
+from volkin.etcd import Etcd, increment
 from volkin.log import event
 
 _log = logging.getLogger("controller.jobs")
@@ -203,8 +203,7 @@ class Jobs:
                         await resume.wait()
                     self._in_flight[job_id] += 1  # no await since the check above
                     try:
-                        async with core.locks.hold(block):
-                            await core.executor.run(core.engine.plan_background(target, block))
+                        await core.copy_block(target, block)
                     finally:
                         self._in_flight[job_id] -= 1
                         if not self._in_flight[job_id]:
@@ -240,14 +239,7 @@ class Jobs:
         await self._etcd.put(self._key(record.id), record.to_json())
 
     async def _new_id(self) -> str:
-        key = f"{self._prefix}/jobs-next"
-        while True:
-            raw = await self._etcd.get(key)
-            current = int(raw) if raw else 0
-            condition = {key: raw} if raw is not None else None
-            if await self._etcd.txn(if_values=condition, if_absent=[] if raw else [key],
-                                    put={key: str(current + 1).encode()}):
-                return f"j{current + 1}"
+        return f"j{await increment(self._etcd, f'{self._prefix}/jobs-next')}"
 
 
 def _order(record: JobRecord) -> int:

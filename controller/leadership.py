@@ -16,7 +16,7 @@ import contextlib
 import json
 import logging
 
-from volkin.etcd import Etcd, EtcdUnavailable, LeaseLost
+from volkin.etcd import Etcd, EtcdUnavailable, LeaseLost, increment
 from volkin.log import event
 
 _log = logging.getLogger("controller.leadership")
@@ -53,18 +53,9 @@ class Leadership:
                       leader=(holder or b"?").decode())
                 waiting = True
             await asyncio.sleep(max(self._ttl / 3, 0.2))
-        self.epoch = await self._next_epoch()
+        self.epoch = await increment(self._etcd, f"{self._prefix}/controller/epoch",
+                                     guard={self.key: self.value})
         event(_log, "controller.leader", node=self._node_id, epoch=self.epoch)
-
-    async def _next_epoch(self) -> int:
-        key = f"{self._prefix}/controller/epoch"
-        while True:
-            raw = await self._etcd.get(key)
-            epoch = int(raw) + 1 if raw else 1
-            condition = {self.key: self.value, **({key: raw} if raw else {})}
-            if await self._etcd.txn(if_values=condition, if_absent=[] if raw else [key],
-                                    put={key: str(epoch).encode()}):
-                return epoch
 
     async def keep(self) -> None:
         """Renews the lease every ttl/3 seconds; sets `lost` once it cannot be trusted."""

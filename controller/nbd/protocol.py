@@ -89,7 +89,7 @@ class Errno(IntEnum):
 TRANSMISSION_FLAGS = (TxFlag.HAS_FLAGS | TxFlag.SEND_FLUSH | TxFlag.SEND_FUA
                       | TxFlag.SEND_TRIM | TxFlag.SEND_WRITE_ZEROES)
 # Flags each command may carry; anything else is EINVAL.
-ALLOWED_FLAGS = {
+ALLOWED_FLAGS: dict[int, int] = {
     Cmd.READ: 0,
     Cmd.WRITE: CmdFlag.FUA,
     Cmd.DISC: 0,
@@ -222,7 +222,7 @@ def parse_request(data: bytes) -> Request:
 
 def check_request(request: Request, size: int) -> int:
     """0 if the request may be served, else the NBD error to answer it with."""
-    allowed = ALLOWED_FLAGS.get(Cmd(request.command)) if request.command in set(Cmd) else None
+    allowed = ALLOWED_FLAGS.get(request.command)  # IntEnum keys: plain ints find them
     if allowed is None or request.flags & ~allowed:
         return Errno.EINVAL
     if request.command in (Cmd.DISC, Cmd.FLUSH):

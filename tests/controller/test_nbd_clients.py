@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from controller.core import Core
+from controller.jobs import Jobs, JobState
 from controller.mapstore import MapStore
 from controller.nbd.server import NbdServer
 from controller.placement import Placement
@@ -48,7 +49,7 @@ async def qemu_io(url: str, *commands: str) -> str:
 
 
 def serve(etcd_server: EtcdServer, start_agent: AgentFactory,
-          scenario: Callable[[Core, str], Awaitable[None]]) -> None:
+          scenario: Callable[[Core, Jobs, str], Awaitable[None]]) -> None:
     a1, a2 = start_agent("a1"), start_agent("a2")
 
     async def main() -> None:
@@ -58,7 +59,7 @@ def serve(etcd_server: EtcdServer, start_agent: AgentFactory,
         server = NbdServer(core)
         host, port = await server.start()
         try:
-            await scenario(core, f"nbd://{host}:{port}")
+            await scenario(core, Jobs(core, client, "/t"), f"nbd://{host}:{port}")
         finally:
             await server.stop()
             await core.close()
@@ -69,7 +70,7 @@ def serve(etcd_server: EtcdServer, start_agent: AgentFactory,
 
 def test_exports_are_listed_and_described_to_nbdinfo(
         etcd_server: EtcdServer, start_agent: AgentFactory) -> None:
-    async def scenario(core: Core, base: str) -> None:
+    async def scenario(core: Core, jobs: Jobs, base: str) -> None:
         await core.create_volume("alpha", 8 * MiB, BLOCK)
         await core.create_volume("beta", 4 * MiB, BLOCK)
         listing = await tool("nbdinfo", "--list", "--json", base)
@@ -86,7 +87,7 @@ def test_exports_are_listed_and_described_to_nbdinfo(
 
 def test_qemu_io_writes_read_back_at_any_alignment(
         etcd_server: EtcdServer, start_agent: AgentFactory) -> None:
-    async def scenario(core: Core, base: str) -> None:
+    async def scenario(core: Core, jobs: Jobs, base: str) -> None:
         await core.create_volume("v", 4 * MiB, BLOCK)
         url = f"{base}/v"
         await qemu_io(url, "write -P 0x11 0 1M", "write -P 0x22 100000 3333",
@@ -101,7 +102,7 @@ def test_qemu_io_writes_read_back_at_any_alignment(
 
 def test_a_request_past_the_end_is_an_error_and_changes_nothing(
         etcd_server: EtcdServer, start_agent: AgentFactory) -> None:
-    async def scenario(core: Core, base: str) -> None:
+    async def scenario(core: Core, jobs: Jobs, base: str) -> None:
         await core.create_volume("v", 1 * MiB, BLOCK)
         url = f"{base}/v"
         await qemu_io(url, "write -P 0x33 0 1M")
@@ -128,27 +129,28 @@ def test_a_request_past_the_end_is_an_error_and_changes_nothing(
 
 def test_refresh_is_instant_over_nbd_and_all_three_volumes_stay_writable(
         etcd_server: EtcdServer, start_agent: AgentFactory) -> None:
-    async def scenario(core: Core, base: str) -> None:
+    async def scenario(core: Core, jobs: Jobs, base: str) -> None:
         size = 8 * MiB
         await core.create_volume("V1", size, BLOCK)
         await core.create_volume("V2", size, BLOCK)
         await qemu_io(f"{base}/V1", "write -P 0x01 0 8M")
         await qemu_io(f"{base}/V2", "write -P 0x02 0 8M")
         await core.create_snapshot("V2", "S2")
-        await core.start_refresh("V2", "V1")
+        job = await jobs.start_refresh("V2", "V1", rate=0)
+        await jobs.pause(job.id)
 
-        # At once, before any block was copied: V2 reads as V1, S2 as the old V2.
+        # At once, before the copy goes on: V2 reads as V1, S2 as the old V2.
         await qemu_io(f"{base}/V2", "read -P 0x01 0 8M")
         await qemu_io(f"{base}/S2", "read -P 0x02 0 8M")
 
-        progress: list[tuple[int, int]] = []
-        copy = asyncio.create_task(core.copy_in_background(
-            "V2", lambda done, total: progress.append((done, total))))
+        await jobs.resume(job.id)
         await qemu_io(f"{base}/V1", "write -P 0x11 1M 1M")
         await qemu_io(f"{base}/V2", "write -P 0x22 3M 1M")
         await qemu_io(f"{base}/S2", "write -P 0x33 5M 1M")
-        await copy
-        assert progress[-1] == (128, 128)
+        while jobs.get(job.id).state is not JobState.DONE:
+            assert jobs.get(job.id).state is JobState.RUNNING, jobs.get(job.id)
+            await asyncio.sleep(0.05)
+        assert jobs.blocks_done(jobs.get(job.id)) == 128
         assert core.engine.info("V2").source is None  # real: no longer reads through V1
 
         await qemu_io(f"{base}/V1", "read -P 0x01 0 1M", "read -P 0x11 1M 1M",

@@ -58,6 +58,14 @@ class MapEngine:
         except KeyError:
             raise VolumeNotFound(name) from None
 
+    def volume_of_memory(self, memory: str) -> Volume:
+        """The volume a memory belongs to (a spill memory: the volume it spills for)."""
+        base = memory.partition("~")[0]
+        volume = self.graph.volumes.get(base.rpartition("#")[0])
+        if volume is None or volume.memory != base:
+            raise VolumeNotFound(base)
+        return volume
+
     def live_node(self, name: str) -> Node:
         return self.graph.nodes[self.volume(name).node]
 
