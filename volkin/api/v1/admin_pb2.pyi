@@ -49,6 +49,8 @@ class _JobStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobState.Val
     JOB_STATE_PAUSED: _JobState.ValueType  # 2
     JOB_STATE_DONE: _JobState.ValueType  # 3
     JOB_STATE_FAILED: _JobState.ValueType  # 4
+    JOB_STATE_WAITING: _JobState.ValueType  # 5
+    """Retrying: an agent or etcd it needs cannot be reached (see `reason`)."""
 
 class JobState(_JobState, metaclass=_JobStateEnumTypeWrapper): ...
 
@@ -57,6 +59,8 @@ JOB_STATE_RUNNING: JobState.ValueType  # 1
 JOB_STATE_PAUSED: JobState.ValueType  # 2
 JOB_STATE_DONE: JobState.ValueType  # 3
 JOB_STATE_FAILED: JobState.ValueType  # 4
+JOB_STATE_WAITING: JobState.ValueType  # 5
+"""Retrying: an agent or etcd it needs cannot be reached (see `reason`)."""
 Global___JobState: _TypeAlias = JobState  # noqa: Y015
 
 class _JobKind:
@@ -88,6 +92,7 @@ class Volume(_message.Message):
     VALID_BLOCKS_FIELD_NUMBER: _builtins.int
     TOTAL_BLOCKS_FIELD_NUMBER: _builtins.int
     AGENTS_FIELD_NUMBER: _builtins.int
+    CONNECTIONS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     size_bytes: _builtins.int
     block_size: _builtins.int
@@ -99,6 +104,8 @@ class Volume(_message.Message):
     valid_blocks: _builtins.int
     """Blocks held in the volume's own memory, out of size_bytes / block_size."""
     total_blocks: _builtins.int
+    connections: _builtins.int
+    """NBD connections open to this volume now."""
     @_builtins.property
     def agents(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Agents holding the volume's extents."""
@@ -114,10 +121,11 @@ class Volume(_message.Message):
         valid_blocks: _builtins.int = ...,
         total_blocks: _builtins.int = ...,
         agents: _abc.Iterable[_builtins.str] | None = ...,
+        connections: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "block_size", b"block_size", "kind", b"kind", "name", b"name", "size_bytes", b"size_bytes", "source", b"source", "total_blocks", b"total_blocks", "valid_blocks", b"valid_blocks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "block_size", b"block_size", "connections", b"connections", "kind", b"kind", "name", b"name", "size_bytes", b"size_bytes", "source", b"source", "total_blocks", b"total_blocks", "valid_blocks", b"valid_blocks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -208,15 +216,21 @@ class DeleteVolumeRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    force: _builtins.bool
+    """Delete even while NBD clients are connected; their connections are
+    closed. Without it, a volume in use is refused (FAILED_PRECONDITION).
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
+        force: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -322,6 +336,8 @@ class Job(_message.Message):
     BYTES_COPIED_FIELD_NUMBER: _builtins.int
     RATE_BYTES_PER_SECOND_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    WAITING_SECONDS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     kind: Global___JobKind.ValueType
     state: Global___JobState.ValueType
@@ -333,6 +349,10 @@ class Job(_message.Message):
     rate_bytes_per_second: _builtins.int
     error: _builtins.str
     """Why the job failed, for JOB_STATE_FAILED."""
+    reason: _builtins.str
+    """Why the job is waiting, for JOB_STATE_WAITING: one readable line."""
+    waiting_seconds: _builtins.float
+    """How long it has been waiting, for JOB_STATE_WAITING."""
     def __init__(
         self,
         *,
@@ -346,10 +366,12 @@ class Job(_message.Message):
         bytes_copied: _builtins.int = ...,
         rate_bytes_per_second: _builtins.int = ...,
         error: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        waiting_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks_done", b"blocks_done", "blocks_total", b"blocks_total", "bytes_copied", b"bytes_copied", "error", b"error", "id", b"id", "kind", b"kind", "rate_bytes_per_second", b"rate_bytes_per_second", "source", b"source", "state", b"state", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks_done", b"blocks_done", "blocks_total", b"blocks_total", "bytes_copied", b"bytes_copied", "error", b"error", "id", b"id", "kind", b"kind", "rate_bytes_per_second", b"rate_bytes_per_second", "reason", b"reason", "source", b"source", "state", b"state", "target", b"target", "waiting_seconds", b"waiting_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -9,9 +9,12 @@ copy. Offsets and lengths are in bytes and must be multiples of the
 extent's block size unless a call says otherwise.
 
 Fencing: every mutating call carries the caller's fencing epoch. The agent
-keeps, durably, the highest epoch it has seen for each extent and refuses a
-lower one with FAILED_PRECONDITION, so a stale controller can never change
-data after a newer one has taken over.
+keeps, durably, one highest epoch for the whole node and refuses a lower one
+with FAILED_PRECONDITION, whatever extent the call touches, so a stale
+controller can never change data after a newer one has taken over. The agent
+also learns the current epoch from etcd (`<prefix>/controller/epoch`) when it
+registers and at every renewal, and accepts mutations only while it can prove
+it would have seen a newer one (UNAVAILABLE otherwise; see docs/agent.md).
 """
 
 from collections import abc as _abc
@@ -44,7 +47,7 @@ class Extent(_message.Message):
     allocated_bytes: _builtins.int
     """Bytes actually allocated on disk (sparse files allocate on first write)."""
     epoch: _builtins.int
-    """Highest fencing epoch seen for this extent."""
+    """The node's fencing epoch: the highest seen by this agent for any extent."""
     def __init__(
         self,
         *,
@@ -447,3 +450,42 @@ class CopyResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CopyResponse: _TypeAlias = CopyResponse  # noqa: Y015
+
+@_typing.final
+class FenceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPOCH_FIELD_NUMBER: _builtins.int
+    epoch: _builtins.int
+    def __init__(
+        self,
+        *,
+        epoch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FenceRequest: _TypeAlias = FenceRequest  # noqa: Y015
+
+@_typing.final
+class FenceResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPOCH_FIELD_NUMBER: _builtins.int
+    epoch: _builtins.int
+    """The node's fencing epoch after the call."""
+    def __init__(
+        self,
+        *,
+        epoch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FenceResponse: _TypeAlias = FenceResponse  # noqa: Y015

@@ -84,6 +84,11 @@ class BlockStoreStub:
                 request_serializer=volkin_dot_api_dot_v1_dot_agent__pb2.CopyRequest.SerializeToString,
                 response_deserializer=volkin_dot_api_dot_v1_dot_agent__pb2.CopyResponse.FromString,
                 _registered_method=True)
+        self.Fence = channel.unary_unary(
+                '/volkin.api.v1.BlockStore/Fence',
+                request_serializer=volkin_dot_api_dot_v1_dot_agent__pb2.FenceRequest.SerializeToString,
+                response_deserializer=volkin_dot_api_dot_v1_dot_agent__pb2.FenceResponse.FromString,
+                _registered_method=True)
 
 
 class BlockStoreServicer:
@@ -163,6 +168,18 @@ class BlockStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Fence(self, request, context):
+        """Raises the node's fencing epoch to `epoch`, durably, and waits until no
+        mutation checked against an older epoch is still running: once it
+        returns, nothing older can change a byte on this agent. A new controller
+        calls it on every registered agent before it serves anything. An epoch
+        lower than the node's is refused (FAILED_PRECONDITION); an equal one is a
+        no-op.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BlockStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -215,6 +232,11 @@ def add_BlockStoreServicer_to_server(servicer, server):
                     servicer.Copy,
                     request_deserializer=volkin_dot_api_dot_v1_dot_agent__pb2.CopyRequest.FromString,
                     response_serializer=volkin_dot_api_dot_v1_dot_agent__pb2.CopyResponse.SerializeToString,
+            ),
+            'Fence': grpc.unary_unary_rpc_method_handler(
+                    servicer.Fence,
+                    request_deserializer=volkin_dot_api_dot_v1_dot_agent__pb2.FenceRequest.FromString,
+                    response_serializer=volkin_dot_api_dot_v1_dot_agent__pb2.FenceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -487,6 +509,33 @@ class BlockStore:
             '/volkin.api.v1.BlockStore/Copy',
             volkin_dot_api_dot_v1_dot_agent__pb2.CopyRequest.SerializeToString,
             volkin_dot_api_dot_v1_dot_agent__pb2.CopyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Fence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/volkin.api.v1.BlockStore/Fence',
+            volkin_dot_api_dot_v1_dot_agent__pb2.FenceRequest.SerializeToString,
+            volkin_dot_api_dot_v1_dot_agent__pb2.FenceResponse.FromString,
             options,
             channel_credentials,
             insecure,
