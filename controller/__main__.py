@@ -7,7 +7,7 @@ import os
 import sys
 
 from controller.config import load
-from controller.daemon import LeadershipLost, serve
+from controller.daemon import serve
 from volkin import log
 from volkin.errors import VolkinError
 
@@ -21,9 +21,6 @@ def main() -> None:
     log.configure(config.log_level)
     try:
         asyncio.run(serve(config))
-    except LeadershipLost as exc:
-        print(f"volkin-controller: {exc}", file=sys.stderr)
-        sys.exit(1)
     except (OSError, RuntimeError, VolkinError) as exc:
         print(f"volkin-controller: cannot start: {exc}", file=sys.stderr)
         sys.exit(1)

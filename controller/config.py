@@ -29,6 +29,12 @@ class ControllerConfig:
     block_size: int = 65536
     # Seconds before etcd drops the leadership of a controller that stopped renewing.
     lease_ttl: int = 10
+    # Seconds an NBD request waits for an agent that is restarting, or for etcd, before
+    # the client gets EIO.
+    io_wait: float = 30.0
+    # Seconds a background job keeps retrying an unreachable agent or etcd before it
+    # fails (`volkin job resume` retries a failed job).
+    job_fail_after: float = 3600.0
     shutdown_grace: float = 5.0
     log_level: str = "info"
 
@@ -41,6 +47,9 @@ _HELP = {
     "nbd_listen": "host:port of the NBD server; port 0 picks a free port",
     "block_size": "block size of new volumes in bytes (a multiple of 512)",
     "lease_ttl": "seconds before another controller may take over after this one stops",
+    "io_wait": "seconds an NBD request waits for a restarting agent or etcd before EIO",
+    "job_fail_after": "seconds a background job retries an unreachable agent or etcd "
+                      "before it fails",
     "shutdown_grace": "seconds in-flight calls get to finish on SIGTERM",
     "log_level": "debug, info, warning or error",
 }
@@ -51,8 +60,11 @@ def _convert(name: str, raw: Any) -> Any:
         return config.endpoints(raw)
     if name in ("lease_ttl", "block_size"):
         return config.positive_int(raw)
-    if name == "shutdown_grace":
-        return float(raw)
+    if name in ("shutdown_grace", "io_wait", "job_fail_after"):
+        value = float(raw)
+        if value <= 0 and name != "shutdown_grace":
+            raise ValueError("must be a positive number of seconds")
+        return value
     return str(raw)
 
 

@@ -13,32 +13,37 @@ its lock.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 
+from controller.agents import AgentClient
 from controller.executor import EXTENT_BLOCK, BlockLocks, PlanExecutor
 from controller.mapstore import GroupCommit, MapStore
 from controller.placement import Placement
 from volkin.engine import Loc, MapEngine, Read, RefreshStarted, VolumeInfo, Write
-from volkin.errors import InvalidArgument, OutOfRange
+from volkin.errors import InvalidArgument, NotFound, OutOfRange
+from volkin.etcd import EtcdUnavailable
 
 
 class Core:
-    def __init__(self, engine: MapEngine, store: MapStore, placement: Placement, epoch: int,
+    def __init__(self, engine: MapEngine, store: MapStore, placement: Placement,
+                 agents: AgentClient,
                  persist_placement: Callable[[Placement], Awaitable[None]] | None = None,
-                 discover_agents: Callable[[], Awaitable[dict[str, str]]] | None = None,
                  ) -> None:
         self.engine = engine
         self.store = store
         self.placement = placement
-        self.executor = PlanExecutor(engine, GroupCommit(store, engine), placement, epoch,
+        self.agents = agents
+        self.fence = agents.fence
+        self.executor = PlanExecutor(engine, GroupCommit(store, engine), placement, agents,
                                      persist_placement)
         self.locks = BlockLocks()
-        self._discover_agents = discover_agents
 
     async def refresh_agents(self) -> None:
         """Learns the agents registered now (before placing a new memory)."""
-        if self._discover_agents is not None:
-            self.placement.update_agents(await self._discover_agents())
+        with contextlib.suppress(EtcdUnavailable):  # else: among the agents known so far
+            await self.agents.directory.refresh()
+        self.placement.update_nodes(self.agents.directory.nodes())
 
     async def close(self) -> None:
         await self.executor.close()
@@ -96,6 +101,18 @@ class Core:
         await self.executor.release(released)
 
     # -- byte I/O ------------------------------------------------------------------
+    def identity(self, name: str) -> tuple[int, int]:
+        """What an NBD connection is bound to: the volume's unique id and its size."""
+        volume = self.engine.volume(name)
+        return volume.uid, volume.size_blocks * volume.block_size
+
+    def require(self, name: str, uid: int) -> None:
+        """Raises NotFound unless `name` is still the volume with unique id `uid` (it may
+        have been deleted, and another created under its name)."""
+        volume = self.engine.graph.volumes.get(name)
+        if volume is None or volume.uid != uid:
+            raise NotFound(f"volume {name!r} this connection was opened on no longer exists")
+
     def size(self, name: str) -> int:
         volume = self.engine.volume(name)
         return volume.size_blocks * volume.block_size

@@ -1,17 +1,23 @@
-"""Runs one controller: leadership, maps, agents, jobs, the NBD export and the admin API.
+"""Runs one controller process: listens, waits to lead, serves a term, steps down, again.
 
-Start-up: connect to etcd, become the active controller (or wait), load the
-maps and the placement, resume jobs, then serve NBD and gRPC and say so in one
-log line (`controller.serving admin=… nbd=…`). Shutdown (SIGTERM, SIGINT):
-report NOT_SERVING, stop taking NBD connections, stop jobs (they resume from
-the maps on the next start), let gRPC calls finish, release the leadership.
-Losing the leadership (lease expired) stops the controller at once, with exit
-code 1: a controller that may no longer be the leader must not serve.
+Start-up: connect to etcd, bind the admin gRPC port and the NBD port (a standby
+answers UNAVAILABLE on the first and NBD_REP_ERR_SHUTDOWN on the second, and
+reports NOT_SERVING), log `controller.listening`. Then, as long as the process
+runs: become the active controller (or wait as a standby), begin a term (fence
+every agent, load the maps, resume jobs; see `controller.term`), attach it to
+the NBD server and the admin API, publish the addresses and log
+`controller.serving`. When the term's fence is deposed (the lease expired, an
+agent or etcd saw a newer controller), the term ends in place: NBD connections
+are closed without answering what is in flight, jobs stop, and the process is
+a standby again (`controller.stepped_down`). SIGTERM or SIGINT: report
+NOT_SERVING, close NBD, stop jobs, let gRPC calls finish, release the
+leadership so that a standby takes over at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -22,105 +28,122 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from controller.config import ControllerConfig, advertised
-from controller.core import Core
-from controller.jobs import Jobs
 from controller.leadership import Leadership
-from controller.mapstore import MapStore
 from controller.nbd.server import NbdServer
-from controller.placement import Placement
 from controller.service import AdminService
+from controller.term import Term
 from volkin import etcd
 from volkin.api.v1 import admin_pb2, admin_pb2_grpc
-from volkin.errors import FencedOut
+from volkin.errors import VolkinError
+from volkin.keys import Keys
 from volkin.log import event
 
 _log = logging.getLogger("controller.daemon")
 SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 
 
-class LeadershipLost(RuntimeError):
-    pass
-
-
 async def serve(config: ControllerConfig) -> None:
-    prefix = config.etcd_prefix.rstrip("/")
+    keys = Keys(config.etcd_prefix)
     client = await etcd.connect(config.etcd_endpoints)
-    leadership = Leadership(client, prefix, config.node_id, config.lease_ttl)
-    await leadership.acquire()
-    keeping = asyncio.create_task(leadership.keep(), name="leadership")
+    leadership = Leadership(client, keys, config.node_id, config.lease_ttl)
+    nbd = NbdServer(io_wait=config.io_wait)
+    admin = AdminService(nbd, config.block_size, config.node_id)
+    server = grpc.aio.server()
+    admin_pb2_grpc.add_AdminServicer_to_server(admin, server)  # type: ignore[no-untyped-call]
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
     try:
-        await _lead(config, client, leadership)
+        _, nbd_port = await nbd.start(*_split(config.nbd_listen))
+        port = server.add_insecure_port(config.listen)
+        await server.start()
+        await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
+        addresses = {"admin": advertised(config.listen, port),
+                     "nbd": advertised(config.nbd_listen, nbd_port)}
+        event(_log, "controller.listening", node=config.node_id, admin=addresses["admin"],
+              nbd=addresses["nbd"], pid=os.getpid())
+
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        while not stopping.is_set():
+            await _one_term(config, client, keys, leadership, nbd, admin, health, addresses,
+                            stopping)
+        event(_log, "controller.stopping", node=config.node_id)
+        await health.enter_graceful_shutdown()
+        await nbd.stop()
+        await server.stop(config.shutdown_grace)
+        event(_log, "controller.stopped", node=config.node_id)
     finally:
-        keeping.cancel()
-        await asyncio.gather(keeping, return_exceptions=True)
-        # However this controller stops (even failing to bind its ports), the next one
-        # must not wait out the lease.
-        if not leadership.lost.is_set():
-            await leadership.release()
+        await leadership.release()  # the next controller must not wait out the lease
+        await nbd.stop()
+        await server.stop(0)
         await client.close()
 
 
-async def _lead(config: ControllerConfig, client: etcd.Etcd, leadership: Leadership) -> None:
-    prefix = config.etcd_prefix.rstrip("/")
-    guard = {leadership.key: leadership.value}
-
-    async def agents() -> dict[str, str]:
-        found = await client.get_prefix(f"{prefix}/agents/")
-        records = [json.loads(raw) for raw in found.values()]
-        return {str(r["node_id"]): str(r["address"]) for r in records}
-
-    async def persist_placement(placement: Placement) -> None:
-        if not await client.txn(if_values=guard, put={f"{prefix}/placement": placement.to_json()}):
-            raise FencedOut("placement not stored: another controller took over")
-
-    store = MapStore(client, prefix, guard=(leadership.key, leadership.value))
-    engine = await store.load()
-    placement = Placement(await agents())
-    stored_placement = await client.get(f"{prefix}/placement")
-    if stored_placement:
-        placement.load_json(stored_placement)
-    core = Core(engine, store, placement, leadership.epoch, persist_placement, agents)
-    jobs = Jobs(core, client, prefix)
-    await jobs.load()
-
-    nbd = NbdServer(core)
-    _, nbd_port = await nbd.start(*_split(config.nbd_listen))
-    server = grpc.aio.server()
-    admin_pb2_grpc.add_AdminServicer_to_server(  # type: ignore[no-untyped-call]
-        AdminService(core, jobs, config.block_size), server)
-    health = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    port = server.add_insecure_port(config.listen)
-    await server.start()
-    for name in ("", SERVICE_NAME):
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    admin_address = advertised(config.listen, port)
-    nbd_address = advertised(config.nbd_listen, nbd_port)
-    await client.txn(if_values=guard, lease_id=leadership.lease, put={
-        f"{prefix}/controller/address": json.dumps(
-            {"node_id": config.node_id, "admin": admin_address, "nbd": nbd_address,
-             "pid": os.getpid()}).encode()})
-    event(_log, "controller.serving", node=config.node_id, admin=admin_address,
-          nbd=nbd_address, epoch=leadership.epoch, volumes=len(engine.graph.volumes),
-          agents=len(placement.agents), pid=os.getpid())
-
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    lost = asyncio.create_task(leadership.lost.wait())
+async def _one_term(config: ControllerConfig, client: etcd.Etcd, keys: Keys,
+                    leadership: Leadership, nbd: NbdServer, admin: AdminService,
+                    health: HealthServicer, addresses: dict[str, str],
+                    stopping: asyncio.Event) -> None:
+    """Waits to lead, serves one term until it ends or the process stops."""
+    acquiring = asyncio.create_task(leadership.acquire())
     stop = asyncio.create_task(stopping.wait())
-    await asyncio.wait([lost, stop], return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait([acquiring, stop], return_when=asyncio.FIRST_COMPLETED)
+    if not acquiring.done():
+        acquiring.cancel()
+        await asyncio.gather(acquiring, return_exceptions=True)
+        return
+    stop.cancel()
+    fence = acquiring.result()
+    keeping = asyncio.create_task(leadership.keep(fence), name="leadership")
+    term: Term | None = None
+    try:
+        try:
+            term = await Term.begin(config, client, keys, fence)
+        except VolkinError as exc:
+            event(_log, "controller.term_failed", logging.ERROR, node=config.node_id,
+                  epoch=fence.epoch, error=exc.message)
+            fence.depose(f"the term could not begin: {exc.message}")
+            await leadership.release()
+            await asyncio.sleep(1.0)
+            return
+        nbd.attach(term.core)
+        admin.attach(term)
+        await term.etcd.put(keys.controller_address, json.dumps(
+            {"node_id": config.node_id, **addresses, "pid": os.getpid()}).encode(),
+            lease_id=leadership.lease)
+        await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
+        core = term.core
+        event(_log, "controller.serving", node=config.node_id, admin=addresses["admin"],
+              nbd=addresses["nbd"], epoch=fence.epoch, volumes=len(core.engine.graph.volumes),
+              agents=len(core.agents.directory.records), pid=os.getpid())
+        stop = asyncio.create_task(stopping.wait())
+        await asyncio.wait([keeping, stop], return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+    except VolkinError as exc:  # deposed while starting to serve
+        event(_log, "controller.term_failed", logging.ERROR, node=config.node_id,
+              epoch=fence.epoch, error=exc.message)
+    finally:
+        await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
+        nbd.detach()
+        admin.detach()
+        if stopping.is_set():
+            fence.depose("the controller is stopping")
+        if term is not None:
+            await term.end()
+        keeping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeping
+        if fence.reason and not stopping.is_set():
+            event(_log, "controller.stepped_down", logging.WARNING, node=config.node_id,
+                  epoch=fence.epoch, reason=fence.reason)
+            await leadership.release()
 
-    event(_log, "controller.stopping", node=config.node_id)
-    await health.enter_graceful_shutdown()
-    await nbd.stop()
-    await jobs.stop()
-    await server.stop(config.shutdown_grace)
-    await core.close()
-    event(_log, "controller.stopped", node=config.node_id)
-    if leadership.lost.is_set():
-        raise LeadershipLost("the leadership lease was lost; stopped serving")
+
+async def _set_health(health: HealthServicer,
+                      status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+    for name in ("", SERVICE_NAME):
+        await health.set(name, status)
 
 
 def _split(address: str) -> tuple[str, int]:

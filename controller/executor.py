@@ -23,17 +23,17 @@ read-modify-write).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 
-import grpc
-
+from controller.agents import AgentClient
 from controller.batching import Batcher
 from controller.mapstore import GroupCommit
 from controller.placement import ExtentRef, Placement
-from volkin.api.v1 import agent_pb2, agent_pb2_grpc
+from volkin.api.v1 import agent_pb2
 from volkin.engine import Commit, Copy, MapEngine, Plan, Read, Write
-from volkin.errors import InvalidArgument
+from volkin.errors import InvalidArgument, NotFound
 
 EXTENT_BLOCK = 512
 MAX_WRITE = 4 << 20  # the agent's largest Write message
@@ -127,34 +127,25 @@ class BlockLocks:
             self._locks[unit] = (lock, users - 1)
 
 
-_CopyKey = tuple[str, str, str, str]  # target agent, target extent, source extent, source agent
+_CopyKey = tuple[str, str, str, str]  # target node, target extent, source extent, source node
 
 
 class PlanExecutor:
     def __init__(self, engine: MapEngine, group: GroupCommit, placement: Placement,
-                 epoch: int,
+                 agents: AgentClient,
                  persist_placement: Callable[[Placement], Awaitable[None]] | None = None) -> None:
         self.engine = engine
         self._group = group
         self._placement = placement
-        self._epoch = epoch
+        self.agents = agents
         # Called after a new memory is placed and before its extent is created.
         self._persist_placement = persist_placement
-        self._channels: dict[str, grpc.aio.Channel] = {}
         self._created: set[str] = set()
         # Concurrent copies between the same two extents share one agent call and one fsync.
         self._copies: Batcher[_CopyKey, agent_pb2.CopyRange] = Batcher(self._send_copy)
 
-    def _stub(self, agent: str) -> agent_pb2_grpc.BlockStoreStub:
-        if agent not in self._channels:
-            self._channels[agent] = grpc.aio.insecure_channel(agent, options=[
-                ("grpc.max_send_message_length", 8 << 20),
-                ("grpc.max_receive_message_length", 8 << 20)])
-        return agent_pb2_grpc.BlockStoreStub(self._channels[agent])  # type: ignore[no-untyped-call]
-
     async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close(None)
+        await self.agents.close()
 
     async def create_memory(self, memory: str, size_bytes: int) -> ExtentRef:
         new = self._placement.extent_of(memory) is None
@@ -162,9 +153,7 @@ class PlanExecutor:
         if new and self._persist_placement is not None:
             await self._persist_placement(self._placement)
         if memory not in self._created:
-            await self._stub(ref.agent).CreateExtent(agent_pb2.CreateExtentRequest(
-                extent_id=ref.extent_id, size_bytes=size_bytes, block_size=EXTENT_BLOCK,
-                epoch=self._epoch))
+            await self.agents.create_extent(ref.node_id, ref.extent_id, size_bytes, EXTENT_BLOCK)
             self._created.add(memory)
         return ref
 
@@ -173,12 +162,7 @@ class PlanExecutor:
         for memory in memories:
             ref = self._placement.forget(memory)
             if ref is not None:
-                try:
-                    await self._stub(ref.agent).DeleteExtent(agent_pb2.DeleteExtentRequest(
-                        extent_id=ref.extent_id, epoch=self._epoch))
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() != grpc.StatusCode.NOT_FOUND:  # never created: fine
-                        raise
+                await self.agents.delete_extent(ref.node_id, ref.extent_id)
                 self._created.discard(memory)
         if memories and self._persist_placement is not None:
             await self._persist_placement(self._placement)
@@ -207,22 +191,23 @@ class PlanExecutor:
         block_size, size = self._volume_geometry(step.target.memory)
         source = self._placement.place(step.source.memory)
         target = await self.create_memory(step.target.memory, size)
-        key = (target.agent, target.extent_id, source.extent_id,
-               "" if source.agent == target.agent else source.agent)
+        key = (target.node_id, target.extent_id, source.extent_id, source.node_id)
         await self._copies.submit(key, agent_pb2.CopyRange(
             source_offset=step.source.block * block_size,
             target_offset=step.target.block * block_size, length=block_size))
 
     async def _send_copy(self, key: _CopyKey, ranges: list[agent_pb2.CopyRange]) -> None:
-        agent, target_extent, source_extent, source_agent = key
-        await self._stub(agent).Copy(agent_pb2.CopyRequest(
-            target_extent_id=target_extent, source_extent_id=source_extent,
-            source_agent=source_agent, ranges=ranges, durable=True, epoch=self._epoch))
+        node, target_extent, source_extent, source_node = key
+        await self.agents.copy(node, target_extent, source_extent, source_node, ranges)
 
     async def flush(self, memory: str) -> None:
-        ref = self._placement.place(memory)
-        await self._stub(ref.agent).Flush(agent_pb2.FlushRequest(
-            extent_id=ref.extent_id, epoch=self._epoch))
+        """Makes every write to `memory` durable; a memory never written has nothing to
+        flush (and gets no extent for it)."""
+        ref = self._placement.extent_of(memory)
+        if ref is None:
+            return
+        with contextlib.suppress(NotFound):  # placed but never created: nothing written
+            await self.agents.flush(ref.node_id, ref.extent_id)
 
     async def _write(self, step: Write, data: bytes, offset: int, fua: bool) -> None:
         block_size, size = self._volume_geometry(step.target.memory)
@@ -231,32 +216,29 @@ class PlanExecutor:
                 f"write of {len(data)} bytes at {offset} is not inside one block in "
                 f"{EXTENT_BLOCK}-byte units")
         ref = await self.create_memory(step.target.memory, size)
-        await self._stub(ref.agent).Write(agent_pb2.WriteRequest(
-            extent_id=ref.extent_id, offset=step.target.block * block_size + offset, data=data,
-            fua=fua or step.durable, epoch=self._epoch))
+        await self.agents.write(ref.node_id, ref.extent_id,
+                                step.target.block * block_size + offset, data,
+                                fua or step.durable)
 
     async def _read(self, step: Read) -> bytes:
         return await self.read_blocks(step.source.memory, step.source.block, 1)
 
     async def read_blocks(self, memory: str, block: int, count: int) -> bytes:
         """`count` blocks of `memory` from `block` on, in one agent call (no plan: the
-        caller holds the blocks' locks and knows they resolve here)."""
+        caller holds the blocks' locks and knows they resolve here). A memory that was
+        never placed was never written: it reads as zeros."""
         block_size, _ = self._volume_geometry(memory)
-        ref = self._placement.place(memory)
-        chunks = []
-        async for chunk in self._stub(ref.agent).Read(agent_pb2.ReadRequest(
-                extent_id=ref.extent_id, offset=block * block_size,
-                length=count * block_size)):
-            chunks.append(chunk.data)
-        return b"".join(chunks)
+        ref = self._placement.extent_of(memory)
+        if ref is None:
+            return bytes(count * block_size)
+        return await self.agents.read(ref.node_id, ref.extent_id, block * block_size,
+                                      count * block_size)
 
     async def write_blocks(self, memory: str, block: int, data: bytes, fua: bool) -> None:
         """Whole blocks of `memory` from `block` on, in one agent call (no plan: the caller
         holds the blocks' locks and their plans were a plain write each)."""
-        block_size, _ = self._volume_geometry(memory)
-        ref = self._placement.place(memory)
-        stub = self._stub(ref.agent)
+        block_size, size = self._volume_geometry(memory)
+        ref = await self.create_memory(memory, size)
         for start in range(0, len(data), MAX_WRITE):
-            await stub.Write(agent_pb2.WriteRequest(
-                extent_id=ref.extent_id, offset=block * block_size + start,
-                data=data[start:start + MAX_WRITE], fua=fua, epoch=self._epoch))
+            await self.agents.write(ref.node_id, ref.extent_id, block * block_size + start,
+                                    data[start:start + MAX_WRITE], fua)

@@ -4,9 +4,18 @@ A job walks the blocks its target still reads through another volume, one plan
 per block under that block's lock, at an optional rate limit, and detaches the
 target when none is left. Its progress is not stored anywhere: the maps are the
 checkpoint (the blocks left are the target's invalid blocks), so a job resumed
-after a pause or a controller restart simply continues with what is left. What
-is stored, under `<prefix>/jobs/<id>`, is what the maps cannot say: the job's
+after a pause, a failure or a controller restart simply continues with what is
+left, and its progress (`blocks_done`, `bytes_copied`) is computed from the maps.
+What is stored, under `Keys.job(id)`, is what the maps cannot say: the job's
 kind, target, source, rate, whether it is paused, and how it ended.
+
+Faults: a block whose agent or etcd cannot be reached is retried with backoff
+(exponential, with jitter) and the job shows `waiting` with the reason in one
+line and how long it has waited; it goes on by itself when the part returns.
+Only after `fail_after` seconds of waiting does it fail; `resume` takes a failed
+job too. `waiting` is not stored: a job that waits is still `running` in etcd,
+which is what the next controller must resume. A controller that is deposed
+stops its jobs without writing anything: the next one resumes them.
 """
 
 from __future__ import annotations
@@ -14,23 +23,47 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import time
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, fields, replace
 from enum import Enum
 
+from controller.agents import CALL_BUDGET
 from controller.core import Core
-from volkin.errors import FailedPrecondition, InvalidArgument, NotFound, VolkinError
-from volkin.etcd import Etcd, increment
+from controller.fence import Deposed
+from controller.guarded import GuardedEtcd
+from volkin.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    StorageFull,
+    Unavailable,
+    VolkinError,
+)
+from volkin.keys import Keys
 from volkin.log import event
 
 _log = logging.getLogger("controller.jobs")
 # Blocks of one job copied at the same time.
 JOB_WORKERS = 64
+# Seconds one agent call of a job may retry before the job reports `waiting`.
+JOB_CALL_BUDGET = 3.0
+# Seconds one block's copy may take (agent calls and the map commit) before the job
+# reports `waiting`; the copy stops where it was, as after a crash, and is retried.
+JOB_STEP_TIMEOUT = 15.0
+
+
+def backoff(failures: int) -> float:
+    """Seconds between retries of a waiting job: 0.2 s doubling up to 10 s, plus jitter so
+    that the workers of many jobs do not retry in step."""
+    return min(10.0, 0.2 * 2.0 ** max(0, failures - 1)) + random.uniform(0, 0.2)
 
 
 class JobState(Enum):
     RUNNING = "running"
     PAUSED = "paused"
+    WAITING = "waiting"  # shown, never stored: running, retrying an unreachable part
     DONE = "done"
     FAILED = "failed"
 
@@ -45,7 +78,6 @@ class JobRecord:
     rate: int = 0  # bytes per second, 0: unlimited
     state: JobState = JobState.RUNNING
     error: str = ""
-    bytes_copied: int = 0  # by this controller since the job (re)started
 
     def to_json(self) -> bytes:
         return json.dumps({**asdict(self), "state": self.state.value}).encode()
@@ -53,27 +85,82 @@ class JobRecord:
     @staticmethod
     def from_json(raw: bytes) -> JobRecord:
         record = json.loads(raw)
+        known = {f.name for f in fields(JobRecord)}
+        record = {k: v for k, v in record.items() if k in known}
         record["state"] = JobState(record["state"])
         return JobRecord(**record)
 
 
+@dataclass(frozen=True)
+class JobStatus:
+    """A job as reported: its record, and what only the running controller knows."""
+
+    record: JobRecord
+    state: JobState
+    blocks_done: int
+    bytes_copied: int
+    reason: str = ""  # why it waits
+    waiting_seconds: float = 0.0
+
+
+class _Waiting:
+    """Why a job's blocks cannot be copied right now, since when."""
+
+    def __init__(self) -> None:
+        self.reason = ""
+        self.since = 0.0
+        self.failures = 0
+
+    def failed(self, reason: str) -> None:
+        if not self.reason:
+            self.since = time.monotonic()
+        self.reason = reason
+        self.failures += 1
+
+    def succeeded(self) -> None:
+        self.reason, self.since, self.failures = "", 0.0, 0
+
+    def seconds(self) -> float:
+        return time.monotonic() - self.since if self.reason else 0.0
+
+
+class _Throttle:
+    """Never ahead of `rate` bytes per second of *running* time: a pause does not count,
+    so a resumed job does not burst to catch up."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._start = time.monotonic()
+        self._taken = 0
+
+    async def take(self, rate: int, amount: int) -> None:
+        if not rate:
+            return
+        ahead = self._taken / rate - (time.monotonic() - self._start)
+        self._taken += amount
+        if ahead > 0:
+            await asyncio.sleep(ahead)
+
+
 class Jobs:
-    def __init__(self, core: Core, etcd: Etcd, prefix: str) -> None:
+    def __init__(self, core: Core, etcd: GuardedEtcd, keys: Keys,
+                 fail_after: float = 3600.0) -> None:
         self._core = core
         self._etcd = etcd
-        self._prefix = prefix.rstrip("/")
+        self._keys = keys
+        self._fail_after = fail_after
         self._records: dict[str, JobRecord] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._resume: dict[str, asyncio.Event] = {}
         self._in_flight: dict[str, int] = {}  # blocks of a job being copied right now
         self._idle: dict[str, asyncio.Event] = {}  # set when a job's in-flight count hits 0
-
-    def _key(self, job_id: str) -> str:
-        return f"{self._prefix}/jobs/{job_id}"
+        self._waiting: dict[str, _Waiting] = {}
 
     async def load(self) -> None:
-        """Reads every job from etcd and resumes those that were running."""
-        for raw in (await self._etcd.get_prefix(f"{self._prefix}/jobs/")).values():
+        """Reads every job from etcd and resumes those that were running or paused."""
+        for raw in (await self._etcd.etcd.get_prefix(self._keys.jobs)).values():
             record = JobRecord.from_json(raw)
             self._records[record.id] = record
             if record.state in (JobState.RUNNING, JobState.PAUSED):
@@ -88,6 +175,18 @@ class Jobs:
 
     def list(self) -> list[JobRecord]:
         return sorted(self._records.values(), key=_order)
+
+    def status(self, record: JobRecord) -> JobStatus:
+        done = self.blocks_done(record)
+        try:
+            block_size = self._core.engine.volume(record.target).block_size
+        except VolkinError:
+            block_size = 0
+        waiting = self._waiting.get(record.id)
+        if record.state is JobState.RUNNING and waiting is not None and waiting.reason:
+            return JobStatus(record, JobState.WAITING, done, done * block_size,
+                             waiting.reason, waiting.seconds())
+        return JobStatus(record, record.state, done, done * block_size)
 
     def blocks_done(self, record: JobRecord) -> int:
         if record.state is JobState.DONE:
@@ -138,8 +237,7 @@ class Jobs:
             raise FailedPrecondition(f"job {job_id} is {record.state.value}; only a running "
                                      f"job can be paused")
         self._resume[job_id].clear()  # first: no new block starts from here on
-        record = replace(record, state=JobState.PAUSED)
-        await self._store(record)
+        await self._store(replace(record, state=JobState.PAUSED))
         # Blocks already being copied finish first, so a paused job is still when
         # this returns.
         if self._in_flight.get(job_id):
@@ -148,19 +246,27 @@ class Jobs:
         return self._records[job_id]
 
     async def resume(self, job_id: str) -> JobRecord:
+        """Resumes a paused job, or retries a failed one from where the maps say it is."""
         record = self.get(job_id)
         if record.state is JobState.RUNNING:
             return record
+        if record.state is JobState.FAILED:
+            self._core.engine.info(record.target)  # NotFound if the target is gone
+            record = replace(record, state=JobState.RUNNING, error="")
+            await self._store(record)
+            self._start(record)
+            event(_log, "job.retried", job=job_id, target=record.target)
+            return record
         if record.state is not JobState.PAUSED:
             raise FailedPrecondition(f"job {job_id} is {record.state.value}; only a paused "
-                                     f"job can be resumed")
+                                     f"or failed job can be resumed")
         record = replace(record, state=JobState.RUNNING)
         await self._store(record)
         self._resume[job_id].set()
         return record
 
     async def stop(self) -> None:
-        """Stops every job task (a controller shutting down); they resume on the next start."""
+        """Stops every job task (the term ends); the next term resumes them from etcd."""
         for task in self._tasks.values():
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
@@ -174,56 +280,95 @@ class Jobs:
         self._resume[record.id] = resume
         self._in_flight[record.id] = 0
         self._idle[record.id] = asyncio.Event()
+        self._waiting[record.id] = _Waiting()
         self._tasks[record.id] = asyncio.create_task(self._run(record.id), name=record.id)
 
     async def _run(self, job_id: str) -> None:
+        CALL_BUDGET.set(JOB_CALL_BUDGET)  # this task's agent calls report trouble soon
         core = self._core
         try:
             target = self._records[job_id].target
             block_size = core.engine.volume(target).block_size
-            started = time.monotonic()
+            throttle = _Throttle()
             # Lazily: the iterator walks a snapshot of the map, segment by segment, so a
             # 1 TiB target does not become a list of 16 million block numbers. Several
             # workers share it: plans of different blocks may run at once, and their
             # commits then share etcd transactions (group commit).
-            blocks = enumerate(core.engine.blocks_to_copy(target))
-
+            blocks = iter(core.engine.blocks_to_copy(target))
             resume = self._resume[job_id]
-            idle = self._idle[job_id]
 
             async def worker() -> None:
-                for copied, block in blocks:
-                    rate = self._records[job_id].rate
-                    if rate:
-                        # Throttle: never ahead of rate * elapsed.
-                        ahead = copied * block_size / rate - (time.monotonic() - started)
-                        if ahead > 0:
-                            await asyncio.sleep(ahead)
-                    while not resume.is_set():  # paused: `pause` waits for in-flight blocks
-                        await resume.wait()
-                    self._in_flight[job_id] += 1  # no await since the check above
-                    try:
-                        await core.copy_block(target, block)
-                    finally:
-                        self._in_flight[job_id] -= 1
-                        if not self._in_flight[job_id]:
-                            idle.set()
-                    record = self._records[job_id]
-                    self._records[job_id] = replace(
-                        record, bytes_copied=record.bytes_copied + block_size)
+                for block in blocks:
+                    await throttle.take(self._records[job_id].rate, block_size)
+                    await self._copy(job_id, target, block, resume, throttle)
 
             async with asyncio.TaskGroup() as workers:
                 for _ in range(JOB_WORKERS):
                     workers.create_task(worker())
-            await core.finish_copy(target)
+            await self._until_done(job_id, lambda: core.finish_copy(target), resume, throttle)
             await self._finish(self._records[job_id], JobState.DONE)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a job fails visibly, it never kills the controller
-            if isinstance(exc, ExceptionGroup):
+            while isinstance(exc, ExceptionGroup):
                 exc = exc.exceptions[0]
-            _log.exception("job %s failed", job_id)
-            await self._finish(self._records[job_id], JobState.FAILED, str(exc))
+            if isinstance(exc, Deposed):
+                return  # the next controller resumes it; nothing to write
+            message = exc.message if isinstance(exc, VolkinError) else f"internal error: {exc!r}"
+            if not isinstance(exc, VolkinError):
+                _log.exception("job %s failed", job_id)
+            try:
+                await self._finish(self._records[job_id], JobState.FAILED, message)
+            except Deposed:
+                return
+
+    async def _copy(self, job_id: str, target: str, block: int, resume: asyncio.Event,
+                    throttle: _Throttle) -> None:
+        """Copies one block, waiting and retrying while its agent or etcd is away."""
+        async def copy() -> None:
+            self._in_flight[job_id] += 1
+            try:
+                await self._core.copy_block(target, block)
+            finally:
+                self._in_flight[job_id] -= 1
+                if not self._in_flight[job_id]:
+                    self._idle[job_id].set()
+        await self._until_done(job_id, copy, resume, throttle)
+
+    async def _until_done(self, job_id: str, step: Callable[[], Awaitable[None]],
+                          resume: asyncio.Event, throttle: _Throttle) -> None:
+        waiting = self._waiting[job_id]
+        while True:
+            if not resume.is_set():  # paused: `pause` waits for in-flight blocks
+                await resume.wait()
+                throttle.reset()
+            try:
+                async with asyncio.timeout(JOB_STEP_TIMEOUT):
+                    await step()
+            except (Unavailable, StorageFull, TimeoutError) as exc:
+                reason = (exc.message if isinstance(exc, VolkinError)
+                          else self._trouble() or
+                          f"a block copy did not finish within {JOB_STEP_TIMEOUT:g} s")
+                first = not waiting.reason
+                waiting.failed(reason)
+                if first:
+                    event(_log, "job.waiting", logging.WARNING, job=job_id, reason=reason)
+                if waiting.seconds() >= self._fail_after:
+                    raise Unavailable(f"gave up after waiting {waiting.seconds():.0f} s: "
+                                      f"{reason}") from exc
+                await asyncio.sleep(backoff(waiting.failures))
+                continue
+            if waiting.reason:
+                event(_log, "job.continuing", job=job_id, waited=f"{waiting.seconds():.1f}")
+                waiting.succeeded()
+            return
+
+    def _trouble(self) -> str:
+        """The most recent reason an agent or etcd did not answer, if any."""
+        if self._core.agents.troubles:
+            _, (message, _) = max(self._core.agents.troubles.items(), key=lambda t: t[1][1])
+            return message
+        return self._etcd.last_error
 
     async def _finish(self, record: JobRecord, state: JobState, error: str = "") -> None:
         task = self._tasks.pop(record.id, None)
@@ -231,15 +376,19 @@ class Jobs:
             task.cancel()
         final = replace(record, state=state, error=error)
         await self._store(final)
+        if record.id in self._waiting:
+            self._waiting[record.id].succeeded()
         event(_log, "job.finished", job=record.id, state=state.value, target=record.target,
               error=error or "-")
 
     async def _store(self, record: JobRecord) -> None:
+        """Stores the record (guarded by the term's fence), then adopts it: what etcd says
+        and what this controller reports never disagree."""
+        await self._etcd.put(self._keys.job(record.id), record.to_json())
         self._records[record.id] = record
-        await self._etcd.put(self._key(record.id), record.to_json())
 
     async def _new_id(self) -> str:
-        return f"j{await increment(self._etcd, f'{self._prefix}/jobs-next')}"
+        return f"j{await self._etcd.increment(self._keys.jobs_next)}"
 
 
 def _order(record: JobRecord) -> int:

@@ -1,26 +1,25 @@
 """The engine's maps in etcd: the store that makes a plan's `Commit` durable.
 
-Keys, under the prefix (default `/volkin`):
+Keys (`volkin.keys.Keys`):
 
-    <prefix>/topology                    JSON: volumes, nodes, intervals, reference
-                                         points, and every map's size and default
-    <prefix>/maps/<map id>/<segment>     zlib of one 4 KiB segment of a map; an
-                                         absent key is the map's default
+    topology                 JSON: volumes, nodes, intervals, reference points, and
+                             every map's size and default
+    map_segment(map, n)      zlib of one 4 KiB segment of a map; an absent key is
+                             the map's default
 
 A snapshot or a refresh start writes the topology key and no segment (new maps
 start at their default), whatever the volume size. A commit writes only the
-segments its bits fall in. Every write is one etcd transaction, guarded, when
-the store has a guard, by a compare on the controller's lease key: a controller
-that lost its lease cannot change a map (`FencedOut`), however late its
-transaction arrives.
+segments its bits fall in. Every write is one etcd transaction guarded by the
+term's fence (`controller.guarded`): a deposed controller cannot change a map,
+however late its transaction arrives.
 
 `GroupCommit` batches the commits of concurrent plans: while one transaction is
 in flight, the commits that arrive queue up and the next transaction carries
 them all. A commit is applied to the engine only after its transaction
-succeeded. If a transaction fails, every plan in the batch gets the error and
-must stop; etcd may or may not have taken it (an unanswered transaction), so
-the controller should reload the maps (`MapStore.load`) before serving those
-blocks again.
+succeeded. A transaction etcd did not answer is sent again unchanged until it
+does (`GuardedEtcd`), so a change etcd applied is never reverted by a later
+commit computed from a view that missed it; if it can never be confirmed, the
+term ends and the next one reloads the maps from etcd.
 """
 
 from __future__ import annotations
@@ -30,21 +29,17 @@ import zlib
 from collections.abc import Sequence
 
 from controller.batching import Batcher
+from controller.guarded import GuardedEtcd
 from volkin.engine import Commit, MapEngine
 from volkin.engine.bitmap import SEGMENT_BITS, SegmentedBitmap
 from volkin.engine.persist import EngineState, dump, load
-from volkin.errors import FencedOut
-from volkin.etcd import Etcd
+from volkin.keys import Keys
 
 
 class MapStore:
-    def __init__(self, etcd: Etcd, prefix: str = "/volkin",
-                 guard: tuple[str, bytes] | None = None) -> None:
+    def __init__(self, etcd: GuardedEtcd, keys: Keys) -> None:
         self._etcd = etcd
-        self._prefix = prefix.rstrip("/")
-        # (key, value): every transaction requires etcd to hold exactly this, e.g.
-        # the controller's lease key with its own id.
-        self._guard = dict([guard]) if guard else {}
+        self._keys = keys
         # What etcd holds, as last written or read: topology JSON and segment bytes.
         self._topology = b""
         self._segments: dict[tuple[str, int], bytes] = {}
@@ -53,16 +48,16 @@ class MapStore:
     # -- keys ------------------------------------------------------------------
     @property
     def topology_key(self) -> str:
-        return f"{self._prefix}/topology"
+        return self._keys.topology
 
     def segment_key(self, map_id: str, segment: int) -> str:
-        return f"{self._prefix}/maps/{map_id}/{segment:08d}"
+        return self._keys.map_segment(map_id, segment)
 
     # -- load ------------------------------------------------------------------
     async def load(self) -> MapEngine:
         """The engine as etcd holds it (an empty one if nothing was ever stored)."""
-        raw = await self._etcd.get(self.topology_key)
-        stored = await self._etcd.get_prefix(f"{self._prefix}/maps/")
+        raw = await self._etcd.etcd.get(self.topology_key)
+        stored = await self._etcd.etcd.get_prefix(self._keys.maps)
         if raw is None:
             self._topology, self._segments = b"", {}
             return MapEngine()
@@ -71,7 +66,7 @@ class MapStore:
                             {m: (size, default) for m, (size, default) in record["maps"].items()})
         segments = {}
         for key, value in stored.items():
-            map_id, _, index = key[len(f"{self._prefix}/maps/"):].rpartition("/")
+            map_id, _, index = key[len(self._keys.maps):].rpartition("/")
             data = zlib.decompress(value)
             state.segments[(map_id, int(index))] = data
             segments[(map_id, int(index))] = data
@@ -130,10 +125,7 @@ class MapStore:
         if not put and not delete:
             return
         self.transactions += 1
-        if not await self._etcd.txn(if_values=self._guard, put=put, delete=delete):
-            key = next(iter(self._guard))
-            raise FencedOut(f"the maps were not changed: {key} no longer names this "
-                            f"controller (another one took over)")
+        await self._etcd.txn(put, delete)
 
 
 class GroupCommit:

@@ -2,51 +2,46 @@
 
 The engine names memories (`V2#3` for volume V2, `V2#3~9` for a ghost's spill
 memory); the agents know extents. Placement maps one to the other, by agent
-node id (addresses come from the agents' registrations and may change across
-restarts). A volume's memory is one extent on one agent, chosen round robin
-among the agents known when it is created; a spill memory goes to the agent of
-the memory it spills for. Striping a volume over several agents will replace
-this module's choice, not its callers. The controller stores the placement in
-etcd (`to_json`) before it creates an extent, so a restarted controller finds
-every extent again.
+node id (addresses are the agent client's business: they come from the agents'
+registrations and may change across restarts). A volume's memory is one extent
+on one agent, chosen round robin among the registered agents when it is first
+placed; a spill memory goes to the agent of the memory it spills for. Striping a
+volume over several agents will replace this module's choice, not its callers.
+The controller stores the placement in etcd (`to_json`) before it creates an
+extent, so a restarted controller finds every extent again.
+
+Only `place` chooses; `extent_of` only looks, so a read or a flush never changes
+the placement.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from volkin.errors import NotFound, Unavailable
+from volkin.errors import Unavailable
 
 
 @dataclass(frozen=True)
 class ExtentRef:
-    agent: str  # host:port of the agent
+    node_id: str
     extent_id: str
-    node_id: str = ""
 
 
 class Placement:
-    def __init__(self, agents: dict[str, str] | list[str]) -> None:
-        # node id -> address; a plain list of addresses names each agent by its address.
-        self.agents: dict[str, str] = (dict(agents) if isinstance(agents, dict)
-                                       else {address: address for address in agents})
+    def __init__(self, nodes: Iterable[str] = ()) -> None:
+        self.nodes = sorted(nodes)  # agents that may receive new memories
         self._next = 0
         self._extents: dict[str, tuple[str, str]] = {}  # memory -> (node id, extent id)
 
-    def update_agents(self, agents: dict[str, str]) -> None:
-        """The agents registered now (node id -> address); known extents keep their node."""
-        self.agents = dict(agents)
+    def update_nodes(self, nodes: Iterable[str]) -> None:
+        """The agents registered now; known extents keep their node."""
+        self.nodes = sorted(nodes)
 
     def extent_of(self, memory: str) -> ExtentRef | None:
         found = self._extents.get(memory)
-        if found is None:
-            return None
-        node_id, extent = found
-        address = self.agents.get(node_id)
-        if address is None:
-            raise Unavailable(f"agent {node_id}, which holds {memory}, is not registered")
-        return ExtentRef(address, extent, node_id)
+        return ExtentRef(*found) if found else None
 
     def place(self, memory: str) -> ExtentRef:
         """The extent of `memory`, choosing one for a memory seen the first time."""
@@ -57,18 +52,16 @@ class Placement:
         if spill and base in self._extents:
             node_id = self._extents[base][0]
         else:
-            if not self.agents:
+            if not self.nodes:
                 raise Unavailable("no agent is registered: start volkin-agent on a storage node")
-            ordered = sorted(self.agents)
-            node_id = ordered[self._next % len(ordered)]
+            node_id = self.nodes[self._next % len(self.nodes)]
             self._next += 1
         self._extents[memory] = (node_id, extent_id(memory))
-        return self.extent_of(memory) or _never(memory)
+        return ExtentRef(node_id, extent_id(memory))
 
     def forget(self, memory: str) -> ExtentRef | None:
-        ref = self.extent_of(memory)
-        self._extents.pop(memory, None)
-        return ref
+        found = self._extents.pop(memory, None)
+        return ExtentRef(*found) if found else None
 
     def nodes_of(self, memory: str) -> list[str]:
         found = self._extents.get(memory)
@@ -81,10 +74,6 @@ class Placement:
         record = json.loads(raw)
         self._next = int(record["next"])
         self._extents = {m: (str(n), str(e)) for m, (n, e) in record["extents"].items()}
-
-
-def _never(memory: str) -> ExtentRef:
-    raise NotFound(f"memory {memory} has no extent")
 
 
 def extent_id(memory: str) -> str:

@@ -1,7 +1,10 @@
 """The Admin gRPC servicer: converts protobuf to calls on the core and the jobs, and back.
 
 Domain errors become gRPC statuses through `volkin.rpc_status`, in one place
-(`_answer`); nothing here decides anything about volumes.
+(`_answer`); nothing here decides anything about volumes. The servicer lives as
+long as the process; it serves the current leadership term (`attach`) and
+answers UNAVAILABLE while this controller is a standby or cannot prove it still
+leads.
 """
 
 from __future__ import annotations
@@ -13,11 +16,12 @@ from typing import Any, TypeVar
 
 import grpc
 
-from controller.core import Core
-from controller.jobs import JobRecord, Jobs, JobState
+from controller.jobs import JobRecord, JobState
+from controller.nbd.server import NbdServer
+from controller.term import Term
 from volkin.api.v1 import admin_pb2, admin_pb2_grpc
 from volkin.engine import Kind, VolumeInfo
-from volkin.errors import InvalidArgument, VolkinError
+from volkin.errors import FailedPrecondition, InvalidArgument, Unavailable, VolkinError
 from volkin.log import event
 from volkin.rpc_status import status_of
 
@@ -28,8 +32,10 @@ T = TypeVar("T")
 _KIND = {Kind.PRIMARY: admin_pb2.VOLUME_KIND_PRIMARY, Kind.SNAPSHOT: admin_pb2.VOLUME_KIND_SNAPSHOT}
 _STATE = {JobState.RUNNING: admin_pb2.JOB_STATE_RUNNING,
           JobState.PAUSED: admin_pb2.JOB_STATE_PAUSED,
+          JobState.WAITING: admin_pb2.JOB_STATE_WAITING,
           JobState.DONE: admin_pb2.JOB_STATE_DONE,
           JobState.FAILED: admin_pb2.JOB_STATE_FAILED}
+_ENDED = (admin_pb2.JOB_STATE_DONE, admin_pb2.JOB_STATE_FAILED)
 _JOB_KIND = {"refresh": admin_pb2.JOB_KIND_REFRESH, "materialize": admin_pb2.JOB_KIND_MATERIALIZE}
 WATCH_INTERVAL = 0.2
 
@@ -44,25 +50,43 @@ async def _answer(context: Context, call: Callable[[], Awaitable[T]]) -> T:
 
 
 class AdminService(admin_pb2_grpc.AdminServicer):
-    def __init__(self, core: Core, jobs: Jobs, default_block_size: int) -> None:
-        self._core = core
-        self._jobs = jobs
+    def __init__(self, nbd: NbdServer, default_block_size: int, node_id: str = "") -> None:
+        self._nbd = nbd
         self._default_block_size = default_block_size
+        self._node_id = node_id
+        self._term: Term | None = None
+
+    def attach(self, term: Term) -> None:
+        self._term = term
+
+    def detach(self) -> None:
+        self._term = None
+
+    def _current(self) -> Term:
+        term = self._term
+        if term is None:
+            raise Unavailable(f"controller {self._node_id} is a standby; use the active "
+                              f"controller (its address is in etcd, see `volkin status`)")
+        term.fence.check()
+        return term
 
     # -- conversions -------------------------------------------------------------
-    def _volume(self, info: VolumeInfo) -> admin_pb2.Volume:
+    def _volume(self, term: Term, info: VolumeInfo) -> admin_pb2.Volume:
         return admin_pb2.Volume(
             name=info.name, size_bytes=info.size_blocks * info.block_size,
             block_size=info.block_size, kind=_KIND[info.kind], source=info.source or "",
             valid_blocks=info.valid_blocks, total_blocks=info.size_blocks,
-            agents=self._core.placement.nodes_of(info.memory))
+            agents=term.core.placement.nodes_of(info.memory),
+            connections=self._nbd.connections(info.name))
 
-    def _job(self, record: JobRecord) -> admin_pb2.Job:
+    def _job(self, term: Term, record: JobRecord) -> admin_pb2.Job:
+        status = term.jobs.status(record)
         return admin_pb2.Job(
-            id=record.id, kind=_JOB_KIND[record.kind], state=_STATE[record.state],
+            id=record.id, kind=_JOB_KIND[record.kind], state=_STATE[status.state],
             target=record.target, source=record.source, blocks_total=record.blocks_total,
-            blocks_done=self._jobs.blocks_done(record), bytes_copied=record.bytes_copied,
-            rate_bytes_per_second=record.rate, error=record.error)
+            blocks_done=status.blocks_done, bytes_copied=status.bytes_copied,
+            rate_bytes_per_second=record.rate, error=record.error, reason=status.reason,
+            waiting_seconds=round(status.waiting_seconds, 1))
 
     # -- volumes -------------------------------------------------------------------
     async def CreateVolume(self, request: admin_pb2.CreateVolumeRequest,
@@ -70,91 +94,115 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         async def call() -> admin_pb2.Volume:
             if request.size_bytes == 0:
                 raise InvalidArgument("a volume needs a size (for example 1GiB)")
+            term = self._current()
             block_size = request.block_size or self._default_block_size
-            info = await self._core.create_volume(request.name, request.size_bytes, block_size)
+            info = await term.core.create_volume(request.name, request.size_bytes, block_size)
             event(_log, "volume.created", volume=info.name, size=request.size_bytes,
                   block_size=block_size)
-            return self._volume(info)
+            return self._volume(term, info)
         return await _answer(context, call)
 
     async def GetVolume(self, request: admin_pb2.GetVolumeRequest,
                         context: Context) -> admin_pb2.Volume:
         async def call() -> admin_pb2.Volume:
-            return self._volume(self._core.engine.info(request.name))
+            term = self._current()
+            return self._volume(term, term.core.engine.info(request.name))
         return await _answer(context, call)
 
     async def ListVolumes(self, request: admin_pb2.ListVolumesRequest,
                           context: Context) -> admin_pb2.ListVolumesResponse:
-        return admin_pb2.ListVolumesResponse(
-            volumes=[self._volume(info) for info in self._core.engine.volumes()])
+        async def call() -> admin_pb2.ListVolumesResponse:
+            term = self._current()
+            return admin_pb2.ListVolumesResponse(
+                volumes=[self._volume(term, info) for info in term.core.engine.volumes()])
+        return await _answer(context, call)
 
     async def DeleteVolume(self, request: admin_pb2.DeleteVolumeRequest,
                            context: Context) -> admin_pb2.DeleteVolumeResponse:
         async def call() -> admin_pb2.DeleteVolumeResponse:
-            await self._core.delete_volume(request.name)
-            event(_log, "volume.deleted", volume=request.name)
+            term = self._current()
+            term.core.engine.info(request.name)  # NotFound first
+            clients = self._nbd.connections(request.name)
+            if clients and not request.force:
+                raise FailedPrecondition(
+                    f"volume {request.name!r} has {clients} NBD connection(s) open; disconnect "
+                    f"the clients first, or delete with --force to close them")
+            closed = self._nbd.disconnect(request.name)
+            await term.core.delete_volume(request.name)
+            self._nbd.disconnect(request.name)  # any that connected meanwhile
+            event(_log, "volume.deleted", volume=request.name, closed_connections=closed)
             return admin_pb2.DeleteVolumeResponse()
         return await _answer(context, call)
 
     async def CreateSnapshot(self, request: admin_pb2.CreateSnapshotRequest,
                              context: Context) -> admin_pb2.Volume:
         async def call() -> admin_pb2.Volume:
-            info = await self._core.create_snapshot(request.source, request.name)
+            term = self._current()
+            info = await term.core.create_snapshot(request.source, request.name)
             event(_log, "snapshot.created", volume=info.name, source=request.source)
-            return self._volume(info)
+            return self._volume(term, info)
         return await _answer(context, call)
 
     # -- refresh and jobs ------------------------------------------------------------
     async def StartRefresh(self, request: admin_pb2.StartRefreshRequest,
                            context: Context) -> admin_pb2.Job:
         async def call() -> admin_pb2.Job:
-            record = await self._jobs.start_refresh(request.target, request.source,
-                                                    request.rate_bytes_per_second)
+            term = self._current()
+            record = await term.jobs.start_refresh(request.target, request.source,
+                                                   request.rate_bytes_per_second)
             event(_log, "refresh.started", job=record.id, target=request.target,
                   source=request.source, blocks=record.blocks_total)
-            return self._job(record)
+            return self._job(term, record)
         return await _answer(context, call)
 
     async def StartMaterialize(self, request: admin_pb2.StartMaterializeRequest,
                                context: Context) -> admin_pb2.Job:
         async def call() -> admin_pb2.Job:
-            record = await self._jobs.start_materialize(request.name,
-                                                        request.rate_bytes_per_second)
+            term = self._current()
+            record = await term.jobs.start_materialize(request.name,
+                                                       request.rate_bytes_per_second)
             event(_log, "materialize.started", job=record.id, volume=request.name,
                   blocks=record.blocks_total)
-            return self._job(record)
+            return self._job(term, record)
         return await _answer(context, call)
 
     async def GetJob(self, request: admin_pb2.GetJobRequest, context: Context) -> admin_pb2.Job:
         async def call() -> admin_pb2.Job:
-            return self._job(self._jobs.get(request.id))
+            term = self._current()
+            return self._job(term, term.jobs.get(request.id))
         return await _answer(context, call)
 
     async def ListJobs(self, request: admin_pb2.ListJobsRequest,
                        context: Context) -> admin_pb2.ListJobsResponse:
-        return admin_pb2.ListJobsResponse(jobs=[self._job(r) for r in self._jobs.list()])
+        async def call() -> admin_pb2.ListJobsResponse:
+            term = self._current()
+            return admin_pb2.ListJobsResponse(jobs=[self._job(term, r) for r in term.jobs.list()])
+        return await _answer(context, call)
 
     async def PauseJob(self, request: admin_pb2.PauseJobRequest,
                        context: Context) -> admin_pb2.Job:
         async def call() -> admin_pb2.Job:
-            return self._job(await self._jobs.pause(request.id))
+            term = self._current()
+            return self._job(term, await term.jobs.pause(request.id))
         return await _answer(context, call)
 
     async def ResumeJob(self, request: admin_pb2.ResumeJobRequest,
                         context: Context) -> admin_pb2.Job:
         async def call() -> admin_pb2.Job:
-            return self._job(await self._jobs.resume(request.id))
+            term = self._current()
+            return self._job(term, await term.jobs.resume(request.id))
         return await _answer(context, call)
 
     async def WatchJob(self, request: admin_pb2.GetJobRequest,
                        context: Context) -> AsyncIterator[admin_pb2.Job]:
-        async def first() -> admin_pb2.Job:
-            return self._job(self._jobs.get(request.id))
-        last = await _answer(context, first)
+        async def current() -> admin_pb2.Job:
+            term = self._current()
+            return self._job(term, term.jobs.get(request.id))
+        last = await _answer(context, current)
         yield last
-        while last.state not in (admin_pb2.JOB_STATE_DONE, admin_pb2.JOB_STATE_FAILED):
+        while last.state not in _ENDED:
             await asyncio.sleep(WATCH_INTERVAL)
-            current = self._job(self._jobs.get(request.id))
-            if current != last:
-                yield current
-                last = current
+            now = await _answer(context, current)
+            if now != last:
+                yield now
+                last = now

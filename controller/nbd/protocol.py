@@ -46,6 +46,7 @@ class Rep(IntEnum):
     ERR_POLICY = (1 << 31) + 2
     ERR_INVALID = (1 << 31) + 3
     ERR_UNKNOWN = (1 << 31) + 6
+    ERR_SHUTDOWN = (1 << 31) + 7
 
 
 class Info(IntEnum):

@@ -15,9 +15,10 @@ import random
 import pytest
 
 from controller.executor import BlockLocks, PlanExecutor
-from controller.mapstore import GroupCommit, MapStore
+from controller.mapstore import GroupCommit
 from controller.placement import Placement
 from tests.agent.conftest import AgentFactory
+from tests.controller.conftest import agent_client, map_store
 from tests.support.etcd import EtcdServer
 from volkin import etcd
 from volkin.engine import MapEngine
@@ -48,12 +49,12 @@ def test_a_refresh_across_agents_with_writes_everywhere_during_the_copy(
 
     async def scenario() -> None:
         client = await etcd.connect([etcd_server.endpoint])
-        store = MapStore(client, "/t")
+        store = map_store(client)
         engine = await store.load()
         model = ReferenceModel(BLOCK)
         group = GroupCommit(store, engine)
-        placement = Placement([a1.address, a2.address])
-        executor = PlanExecutor(engine, group, placement, epoch=1)
+        placement = Placement(["a1", "a2"])
+        executor = PlanExecutor(engine, group, placement, agent_client(a1, a2))
         locks = BlockLocks()
 
         async def write(name: str, n: int, data: bytes, offset: int = 0) -> None:
@@ -75,7 +76,7 @@ def test_a_refresh_across_agents_with_writes_everywhere_during_the_copy(
             model.create_snapshot("V2", "S2")
             await executor.create_memory(info.memory, BLOCKS * BLOCK)
             await store.save(engine)
-            extents = {name: placement.place(engine.volume(name).memory).agent
+            extents = {name: placement.place(engine.volume(name).memory).node_id
                        for name in ("V1", "V2", "S2")}
             assert extents["V1"] != extents["V2"]  # the refresh crosses agents
 
@@ -106,8 +107,9 @@ def test_a_refresh_across_agents_with_writes_everywhere_during_the_copy(
                 assert await read_all(executor, engine, name) == model.volumes[name], name
 
             # A controller starting again sees the same volumes from etcd alone.
-            restarted = await MapStore(client, "/t").load()
-            fresh = PlanExecutor(restarted, GroupCommit(store, restarted), placement, epoch=1)
+            restarted = await map_store(client).load()
+            fresh = PlanExecutor(restarted, GroupCommit(store, restarted), placement,
+                                 agent_client(a1, a2))
             try:
                 for name in ("V1", "V2", "S2"):
                     assert await read_all(fresh, restarted, name) == model.volumes[name], name

@@ -16,13 +16,15 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from controller.core import Core
+from controller.guarded import GuardedEtcd
 from controller.jobs import Jobs, JobState
-from controller.mapstore import MapStore
 from controller.nbd.server import NbdServer
 from controller.placement import Placement
 from tests.agent.conftest import AgentFactory
+from tests.controller.conftest import agent_client, map_store
 from tests.support.etcd import EtcdServer
 from volkin import etcd
+from volkin.keys import Keys
 
 pytestmark = pytest.mark.integration
 
@@ -54,12 +56,13 @@ def serve(etcd_server: EtcdServer, start_agent: AgentFactory,
 
     async def main() -> None:
         client = await etcd.connect([etcd_server.endpoint])
-        store = MapStore(client, "/t")
-        core = Core(await store.load(), store, Placement([a1.address, a2.address]), epoch=1)
+        store = map_store(client)
+        core = Core(await store.load(), store, Placement(["a1", "a2"]), agent_client(a1, a2))
         server = NbdServer(core)
         host, port = await server.start()
         try:
-            await scenario(core, Jobs(core, client, "/t"), f"nbd://{host}:{port}")
+            jobs = Jobs(core, GuardedEtcd(client, core.fence), Keys("/t"))
+            await scenario(core, jobs, f"nbd://{host}:{port}")
         finally:
             await server.stop()
             await core.close()
