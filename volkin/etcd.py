@@ -184,18 +184,6 @@ class _Etcd3aio:
         await self._client.close()
 
 
-async def increment(client: Etcd, key: str,
-                    guard: Mapping[str, bytes] | None = None) -> int:
-    """Adds one to the counter at `key` (absent: 0) and returns the new value, atomically;
-    with `guard`, only while those keys hold those values (else it tries again)."""
-    while True:
-        raw = await client.get(key)
-        value = int(raw) + 1 if raw else 1
-        if await client.txn(if_values={**(guard or {}), **({key: raw} if raw else {})},
-                            if_absent=[] if raw else [key], put={key: str(value).encode()}):
-            return value
-
-
 async def connect(endpoints: Sequence[str], timeout: float = 3.0) -> Etcd:
     """A client for the etcd cluster at `endpoints` (host:port). Does not wait for etcd."""
     client = _Etcd3aio(endpoints, timeout)

@@ -31,7 +31,7 @@ def test_volume_create_list_show_delete(dev_cluster: DevCluster) -> None:
                                "--block-size", "64KiB")
     assert created == {"name": "vol-a", "kind": "primary", "size_bytes": 8 * MiB,
                        "block_size": 65536, "source": "", "valid_blocks": 128,
-                       "total_blocks": 128, "agents": created["agents"]}
+                       "total_blocks": 128, "agents": created["agents"], "connections": 0}
     assert len(created["agents"]) == 1
     assert dev_cluster.json("volume", "show", "vol-a") == created
     assert created in _volumes(dev_cluster)
@@ -43,8 +43,8 @@ def test_volume_create_list_show_delete(dev_cluster: DevCluster) -> None:
     default_block = dev_cluster.json("volume", "create", "vol-b", "--size", "1MiB")
     assert default_block["block_size"] == 65536, "the controller's default block size"
 
-    for name in ("vol-a", "vol-b"):
-        assert dev_cluster.ok("volume", "delete", name) == ""
+    assert dev_cluster.ok("volume", "delete", "vol-a") == ""
+    assert dev_cluster.ok("volume", "delete", "vol-b", "--force") == ""
     names = {v["name"] for v in _volumes(dev_cluster)}
     assert not names & {"vol-a", "vol-b"}
     error = one_error_line(dev_cluster.cli("volume", "show", "vol-a"))

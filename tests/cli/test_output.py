@@ -25,14 +25,15 @@ def test_volume_json_has_every_field_with_enum_words_and_bytes() -> None:
     assert output.volume_dict(_volume()) == {
         "name": "S2", "kind": "snapshot", "size_bytes": 64 << 20, "block_size": 65536,
         "source": "V2", "valid_blocks": 256, "total_blocks": 1024,
-        "agents": ["agent1", "agent2"]}
+        "agents": ["agent1", "agent2"], "connections": 0}
 
 
 def test_job_json_keeps_default_values_instead_of_dropping_them() -> None:
     job = output.job_dict(admin_pb2.Job(id="j9"))
     assert job == {"id": "j9", "kind": "unspecified", "state": "unspecified", "target": "",
                    "source": "", "blocks_total": 0, "blocks_done": 0, "bytes_copied": 0,
-                   "rate_bytes_per_second": 0, "error": ""}
+                   "rate_bytes_per_second": 0, "error": "", "reason": "",
+                   "waiting_seconds": 0.0}
     assert json.loads(output.to_json([job])) == [job]
 
 
@@ -51,6 +52,19 @@ def test_volume_table_aligns_columns_with_readable_sizes() -> None:
     assert all(line == line.rstrip() for line in lines)
 
 
+def test_a_waiting_job_says_why_and_for_how_long_in_its_table_row_and_progress_line() -> None:
+    waiting = output.job_dict(admin_pb2.Job(
+        id="j3", kind=admin_pb2.JOB_KIND_REFRESH, state=admin_pb2.JOB_STATE_WAITING,
+        target="V2", source="V1", blocks_total=8, blocks_done=2,
+        reason="agent a2 (127.0.0.1:7001) could not copy: connection refused",
+        waiting_seconds=12.4))
+    row = output.job_table([waiting]).splitlines()[1]
+    assert "waiting" in row.split()
+    assert row.endswith("waiting 12s: agent a2 (127.0.0.1:7001) could not copy: connection refused")
+    line = output.progress_line(waiting, None, 3.0)
+    assert "  waiting 12s: agent a2" in line
+
+
 def test_job_table_shows_progress_rate_and_error() -> None:
     failed = output.job_dict(_job(admin_pb2.JOB_STATE_FAILED, 3, "agent2 unreachable"))
     unlimited = output.job_dict(admin_pb2.Job(id="j2", kind=admin_pb2.JOB_KIND_REFRESH,
@@ -63,7 +77,7 @@ def test_job_table_shows_progress_rate_and_error() -> None:
 
 def test_an_empty_listing_is_just_the_header() -> None:
     assert output.job_table([]).split() == ["ID", "KIND", "STATE", "TARGET", "SOURCE",
-                                            "BLOCKS", "COPIED", "RATE", "ERROR"]
+                                            "BLOCKS", "COPIED", "RATE", "ERROR/REASON"]
 
 
 class _Terminal(io.StringIO):

@@ -112,6 +112,9 @@ def build() -> _Parser:
     p.add_argument("name")
     p = leaf(volume, "delete", "volume.delete", "delete a volume", admin)
     p.add_argument("name")
+    p.add_argument("--force", action="store_true",
+                   help="delete even while NBD clients are connected (their connections "
+                        "are closed)")
 
     snapshot = _group(top, "snapshot", "PIT snapshots")
     p = leaf(snapshot, "create", "snapshot.create",
@@ -140,7 +143,7 @@ def build() -> _Parser:
     for name, help_text in (("show", "show one job"),
                             ("wait", "show progress until the job is done or failed"),
                             ("pause", "pause a running job"),
-                            ("resume", "resume a paused job")):
+                            ("resume", "resume a paused job, or retry a failed one")):
         p = leaf(job, name, f"job.{name}", help_text, admin)
         p.add_argument("id")
 

@@ -53,7 +53,7 @@ def volume_show(args: argparse.Namespace, c: Controller) -> int:
 
 def volume_delete(args: argparse.Namespace, c: Controller) -> int:
     c.call(f"delete volume {args.name}", c.stub.DeleteVolume,
-           admin_pb2.DeleteVolumeRequest(name=args.name))
+           admin_pb2.DeleteVolumeRequest(name=args.name, force=args.force))
     return 0
 
 

@@ -30,6 +30,7 @@ def volume_dict(volume: admin_pb2.Volume) -> dict[str, Any]:
         "valid_blocks": volume.valid_blocks,
         "total_blocks": volume.total_blocks,
         "agents": list(volume.agents),
+        "connections": volume.connections,
     }
 
 
@@ -45,6 +46,8 @@ def job_dict(job: admin_pb2.Job) -> dict[str, Any]:
         "bytes_copied": job.bytes_copied,
         "rate_bytes_per_second": job.rate_bytes_per_second,
         "error": job.error,
+        "reason": job.reason,
+        "waiting_seconds": job.waiting_seconds,
     }
 
 
@@ -85,9 +88,18 @@ def job_table(jobs: Sequence[Row]) -> str:
              format_size(j["bytes_copied"]),
              format_size(j["rate_bytes_per_second"]) + "/s" if j["rate_bytes_per_second"]
              else "unlimited",
-             j["error"] or "-"] for j in jobs]
-    return table(["ID", "KIND", "STATE", "TARGET", "SOURCE", "BLOCKS", "COPIED", "RATE", "ERROR"],
-                 rows)
+             _why(j)] for j in jobs]
+    return table(["ID", "KIND", "STATE", "TARGET", "SOURCE", "BLOCKS", "COPIED", "RATE",
+                  "ERROR/REASON"], rows)
+
+
+def _why(job: Row) -> str:
+    """Why a job failed, or why (and for how long) it waits."""
+    if job["error"]:
+        return str(job["error"])
+    if job["reason"]:
+        return f"waiting {job['waiting_seconds']:.0f}s: {job['reason']}"
+    return "-"
 
 
 def progress_line(job: Row, speed: float | None, elapsed: float) -> str:
@@ -100,6 +112,8 @@ def progress_line(job: Row, speed: float | None, elapsed: float) -> str:
             f"{format_size(job['bytes_copied'])} copied  {shown}/s  {elapsed:.1f}s")
     if job["error"]:
         line += f"  error: {job['error']}"
+    elif job["reason"]:
+        line += f"  waiting {job['waiting_seconds']:.0f}s: {job['reason']}"
     return line
 
 
