@@ -21,9 +21,9 @@ def main() -> None:
     log.configure(config.log_level)
     try:
         asyncio.run(serve(config))
-    except (OSError, RuntimeError) as exc:
-        # Start-up failures: data directory unusable, listen address taken.
-        print(f"volkin-agent: cannot start: {exc}", file=sys.stderr)
+    except (OSError, RuntimeError, VolkinError) as exc:
+        # Start-up failures: data directory or node file unusable, listen address taken.
+        print(f"volkin-agent: cannot start: {getattr(exc, 'message', exc)}", file=sys.stderr)
         sys.exit(1)
 
 

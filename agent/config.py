@@ -32,7 +32,8 @@ class AgentConfig:
     # (with the machine's name when `listen` binds every interface).
     advertise: str = ""
     etcd_endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
-    # Keys live under {etcd_prefix}/agents/{node_id}.
+    # The agent registers at {etcd_prefix}/agents/{node_id} and reads the controller's
+    # fencing epoch at {etcd_prefix}/controller/epoch (volkin.keys).
     etcd_prefix: str = "/volkin"
     # Seconds before etcd forgets an agent that stopped renewing its lease.
     lease_ttl: int = 10
@@ -40,6 +41,9 @@ class AgentConfig:
     metrics_listen: str = "127.0.0.1:9480"
     # Seconds in-flight calls get to finish after SIGTERM.
     shutdown_grace: float = 5.0
+    # Seconds a mutation waits for the agent to prove, through etcd, that no newer
+    # controller took over, before it fails UNAVAILABLE (see agent/fencing.py).
+    fence_wait: float = 5.0
     log_level: str = "info"
 
 
@@ -53,6 +57,8 @@ _HELP = {
     "lease_ttl": "seconds before etcd drops the registration of a silent agent",
     "metrics_listen": "host:port of the Prometheus endpoint; empty disables it",
     "shutdown_grace": "seconds in-flight calls get to finish on SIGTERM",
+    "fence_wait": "seconds a mutation waits for the agent to reach etcd (to prove no newer "
+                  "controller took over) before it fails UNAVAILABLE",
     "log_level": "debug, info, warning or error",
 }
 
@@ -67,7 +73,16 @@ def _convert(name: str, raw: Any) -> Any:
         return config.positive_int(raw)
     if name == "shutdown_grace":
         return float(raw)
+    if name == "fence_wait":
+        return _seconds(raw)
     return str(raw)
+
+
+def _seconds(raw: Any) -> float:
+    value = float(raw)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("must be a finite number of seconds >= 0")
+    return value
 
 
 def load(argv: Sequence[str], environ: Mapping[str, str]) -> AgentConfig:

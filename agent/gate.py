@@ -1,10 +1,18 @@
-"""A shared/exclusive gate that orders mutations of one extent against epoch changes.
+"""A shared/exclusive gate: many holders at once, or one alone.
 
-Mutations hold the gate shared for the whole of their check-then-write, so any
-number of them run at once. Raising the extent's epoch (or deleting it) holds the
-gate exclusive: it waits for in-flight mutations to finish, and no mutation that
-was checked against the old epoch can land after the new one is recorded. Waiting
-exclusive holders block new shared ones, so a newer owner is never starved.
+The agent uses two kinds (see docs/agent.md):
+
+- the **node gate** (`agent.fencing`): every mutation holds it shared from its epoch
+  check to the end of its I/O; recording a newer epoch holds it exclusive, so it waits
+  for in-flight mutations and no mutation checked against the old epoch can land after
+  the new one is recorded;
+- an **extent's gate** (`agent.blockstore`): reads and mutations of the extent hold it
+  shared while they use its file descriptor; deleting the extent holds it exclusive,
+  so the descriptor is never closed under a call that still uses it.
+
+Waiting exclusive holders block new shared ones, so an exclusive holder (a newer
+owner, a delete) is never starved. The gate is not re-entrant: a thread that holds it
+shared must not ask for it again.
 """
 
 from __future__ import annotations
@@ -16,7 +24,8 @@ from collections.abc import Iterator
 
 class Gate:
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        # A plain Lock: cheaper than the default RLock on the write path.
+        self._cond = threading.Condition(threading.Lock())
         self._shared = 0
         self._exclusive = False
         self._waiting_exclusive = 0

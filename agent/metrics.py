@@ -7,6 +7,8 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from agent.fencing import NodeFence
+
 _LATENCY_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                     1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -32,8 +34,20 @@ class AgentMetrics:
         self.epoch_refusals = Counter(
             "volkin_agent_epoch_refusals", "Mutations refused for carrying an older fencing epoch",
             registry=r)
+        self.fencing_epoch = Gauge(
+            "volkin_agent_fencing_epoch", "The node's fencing epoch: mutations carrying a "
+            "lower one are refused", registry=r)
+        self.validity_seconds = Gauge(
+            "volkin_agent_write_validity_seconds", "Seconds the agent may still admit "
+            "mutations without another successful etcd renewal; 0 means it refuses them",
+            registry=r)
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
+
+    def watch_fence(self, fence: NodeFence) -> None:
+        """The fencing gauges read the fence when scraped: nothing on the write path."""
+        self.fencing_epoch.set_function(lambda: fence.epoch)
+        self.validity_seconds.set_function(fence.validity.remaining)
 
     def serve(self, address: str) -> str:
         """Starts the HTTP endpoint on host:port (port 0 picks one); returns the bound address."""

@@ -24,7 +24,8 @@ from tenacity import (
 )
 
 from agent import dispatch
-from agent.blockstore import MAX_IO_BYTES, BlockStore, CopyRange, coalesce
+from agent.blockstore import BlockStore
+from agent.validation import MAX_IO_BYTES, CopyRange, coalesce, split
 from volkin.api.v1 import agent_pb2, agent_pb2_grpc
 from volkin.errors import InvalidArgument, OutOfRange, StorageIOError, Unavailable, VolkinError
 from volkin.log import event
@@ -91,14 +92,7 @@ class PeerChannels:
 
 
 def _pieces(ranges: Sequence[CopyRange]) -> list[CopyRange]:
-    out = []
-    for r in coalesce(ranges):
-        done = 0
-        while done < r.length:
-            n = min(PIECE_BYTES, r.length - done)
-            out.append(CopyRange(r.source_offset + done, r.target_offset + done, n))
-            done += n
-    return out
+    return split(coalesce(ranges), PIECE_BYTES)
 
 
 def _domain_error(exc: grpc.aio.AioRpcError, address: str) -> VolkinError:
@@ -159,6 +153,10 @@ async def pull(channels: PeerChannels, store: BlockStore, copy: PeerCopy,
                on_bytes: Callable[[int], None]) -> int:
     """Copies every range of `copy` from the peer; durable before returning if asked."""
     await asyncio.to_thread(store.check_copy, copy.target_extent_id, None, copy.ranges)
+    # A stale copy fails before any byte moves (and an agent that cannot prove its
+    # validity waits before it asks the peer); each chunk is admitted by the fence
+    # again as it is written (`dispatch.write`), so a Fence waits for one chunk at most.
+    await store.fence.ready(copy.epoch)
     stub = channels.stub(copy.source_agent)
     await _check_source(stub, copy)
     slots = asyncio.Semaphore(PARALLEL_PIECES)
@@ -178,5 +176,5 @@ async def pull(channels: PeerChannels, store: BlockStore, copy: PeerCopy,
             first = first.exceptions[0]
         raise first from None
     if copy.durable:
-        await asyncio.to_thread(store.flush, copy.target_extent_id, copy.epoch)
+        await dispatch.mutate(store, copy.epoch, store.flush, copy.target_extent_id, copy.epoch)
     return sum(r.length for r in copy.ranges)

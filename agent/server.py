@@ -1,9 +1,13 @@
 """Runs one agent: block store, gRPC server, health, metrics, etcd registration.
 
-Start-up order: open the block store, serve gRPC, then register in etcd, so an
-agent that others discover can already answer. Shutdown (SIGTERM or SIGINT) runs
-the other way: report NOT_SERVING, withdraw the registration, let in-flight calls
-finish for `shutdown_grace` seconds, then close the extents.
+Start-up order: open the block store (and the node's fencing epoch), serve gRPC,
+then register in etcd, so an agent that others discover can already answer. Reads
+are served at once; mutations wait for the first registration cycle, which reads
+the controller's epoch (agent/fencing.py). Shutdown (SIGTERM or SIGINT) runs the
+other way: report NOT_SERVING, stop renewing, stop admitting mutations and wait for
+those in flight, only then withdraw the registration (a new leader does not fence
+an agent it does not find), let in-flight calls finish for `shutdown_grace`
+seconds, then close the extents.
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ from agent import peer
 from agent.blockstore import BlockStore
 from agent.config import AgentConfig, advertised_address
 from agent.metrics import AgentMetrics
-from agent.registry import AgentRecord, Registration, agent_key
+from agent.registry import AgentRecord, Registration
 from agent.service import SERVER_OPTIONS, BlockStoreService
 from volkin import etcd
 from volkin.api.v1 import agent_pb2, agent_pb2_grpc
+from volkin.keys import Keys
 from volkin.log import event
 
 _log = logging.getLogger("agent.server")
@@ -40,9 +45,11 @@ async def serve(config: AgentConfig) -> None:
     # default pool (cores + 4) would let a few long copies starve everything else.
     loop = asyncio.get_running_loop()
     loop.set_default_executor(ThreadPoolExecutor(IO_THREADS, thread_name_prefix="io"))
-    store = await asyncio.to_thread(BlockStore, config.data_dir)
+    store = await asyncio.to_thread(BlockStore, config.data_dir, node_id=config.node_id,
+                                    fence_wait=config.fence_wait)
     metrics = AgentMetrics()
     metrics.extents.set(store.count())
+    metrics.watch_fence(store.fence)
     peers = peer.PeerChannels()
     server = grpc.aio.server(options=SERVER_OPTIONS)
     agent_pb2_grpc.add_BlockStoreServicer_to_server(  # type: ignore[no-untyped-call]
@@ -57,14 +64,13 @@ async def serve(config: AgentConfig) -> None:
     address = advertised_address(config, port)
 
     client = await etcd.connect(config.etcd_endpoints)
-    key = agent_key(config.etcd_prefix, config.node_id)
-    registration = Registration(
-        client, key, AgentRecord(config.node_id, address, metrics_address, os.getpid(), VERSION),
-        config.lease_ttl)
+    record = AgentRecord(config.node_id, address, metrics_address, os.getpid(), VERSION,
+                         epoch=store.fence.epoch, lease_ttl=config.lease_ttl)
+    registration = Registration(client, Keys(config.etcd_prefix), record, store.fence)
     registering = asyncio.create_task(registration.run(), name="registration")
     event(_log, "agent.serving", node=config.node_id, address=address,
           metrics=metrics_address or "off", data_dir=config.data_dir, extents=store.count(),
-          etcd=",".join(config.etcd_endpoints), pid=os.getpid())
+          etcd=",".join(config.etcd_endpoints), epoch=store.fence.epoch, pid=os.getpid())
 
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -75,7 +81,14 @@ async def serve(config: AgentConfig) -> None:
     await health.enter_graceful_shutdown()
     registering.cancel()
     await asyncio.gather(registering, return_exceptions=True)
-    await registration.withdraw()
+    try:
+        await asyncio.wait_for(asyncio.to_thread(store.fence.close), config.shutdown_grace)
+    except TimeoutError:
+        # A mutation is still running (a stalled disk): keep the registration, so a new
+        # leader still waits for this agent until the lease expires on its own.
+        event(_log, "agent.mutations_still_running", logging.WARNING, node=config.node_id)
+    else:
+        await registration.withdraw()
     await server.stop(config.shutdown_grace)
     await peers.close()
     await client.close()

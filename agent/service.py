@@ -16,8 +16,9 @@ from typing import Any
 import grpc
 
 from agent import dispatch, peer
-from agent.blockstore import MAX_IO_BYTES, BlockStore, ExtentInfo, coalesce
+from agent.blockstore import BlockStore, ExtentInfo
 from agent.metrics import AgentMetrics
+from agent.validation import MAX_IO_BYTES, coalesce
 from volkin.api.v1 import agent_pb2, agent_pb2_grpc
 from volkin.errors import FencedOut, InvalidArgument, VolkinError
 from volkin.log import event
@@ -80,9 +81,9 @@ class BlockStoreService(agent_pb2_grpc.BlockStoreServicer):
                            context: Context) -> agent_pb2.Extent:
         try:
             with self._call("create").measure():
-                info = await asyncio.to_thread(
-                    self._store.create, request.extent_id, request.size_bytes,
-                    request.block_size, request.epoch)
+                info = await dispatch.mutate(
+                    self._store, request.epoch, self._store.create, request.extent_id,
+                    request.size_bytes, request.block_size, request.epoch)
         except VolkinError as exc:
             await _abort(context, exc)
         self._metrics.extents.set(self._store.count())
@@ -92,7 +93,8 @@ class BlockStoreService(agent_pb2_grpc.BlockStoreServicer):
                            context: Context) -> agent_pb2.DeleteExtentResponse:
         try:
             with self._call("delete").measure():
-                await asyncio.to_thread(self._store.delete, request.extent_id, request.epoch)
+                await dispatch.mutate(self._store, request.epoch, self._store.delete,
+                                      request.extent_id, request.epoch)
         except VolkinError as exc:
             await _abort(context, exc)
         self._metrics.extents.set(self._store.count())
@@ -163,7 +165,8 @@ class BlockStoreService(agent_pb2_grpc.BlockStoreServicer):
                 if first is None:
                     raise InvalidArgument("a WriteStream needs at least one chunk")
                 if fua:
-                    await asyncio.to_thread(self._store.flush, first.extent_id, first.epoch)
+                    await dispatch.mutate(self._store, first.epoch, self._store.flush,
+                                          first.extent_id, first.epoch)
         except VolkinError as exc:
             await _abort(context, exc)
         return agent_pb2.WriteResponse(bytes_written=total)
@@ -172,7 +175,8 @@ class BlockStoreService(agent_pb2_grpc.BlockStoreServicer):
                     context: Context) -> agent_pb2.FlushResponse:
         try:
             with self._call("flush").measure():
-                await asyncio.to_thread(self._store.flush, request.extent_id, request.epoch)
+                await dispatch.mutate(self._store, request.epoch, self._store.flush,
+                                      request.extent_id, request.epoch)
         except VolkinError as exc:
             await _abort(context, exc)
         return agent_pb2.FlushResponse()
@@ -181,9 +185,9 @@ class BlockStoreService(agent_pb2_grpc.BlockStoreServicer):
                    context: Context) -> agent_pb2.ZeroResponse:
         try:
             with self._call("zero").measure():
-                await asyncio.to_thread(self._store.zero, request.extent_id, request.offset,
-                                        request.length, request.punch_hole, request.fua,
-                                        request.epoch)
+                await dispatch.mutate(self._store, request.epoch, self._store.zero,
+                                      request.extent_id, request.offset, request.length,
+                                      request.punch_hole, request.fua, request.epoch)
         except VolkinError as exc:
             await _abort(context, exc)
         return agent_pb2.ZeroResponse()
@@ -195,9 +199,10 @@ class BlockStoreService(agent_pb2_grpc.BlockStoreServicer):
             with self._call("copy_local" if local else "copy_peer").measure():
                 ranges = tuple(coalesce(request.ranges))
                 if local:
-                    n = await asyncio.to_thread(
-                        self._store.copy_local, request.target_extent_id,
-                        request.source_extent_id, ranges, request.durable, request.epoch)
+                    n = await dispatch.mutate(
+                        self._store, request.epoch, self._store.copy_local,
+                        request.target_extent_id, request.source_extent_id, ranges,
+                        request.durable, request.epoch)
                     self._metrics.copied_bytes.labels("local").inc(n)
                 else:
                     counter = self._metrics.copied_bytes.labels("peer")
@@ -208,6 +213,15 @@ class BlockStoreService(agent_pb2_grpc.BlockStoreServicer):
         except VolkinError as exc:
             await _abort(context, exc)
         return agent_pb2.CopyResponse(bytes_copied=n)
+
+    async def Fence(self, request: agent_pb2.FenceRequest,
+                    context: Context) -> agent_pb2.FenceResponse:
+        try:
+            with self._call("fence").measure():
+                epoch = await asyncio.to_thread(self._store.fence.fence, request.epoch)
+        except VolkinError as exc:
+            await _abort(context, exc)
+        return agent_pb2.FenceResponse(epoch=epoch)
 
 
 SERVER_OPTIONS = [

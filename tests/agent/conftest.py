@@ -9,15 +9,18 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 import pytest
 
+from agent.blockstore import BlockStore
 from tests.support.etcd import EtcdServer, etcd_server
 from volkin import etcd as volkin_etcd
 from volkin.api.v1 import agent_pb2, agent_pb2_grpc
+from volkin.keys import Keys
 
 __all__ = ["etcd_server"]
 
@@ -29,10 +32,12 @@ MiB = 1 << 20
 class Agent:
     """One `python3 -m agent` process; its data directory outlives restarts."""
 
-    def __init__(self, node_id: str, data_dir: Path, etcd: EtcdServer) -> None:
+    def __init__(self, node_id: str, data_dir: Path, etcd: EtcdServer,
+                 args: Sequence[str] = ()) -> None:
         self.node_id = node_id
         self.data_dir = data_dir
         self.etcd = etcd
+        self.args = list(args)  # extra flags, e.g. ["--fence-wait", "1"]
         self.log_path = data_dir.parent / f"{node_id}.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.address = ""
@@ -48,7 +53,7 @@ class Agent:
                 [sys.executable, "-m", "agent", "--node-id", self.node_id,
                  "--data-dir", str(self.data_dir), "--listen", listen,
                  "--metrics-listen", "127.0.0.1:0", "--etcd-endpoints", self.etcd.endpoint,
-                 "--lease-ttl", str(LEASE_TTL), "--shutdown-grace", "2"],
+                 "--lease-ttl", str(LEASE_TTL), "--shutdown-grace", "2", *self.args],
                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
                 env={**os.environ, "PYTHONPATH": str(REPO)})
         deadline = time.monotonic() + timeout
@@ -104,16 +109,18 @@ class Agent:
         self.start()
 
 
-AgentFactory = Callable[[str], Agent]
+class AgentFactory(Protocol):
+    def __call__(self, node_id: str, *args: str) -> Agent: ...
 
 
 @pytest.fixture
 def start_agent(tmp_path: Path, etcd_server: EtcdServer) -> Iterator[AgentFactory]:
-    """Starts agents on demand: `start_agent("a1")`; all are stopped after the test."""
+    """Starts agents on demand: `start_agent("a1")`, or with extra flags
+    `start_agent("a1", "--fence-wait", "1")`; all are stopped after the test."""
     agents: list[Agent] = []
 
-    def start(node_id: str) -> Agent:
-        agent = Agent(node_id, tmp_path / node_id, etcd_server)
+    def start(node_id: str, *args: str) -> Agent:
+        agent = Agent(node_id, tmp_path / node_id, etcd_server, args)
         agent.start()
         agents.append(agent)
         return agent
@@ -170,11 +177,30 @@ def etcd_agents(etcd: EtcdServer) -> dict[str, bytes]:
     async def fetch() -> dict[str, bytes]:
         client = await volkin_etcd.connect([etcd.endpoint])
         try:
-            return await client.get_prefix("/volkin/agents/")
+            return await client.get_prefix(Keys().agents)
         finally:
             await client.close()
 
     return asyncio.run(fetch())
+
+
+def set_controller_epoch(etcd: EtcdServer, epoch: int) -> None:
+    """Stores the controller's fencing epoch in etcd, as a new leader would."""
+
+    async def put() -> None:
+        client = await volkin_etcd.connect([etcd.endpoint])
+        try:
+            await client.put(Keys().epoch, str(epoch).encode())
+        finally:
+            await client.close()
+
+    asyncio.run(put())
+
+
+def fence(agent: Agent, epoch: int) -> int:
+    """The Fence RPC; returns the node's epoch."""
+    reply = agent.stub.Fence(agent_pb2.FenceRequest(epoch=epoch), timeout=10)
+    return int(reply.epoch)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -184,3 +210,10 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout}s waiting until {what}")
+
+
+def open_store(data_dir: Path, fence_wait: float = 5.0) -> BlockStore:
+    """A block store in process, valid for an hour as if etcd had just been reached."""
+    store = BlockStore(data_dir, node_id="t1", fence_wait=fence_wait)
+    store.fence.validity.proved(time.monotonic(), lease_ttl=3600)
+    return store

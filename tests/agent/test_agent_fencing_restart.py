@@ -1,6 +1,8 @@
-"""Fencing epochs and extents are durable: an agent restart forgets neither."""
+"""The node's fencing epoch and the extents are durable: an agent restart forgets neither."""
 
 from __future__ import annotations
+
+import functools
 
 import grpc
 import pytest
@@ -11,22 +13,27 @@ from volkin.api.v1 import agent_pb2
 pytestmark = pytest.mark.integration
 
 
-def test_a_stale_controller_is_fenced_out_also_after_restart(start_agent: AgentFactory) -> None:
+def test_a_stale_controller_is_fenced_out_of_every_extent_also_after_restart(
+        start_agent: AgentFactory) -> None:
     a1 = start_agent("a1")
     create(a1, "v1", 4 * MiB, epoch=1)
+    create(a1, "v2", 4 * MiB, epoch=1)
     write(a1, "v1", 0, b"o" * MiB, epoch=1)
-    write(a1, "v1", 0, b"n" * MiB, epoch=2)  # a newer controller took over
+    write(a1, "v2", 0, b"n" * MiB, epoch=2)  # a newer controller took over, touching v2 only
     message = expect_status(grpc.StatusCode.FAILED_PRECONDITION,
                             lambda: write(a1, "v1", 0, b"s" * MiB, epoch=1))
-    assert "epoch 1 is older than epoch 2" in message
+    assert message == ("agent a1: epoch 1 is older than epoch 2 already seen; a newer "
+                       "controller took over")
 
     a1.kill()  # no chance to flush anything on the way down
     a1.start()
-    expect_status(grpc.StatusCode.FAILED_PRECONDITION,
-                  lambda: write(a1, "v1", 0, b"s" * MiB, epoch=1))
+    for extent in ("v1", "v2"):
+        expect_status(grpc.StatusCode.FAILED_PRECONDITION,
+                      functools.partial(write, a1, extent, 0, b"s" * MiB, epoch=1))
     expect_status(grpc.StatusCode.FAILED_PRECONDITION, lambda: a1.stub.DeleteExtent(
         agent_pb2.DeleteExtentRequest(extent_id="v1", epoch=1)))
-    assert read(a1, "v1", 0, MiB) == b"n" * MiB
+    assert read(a1, "v1", 0, MiB) == b"o" * MiB
+    assert read(a1, "v2", 0, MiB) == b"n" * MiB
     assert a1.stub.StatExtent(agent_pb2.StatExtentRequest(extent_id="v1")).epoch == 2
 
 
@@ -51,6 +58,6 @@ def test_a_restart_keeps_every_extent_and_its_data(start_agent: AgentFactory) ->
     a1.start()
     extents = a1.stub.ListExtents(agent_pb2.ListExtentsRequest()).extents
     assert [(e.extent_id, e.block_size, e.epoch) for e in extents] == [
-        ("v0", 512, 1), ("v1", 1024, 2), ("v2", 2048, 3)]
+        ("v0", 512, 3), ("v1", 1024, 3), ("v2", 2048, 3)]  # the node's epoch
     for extent_id, content in data.items():
         assert read(a1, extent_id, 0, 2 * MiB) == content

@@ -9,7 +9,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.agent.conftest import AgentFactory, MiB, create, pattern, read, write
+from tests.agent.conftest import LEASE_TTL, AgentFactory, MiB, create, pattern, read, write
 from volkin.api.v1 import agent_pb2
 
 pytestmark = pytest.mark.integration
@@ -93,7 +93,7 @@ def test_health_and_metrics_report_the_work_done(start_agent: AgentFactory) -> N
     create(a1, "v2", 4 * MiB)
     write(a1, "v1", 0, b"m" * MiB, epoch=3)
     read(a1, "v1", 0, MiB)
-    a1.stub.Copy(agent_pb2.CopyRequest(target_extent_id="v2", source_extent_id="v1", epoch=1,
+    a1.stub.Copy(agent_pb2.CopyRequest(target_extent_id="v2", source_extent_id="v1", epoch=3,
                                        ranges=[agent_pb2.CopyRange(length=MiB)]))
     with pytest.raises(grpc.RpcError):
         write(a1, "v1", 0, b"m" * 4096, epoch=2)
@@ -104,6 +104,10 @@ def test_health_and_metrics_report_the_work_done(start_agent: AgentFactory) -> N
                  'volkin_agent_copied_bytes_total{source="local"} 1.048576e+06',
                  "volkin_agent_extents 2.0",
                  "volkin_agent_epoch_refusals_total 1.0",
+                 "volkin_agent_fencing_epoch 3.0",
                  'volkin_agent_operations_total{op="write",result="FAILED_PRECONDITION"} 1.0',
                  'volkin_agent_operation_seconds_count{op="read"} 1.0'):
         assert line in text, line
+    validity = [float(line.split()[1]) for line in text.splitlines()
+                if line.startswith("volkin_agent_write_validity_seconds ")]
+    assert validity and 0 < validity[0] <= LEASE_TTL  # renewed: it admits mutations

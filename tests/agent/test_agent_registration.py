@@ -6,9 +6,20 @@ import asyncio
 import json
 import time
 
+import grpc
 import pytest
 
-from tests.agent.conftest import LEASE_TTL, AgentFactory, etcd_agents, wait_until
+from tests.agent.conftest import (
+    LEASE_TTL,
+    AgentFactory,
+    MiB,
+    create,
+    etcd_agents,
+    expect_status,
+    read,
+    wait_until,
+    write,
+)
 from tests.support.etcd import EtcdServer
 from volkin import etcd as volkin_etcd
 
@@ -105,14 +116,20 @@ def test_an_agent_registers_again_when_its_lease_is_revoked(
     assert _lease_of(etcd_server, "/volkin/agents/a1") not in (0, lease)
 
 
-def test_an_agent_starts_and_serves_while_etcd_is_down(
+def test_an_agent_started_while_etcd_is_down_serves_reads_and_refuses_mutations(
         start_agent: AgentFactory, etcd_server: EtcdServer) -> None:
-    etcd_server.stop()
-    a1 = start_agent("a1")  # serving does not wait for etcd
-    from tests.agent.conftest import MiB, create, read
-
+    a1 = start_agent("a1", "--fence-wait", "1")
     create(a1, "v1", MiB)
-    assert read(a1, "v1", 0, 4096) == bytes(4096)
+    write(a1, "v1", 0, b"r" * 4096)
+    a1.stop()
+    etcd_server.stop()
+    a1.start()  # serving does not wait for etcd
+    assert read(a1, "v1", 0, 4096) == b"r" * 4096
+    message = expect_status(grpc.StatusCode.UNAVAILABLE,
+                            lambda: write(a1, "v1", 0, b"w" * 4096))
+    assert "has not reached etcd since it started" in message
     etcd_server.restart()
     wait_until(lambda: "/volkin/agents/a1" in etcd_agents(etcd_server), 10,
                "a1 registers once etcd is up")
+    write(a1, "v1", 0, b"w" * 4096)  # waits for the first renewal at most
+    assert read(a1, "v1", 0, 4096) == b"w" * 4096

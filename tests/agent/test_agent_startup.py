@@ -43,3 +43,12 @@ def test_an_unusable_data_directory_exits_1_with_the_reason(tmp_path: Path) -> N
     assert result.returncode == 1
     assert "cannot start" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_unreadable_node_file_exits_1_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "node.json").write_text('{"format": 99, "epoch": 3}')
+    result = _run("--data-dir", str(tmp_path), "--listen", "127.0.0.1:0", "--metrics-listen", "")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"volkin-agent: cannot start: {tmp_path / 'node.json'} is not a node file this agent "
+        "understands: format 99, expected 1"]

@@ -1,4 +1,6 @@
-"""The block store on its own, in process: files, metadata, fencing, validation."""
+"""The block store on its own, in process: files, metadata, fencing, validation.
+
+Fencing and validity in depth: test_fencing.py."""
 
 from __future__ import annotations
 
@@ -8,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.blockstore import MAX_IO_BYTES, BlockStore, CopyRange
+from agent.blockstore import BlockStore
+from agent.validation import MAX_IO_BYTES, CopyRange, coalesce
+from tests.agent.conftest import open_store
 from tests.support.tmpfs import tiny_tmpfs
 from volkin.errors import (
     AlreadyExists,
@@ -24,7 +28,7 @@ BS = 4096
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[BlockStore]:
-    s = BlockStore(tmp_path)
+    s = open_store(tmp_path)
     yield s
     s.close()
 
@@ -42,20 +46,21 @@ def test_written_blocks_read_back(store: BlockStore) -> None:
     assert store.read("v1", 2 * BS, 4 * BS) == bytes(BS) + b"\x07" * 2 * BS + bytes(BS)
 
 
-def test_extents_and_epochs_survive_reopening_the_store(tmp_path: Path) -> None:
-    first = BlockStore(tmp_path)
+def test_extents_and_the_node_epoch_survive_reopening_the_store(tmp_path: Path) -> None:
+    first = open_store(tmp_path)
     first.create("v1", 8 * BS, BS, epoch=3)
     first.write("v1", 0, b"a" * BS, fua=False, epoch=5)
     first.create("gone", 8 * BS, BS, epoch=9)
     first.delete("gone", epoch=9)
     first.close()
-    second = BlockStore(tmp_path)
+    second = open_store(tmp_path)
     try:
-        assert [(e.extent_id, e.epoch) for e in second.list()] == [("v1", 5)]
+        # Epoch 9 was seen on "gone" only; it fences v1 as well.
+        assert [(e.extent_id, e.epoch) for e in second.list()] == [("v1", 9)]
         assert second.read("v1", 0, BS) == b"a" * BS
         with pytest.raises(FencedOut):
-            second.write("v1", 0, b"b" * BS, fua=False, epoch=4)
-        with pytest.raises(FencedOut):  # the tombstone remembers the epoch
+            second.write("v1", 0, b"b" * BS, fua=False, epoch=8)
+        with pytest.raises(FencedOut):
             second.create("gone", 8 * BS, BS, epoch=8)
     finally:
         second.close()
@@ -156,7 +161,7 @@ def test_debris_of_a_crashed_create_is_removed_on_start(tmp_path: Path) -> None:
     (tmp_path / "extents").mkdir()
     (tmp_path / "extents" / "half.extent").write_bytes(b"junk")
     (tmp_path / "extents" / "half.meta.tmp").write_bytes(b"{")
-    store = BlockStore(tmp_path)
+    store = open_store(tmp_path)
     try:
         assert store.list() == []
         assert sorted(p.name for p in (tmp_path / "extents").iterdir()) == []
@@ -171,7 +176,7 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_a_full_disk_is_reported_as_storage_full(tiny_disk: Path) -> None:
-    store = BlockStore(tiny_disk)
+    store = open_store(tiny_disk)
     try:
         store.create("v1", 1024 * BS, BS, epoch=1)
         with pytest.raises(StorageFull, match="no space"):
@@ -185,8 +190,6 @@ def test_a_full_disk_is_reported_as_storage_full(tiny_disk: Path) -> None:
 
 
 def test_copy_ranges_that_continue_each_other_are_merged() -> None:
-    from agent.blockstore import coalesce
-
     ranges = [CopyRange(0, 100, 10), CopyRange(10, 110, 10), CopyRange(30, 120, 10),
               CopyRange(40, 130, 5)]
     assert coalesce(ranges) == [CopyRange(0, 100, 20), CopyRange(30, 120, 15)]
@@ -213,10 +216,12 @@ def test_nowait_paths_step_aside_instead_of_waiting(store: BlockStore, tmp_path:
     assert store.read("v1", 0, BS) == b"b" * BS
 
 
-def test_no_older_write_lands_after_a_newer_epoch_was_accepted(store: BlockStore) -> None:
+def test_no_older_write_to_any_extent_lands_after_a_newer_epoch_was_accepted(
+        store: BlockStore) -> None:
     import threading
 
     store.create("v1", 8 * BS, BS, epoch=1)
+    store.create("v2", 8 * BS, BS, epoch=1)
     refused = [0] * 4
     landed_after = []
     newer_done = threading.Event()
@@ -236,10 +241,12 @@ def test_no_older_write_lands_after_a_newer_epoch_was_accepted(store: BlockStore
     threads = [threading.Thread(target=stale_writer, args=(n,)) for n in range(4)]
     for t in threads:
         t.start()
-    store.write("v1", 0, b"N" * BS, fua=False, epoch=2)
+    store.write("v2", 0, b"N" * BS, fua=False, epoch=2)  # the newer owner touches v2 only
     newer_done.set()
     for t in threads:
         t.join(10)
     assert refused == [1, 1, 1, 1]
     assert landed_after == []
-    assert store.read("v1", 0, BS) == b"N" * BS
+    final = store.read("v1", 0, BS)
+    assert final in {bytes([n + 1]) * BS for n in range(4)}
+    assert store.stat("v1").epoch == 2

@@ -35,6 +35,8 @@ def test_the_environment_alone_configures_an_agent() -> None:
     (["--data-dir", "/d", "--listen", "nohost"], "listen"),
     (["--data-dir", "/d", "--lease-ttl", "0"], "lease_ttl"),
     (["--data-dir", "/d", "--node-id", "a/b"], "node_id"),
+    (["--data-dir", "/d", "--fence-wait", "-1"], "fence_wait"),
+    (["--data-dir", "/d", "--fence-wait", "nan"], "fence_wait"),
     (["--data-dir", "/d", "--config", "/does/not/exist.toml"], "config file"),
 ])
 def test_bad_settings_are_refused_with_the_setting_named(argv: list[str], complaint: str) -> None:
@@ -54,3 +56,13 @@ def test_the_advertised_address_carries_the_bound_port() -> None:
     assert advertised_address(config, 4711) == "127.0.0.1:4711"
     assert advertised_address(AgentConfig(node_id="n", data_dir=Path("/d"),
                                           advertise="n1.example:7480"), 1) == "n1.example:7480"
+
+
+def test_fence_wait_defaults_to_five_seconds_and_is_set_like_any_setting(tmp_path: Path) -> None:
+    assert load(["--data-dir", "/d"], {}).fence_wait == 5.0
+    config_file = tmp_path / "agent.toml"
+    config_file.write_text('data_dir = "/d"\nfence_wait = 2.5\n')
+    assert load(["--config", str(config_file)], {}).fence_wait == 2.5
+    assert load(["--data-dir", "/d"], {"VOLKIN_AGENT_FENCE_WAIT": "0"}).fence_wait == 0.0
+    assert load(["--data-dir", "/d", "--fence-wait", "1"],
+                {"VOLKIN_AGENT_FENCE_WAIT": "0"}).fence_wait == 1.0
