@@ -128,8 +128,11 @@ class Leadership:
     async def release(self) -> None:
         """Gives the leadership up at once (the next controller need not wait out the lease)."""
         self.fence.depose("this controller stepped down")
+        if not self.lease:
+            return
+        lease, self.lease = self.lease, 0
         with contextlib.suppress(EtcdUnavailable):  # the lease then expires by itself
-            await self._etcd.revoke_lease(self.lease)
+            await self._etcd.revoke_lease(lease)
 
 
 async def _next_epoch(etcd: Etcd, key: str, guard: dict[str, bytes]) -> int:
