@@ -9,10 +9,15 @@ being written may read either its old or its new contents.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 from volkin.engine import Conflict, MapEngine, Plan
+from volkin.engine import records as rec
 from volkin.engine.memstore import MemoryStore
-from volkin.engine.persist import dump, load
 from volkin.engine.reference import ReferenceModel
+
+T = TypeVar("T")
 
 
 class Divergence(AssertionError):
@@ -27,6 +32,8 @@ class Harness:
         self.model = ReferenceModel(block_size)
         self.check_every_step = check_every_step
         self.plans_run = 0
+        # The records a controller would hold in etcd: only what `take_changes` said.
+        self.stored: dict[rec.RecordKey, rec.Record] = {}
 
     @classmethod
     def filled(cls, names: tuple[str, ...], blocks: int, block_size: int) -> Harness:
@@ -39,30 +46,59 @@ class Harness:
         return h
 
     # -- topology (atomic: one etcd transaction each) ---------------------------
+    def topology(self, operation: Callable[[], T]) -> T:
+        """Runs a topology operation and persists what it says it changed, checking that
+        this is everything it changed: the stored records then equal a full dump, and
+        every segment that moved belongs to a map it named."""
+        before = rec.segments(self.engine.graph)
+        try:
+            return operation()
+        finally:
+            changes = self.engine.take_changes()
+            for key, value in changes.records.items():
+                if value is None:
+                    self.stored.pop(key, None)
+                else:
+                    self.stored[key] = value
+            full = rec.records(self.engine.graph)
+            if self.stored != full:
+                missing = {k for k in full if self.stored.get(k) != full[k]}
+                extra = set(self.stored) - set(full)
+                raise Divergence(f"a topology change did not report every record it changed: "
+                                 f"stale {sorted(missing)}, left over {sorted(extra)}")
+            expected = {k: v for k, v in before.items() if k[0] not in changes.maps}
+            for map_id, segments in changes.maps.items():
+                expected.update({(map_id, i): data for i, data in segments or ()})
+            if expected != rec.segments(self.engine.graph):
+                raise Divergence("a topology change rewrote a map it did not report")
+
     def create_volume(self, name: str, size_blocks: int) -> None:
-        self.engine.create_volume(name, size_blocks, self.block_size)
+        self.topology(lambda: self.engine.create_volume(name, size_blocks, self.block_size))
         self.model.create_volume(name, size_blocks)
 
     def snapshot(self, source: str, name: str) -> None:
-        self.engine.create_snapshot(source, name)
+        self.topology(lambda: self.engine.create_snapshot(source, name))
         self.model.create_snapshot(source, name)
 
     def refresh(self, target: str, source: str) -> None:
-        self.engine.start_refresh(target, source)
+        self.topology(lambda: self.engine.start_refresh(target, source))
         self.model.refresh(target, source)
 
     def delete(self, name: str) -> bool:
         try:
-            deleted = self.engine.delete_volume(name)
+            deleted = self.topology(lambda: self.engine.delete_volume(name))
         except Conflict:
             return False
+        # Freed after the delete is stored; the take is stored after they are freed.
+        taken = self.topology(self.engine.take_released)
+        assert set(deleted.freed_memories) <= set(taken)
         for memory in deleted.freed_memories:
             self.store.forget(memory)
         self.model.delete(name)
         return True
 
     def detach(self, name: str) -> bool:
-        return self.engine.detach_if_real(name)
+        return self.topology(lambda: self.engine.detach_if_real(name))
 
     def finish(self, name: str) -> int:
         """Runs a volume's whole background copy and ends it; returns the blocks copied."""
@@ -74,8 +110,9 @@ class Harness:
         return len(blocks)
 
     def restart(self) -> None:
-        """A controller restart: the engine is rebuilt from the committed maps alone."""
-        self.engine = load(dump(self.engine))
+        """A controller restart: the engine is rebuilt from the stored records and the
+        committed maps alone."""
+        self.engine = MapEngine(rec.load(self.stored, rec.segments(self.engine.graph)))
 
     # -- block operations ---------------------------------------------------------
     def read(self, name: str, block: int) -> bytes:

@@ -18,9 +18,11 @@ from volkin.engine.errors import (
 )
 from volkin.engine.graph import Kind, Link
 from volkin.engine.plan import BitChange, Commit, Copy, Loc, Plan, Read, Step, Write
+from volkin.engine.records import Changes
 
 __all__ = [
     "BitChange",
+    "Changes",
     "Commit",
     "Conflict",
     "Copy",

@@ -19,6 +19,7 @@ from volkin.engine.errors import Conflict, InvalidRequest, VolumeExists, VolumeN
 from volkin.engine.graph import Graph, Kind, Link, Node, Volume
 from volkin.engine.plan import Commit, Plan
 from volkin.engine.planner import PlanBuilder
+from volkin.engine.records import Changes, changes
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,10 @@ class RefreshStarted:
 @dataclass(frozen=True)
 class Deleted:
     name: str
-    freed_memories: tuple[str, ...]  # memories (extents) no node uses any more
+    # Memories (extents) no node uses any more. They stay in the graph's released list
+    # (and its records) until the caller, having persisted the delete, takes them
+    # (`take_released`) to free them: a crash in between frees them on the next start.
+    freed_memories: tuple[str, ...]
 
 
 class MapEngine:
@@ -101,7 +105,7 @@ class MapEngine:
         # A new volume's memory is a sparse extent: valid, and reading zeros.
         node = self.graph.add_node(memory, SegmentedBitmap(size_blocks, True), name)
         volume = Volume(name, uid, Kind.PRIMARY, size_blocks, block_size, memory, node.id)
-        self.graph.volumes[name] = volume
+        self.graph.put_volume(volume)
         self.graph.start_interval(volume, start)
         return self.info(name)
 
@@ -124,12 +128,13 @@ class MapEngine:
                 self.graph.reparent(child, node)
         node.parent, node.link = origin_node.id, Link.SNAPSHOT
         origin_node.children.append(node.id)
+        self.graph.touch_node(origin_node)
         volume = Volume(name, uid, Kind.SNAPSHOT, origin.size_blocks, origin.block_size,
                         memory, node.id)
-        self.graph.volumes[name] = volume
+        self.graph.put_volume(volume)
         self.graph.start_interval(origin, start)
         self.graph.start_interval(volume, start)
-        self.graph.synced[self.graph.sync_key(origin, volume)] = start
+        self.graph.set_synced(self.graph.sync_key(origin, volume), start)
         return self.info(name)
 
     def start_refresh(self, target: str, source: str) -> RefreshStarted:
@@ -164,10 +169,11 @@ class MapEngine:
         src_node = self.graph.nodes[src.node]
         new = self.graph.add_node(dst.memory, valid, dst.name, src_node.id, Link.REFRESH)
         dst.node = new.id
+        self.graph.touch_volume(dst)
         self.graph.make_ghost(old)
         self.graph.start_interval(src, start)
         self.graph.start_interval(dst, start, replaced)
-        self.graph.synced[key] = start
+        self.graph.set_synced(key, start)
         self.graph.compact_intervals(src)
         self.graph.compact_intervals(dst)
         return RefreshStarted(target, source, since is not None, dst.size_blocks - valid.count())
@@ -199,19 +205,25 @@ class MapEngine:
         for ghost in self.graph.nodes_of_memory(volume.memory):
             self.graph.remove_node(ghost)  # a ghost with no readers left
         self.graph.drop_intervals(volume)
-        del self.graph.volumes[name]
+        self.graph.drop_volume(name)
         related = {uid for key in self.graph.synced if volume.uid in key for uid in key}
         for key in [k for k in self.graph.synced if volume.uid in k]:
-            del self.graph.synced[key]
+            self.graph.drop_synced(key)
         for survivor in self.graph.volumes.values():
             if survivor.uid in related:
                 self.graph.compact_intervals(survivor)
-        return Deleted(name, tuple(self.take_released()))
+        return Deleted(name, tuple(self.graph.released))
+
+    def take_changes(self) -> Changes:
+        """The records the topology operations since the last call changed, for the caller
+        to persist in one transaction (and the maps those operations created, rewrote or
+        dropped). Bits set by `apply` are not in it: the commits carry those."""
+        return changes(self.graph, self.graph.take_touched())
 
     def take_released(self) -> list[str]:
-        """Memories (extents) that no volume uses any more; the caller frees them."""
-        released, self.graph.released = self.graph.released, []
-        return released
+        """Memories (extents) that no volume uses any more; the caller frees them, after it
+        persisted the change that released them and before it persists this take."""
+        return self.graph.take_released()
 
     def _dependent_volumes(self, node: Node) -> Iterator[str]:
         for child_id in node.children:

@@ -81,8 +81,35 @@ class Volume:
 
 
 @dataclass
+class Touched:
+    """What topology changes touched since the caller last took them (`Graph.take_touched`).
+
+    Each entry names a record that may have changed or gone; the records themselves
+    are read from the graph when the caller takes them (`persist.changes`), so a
+    record touched twice is written once, with its final value. `maps` are maps whose
+    size, default or contents a topology change set (creating, merging or dropping
+    them); bits set by plans' commits are not here: the commits carry those.
+    """
+
+    engine: bool = False  # the clock or the id counter moved
+    volumes: set[str] = field(default_factory=set)
+    nodes: set[int] = field(default_factory=set)
+    maps: set[str] = field(default_factory=set)
+    synced: set[tuple[int, int]] = field(default_factory=set)
+    released: set[str] = field(default_factory=set)
+
+    def __bool__(self) -> bool:
+        return bool(self.engine or self.volumes or self.nodes or self.maps or self.synced
+                    or self.released)
+
+
+@dataclass
 class Graph:
-    """Everything the engine knows: nodes, volumes, maps and reference points."""
+    """Everything the engine knows: nodes, volumes, maps and reference points.
+
+    Every change to the graph's records goes through a method here or names what it
+    changed in `touched`, so that the caller can persist exactly those records.
+    """
 
     clock: int = 0  # logical time; advances at every topology change
     next_id: int = 1
@@ -95,19 +122,62 @@ class Graph:
     by_memory: dict[str, list[int]] = field(default_factory=dict)
     # Memories no node uses any more, for the caller to free (`take_released`).
     released: list[str] = field(default_factory=list)
+    touched: Touched = field(default_factory=Touched)
+
+    def take_touched(self) -> Touched:
+        touched, self.touched = self.touched, Touched()
+        return touched
 
     def new_id(self) -> int:
         value = self.next_id
         self.next_id += 1
+        self.touched.engine = True
         return value
 
     def tick(self) -> int:
         self.clock += 1
+        self.touched.engine = True
         return self.clock
 
     def add_map(self, map_id: str, bitmap: SegmentedBitmap) -> str:
         self.maps[map_id] = bitmap
+        self.touched.maps.add(map_id)
         return map_id
+
+    def replace_map(self, map_id: str, bitmap: SegmentedBitmap) -> None:
+        self.maps[map_id] = bitmap
+        self.touched.maps.add(map_id)
+
+    def drop_map(self, map_id: str) -> None:
+        del self.maps[map_id]
+        self.touched.maps.add(map_id)
+
+    def put_volume(self, volume: Volume) -> None:
+        self.volumes[volume.name] = volume
+        self.touched.volumes.add(volume.name)
+
+    def drop_volume(self, name: str) -> None:
+        del self.volumes[name]
+        self.touched.volumes.add(name)
+
+    def touch_volume(self, volume: Volume) -> None:
+        self.touched.volumes.add(volume.name)
+
+    def touch_node(self, node: Node) -> None:
+        self.touched.nodes.add(node.id)
+
+    def set_synced(self, key: tuple[int, int], start: int) -> None:
+        self.synced[key] = start
+        self.touched.synced.add(key)
+
+    def drop_synced(self, key: tuple[int, int]) -> None:
+        del self.synced[key]
+        self.touched.synced.add(key)
+
+    def take_released(self) -> list[str]:
+        released, self.released = self.released, []
+        self.touched.released.update(released)
+        return released
 
     def add_node(self, memory: str, valid: SegmentedBitmap, volume: str | None,
                  parent: int | None = None, link: Link | None = None) -> Node:
@@ -115,9 +185,11 @@ class Graph:
         node = Node(node_id, memory, self.add_map(f"valid/{node_id}", valid),
                     parent=parent, link=link, volume=volume)
         self.nodes[node_id] = node
+        self.touched.nodes.add(node_id)
         self.by_memory.setdefault(memory, []).append(node_id)
         if parent is not None:
             self.nodes[parent].children.append(node_id)
+            self.touched.nodes.add(parent)
         return node
 
     def nodes_of_memory(self, memory: str) -> list[Node]:
@@ -126,17 +198,21 @@ class Graph:
     def reparent(self, child: Node, parent: Node) -> None:
         if child.parent is not None:
             self.nodes[child.parent].children.remove(child.id)
+            self.touched.nodes.add(child.parent)
         child.parent = parent.id
         parent.children.append(child.id)
+        self.touched.nodes.update((child.id, parent.id))
 
     def detach(self, node: Node) -> None:
         """Stops `node` reading through its parent; drops ghosts nobody reads any more."""
         parent_id = node.parent
         node.parent = None
         node.link = None
+        self.touched.nodes.add(node.id)
         if parent_id is not None:
             parent = self.nodes[parent_id]
             parent.children.remove(node.id)
+            self.touched.nodes.add(parent_id)
             self.drop_if_unused(parent)
 
     def drop_if_unused(self, node: Node) -> None:
@@ -147,12 +223,14 @@ class Graph:
         if node.children:
             raise AssertionError(f"node {node.id} still has children {node.children}")
         del self.nodes[node.id]
-        del self.maps[node.valid]
+        self.touched.nodes.add(node.id)
+        self.drop_map(node.valid)
         sharing = self.by_memory[node.memory]
         sharing.remove(node.id)
         if not sharing:
             del self.by_memory[node.memory]
             self.released.append(node.memory)
+            self.touched.released.add(node.memory)
         self.detach(node)
 
     def make_ghost(self, node: Node) -> None:
@@ -166,6 +244,7 @@ class Graph:
         before the other is, and the spill is the third place a swap needs.
         """
         node.volume = None
+        self.touched.nodes.add(node.id)
         if not node.children:
             self.remove_node(node)
             return
@@ -193,6 +272,7 @@ class Graph:
         if replaced is not None:
             replaced_id = self.add_map(f"replaced/{volume.uid}/{start}", replaced)
         volume.intervals.append(Interval(start, modified, replaced_id))
+        self.touched.volumes.add(volume.name)
 
     def modified_since(self, volume: Volume, start: int) -> SegmentedBitmap:
         """Blocks whose contents may have changed after reference point `start`.
@@ -229,16 +309,19 @@ class Graph:
                 merged = target.combine(self.maps[interval.modified], "or")
                 if interval.replaced is not None:
                     merged = merged.combine(self.maps[interval.replaced], "or")
-                self.maps[kept[-1].modified] = merged
+                self.replace_map(kept[-1].modified, merged)
             self._drop_interval_maps(interval)
+        if len(kept) != len(volume.intervals):
+            self.touched.volumes.add(volume.name)
         volume.intervals = kept
 
     def drop_intervals(self, volume: Volume) -> None:
         for interval in volume.intervals:
             self._drop_interval_maps(interval)
         volume.intervals = []
+        self.touched.volumes.add(volume.name)
 
     def _drop_interval_maps(self, interval: Interval) -> None:
-        del self.maps[interval.modified]
+        self.drop_map(interval.modified)
         if interval.replaced is not None:
-            del self.maps[interval.replaced]
+            self.drop_map(interval.replaced)
