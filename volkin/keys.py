@@ -44,9 +44,36 @@ class Keys:
     def agent(self, node_id: str) -> str:
         return f"{self.agents}{node_id}"
 
-    # -- volumes, maps, placement and jobs -------------------------------------------
+    # -- the engine's records (volkin/engine/records.py) ----------------------------------
+    @property
+    def layout(self) -> str:
+        """Which layout of records this prefix holds (JSON: {"layout": 2})."""
+        return f"{self.prefix}/layout"
+
+    # kind of engine record -> the prefix of its keys (the record's name follows it)
+    _RECORD_DIRS = {"engine": "engine", "volume": "volumes/", "node": "nodes/",
+                    "map": "map-meta/", "synced": "synced/", "released": "released/"}
+
+    def record(self, kind: str, name: str) -> str:
+        """The key of the engine record (kind, name), e.g. ("volume", "V1") -> volumes/V1."""
+        return f"{self.prefix}/{self._RECORD_DIRS[kind]}{name}"
+
+    def record_prefix(self, kind: str) -> str:
+        return f"{self.prefix}/{self._RECORD_DIRS[kind]}"
+
+    def record_of(self, key: str) -> tuple[str, str] | None:
+        """The (kind, name) of an engine record's key, or None if it is not one."""
+        rest = key[len(self.prefix) + 1:] if key.startswith(self.prefix + "/") else ""
+        for kind, directory in self._RECORD_DIRS.items():
+            if directory.endswith("/") and rest.startswith(directory):
+                return kind, rest[len(directory):]
+            if rest == directory:
+                return kind, ""
+        return None
+
     @property
     def topology(self) -> str:
+        """The previous layout's single record of the whole graph (migrated at start)."""
         return f"{self.prefix}/topology"
 
     @property
@@ -59,7 +86,16 @@ class Keys:
 
     @property
     def placement(self) -> str:
+        """The previous layout's single placement record (migrated at start)."""
         return f"{self.prefix}/placement"
+
+    @property
+    def extents(self) -> str:
+        """Prefix of the placement records: memory -> (agent node id, extent id)."""
+        return f"{self.prefix}/extents/"
+
+    def extent(self, memory: str) -> str:
+        return f"{self.extents}{memory}"
 
     @property
     def jobs(self) -> str:

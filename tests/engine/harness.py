@@ -120,10 +120,29 @@ class Harness:
         assert data is not None
         return data
 
+    def _check_family(self, name: str, plan: Plan) -> None:
+        """Every memory a plan touches belongs to its volume's family: what makes locking
+        (family, block) enough."""
+        family = self.engine.family(name)
+        graph = self.engine.graph
+        members = {n.memory for n in graph.nodes.values()
+                   if n.id in graph._component(family)}
+        for step in plan.steps:
+            for loc in (getattr(step, "source", None), getattr(step, "target", None)):
+                if loc is not None and loc.memory not in members:
+                    raise Divergence(f"{plan} touches {loc.memory}, outside the family of "
+                                     f"{name}")
+            for change in getattr(step, "changes", ()):
+                owners = {n.memory for n in graph.nodes.values() if n.valid == change.map_id}
+                if owners and not owners <= members:
+                    raise Divergence(f"{plan} changes map {change.map_id} outside the family "
+                                     f"of {name}")
+
     def write(self, name: str, block: int, offset: int, data: bytes,
               crash_after: int | None = None) -> Plan:
         whole = offset == 0 and len(data) == self.block_size
         plan = self.engine.plan_write(name, block, whole_block=whole)
+        self._check_family(name, plan)
         old = self.model.read(name, block)
         self.model.write(name, block, offset, data)
         new = self.model.read(name, block)
@@ -141,6 +160,7 @@ class Harness:
 
     def background(self, name: str, block: int, crash_after: int | None = None) -> Plan:
         plan = self.engine.plan_background(name, block)
+        self._check_family(name, plan)
         if not self._run(plan, b"", 0, crash_after, None):
             self.restart()
         return plan

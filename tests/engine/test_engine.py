@@ -325,3 +325,31 @@ def test_modified_maps_do_not_pile_up_as_snapshots_come_and_go() -> None:
     h.model.refresh("v", "s")
     assert started.incremental and started.blocks_to_copy == 1
     h.check_all()
+
+
+# -- families: the unit of locking ------------------------------------------------------
+def test_volumes_joined_by_a_snapshot_or_a_refresh_are_one_family_until_the_copy_ends() -> None:
+    h = filled(("v1", "v2", "v3"))
+    e = h.engine
+    assert len({e.family("v1"), e.family("v2"), e.family("v3")}) == 3  # unrelated
+    h.snapshot("v2", "s2")
+    assert e.family("s2") == e.family("v2") != e.family("v1")
+    h.refresh("v2", "v1")  # v2 now reads through v1; s2 through v2's old contents
+    assert e.family("v1") == e.family("v2") == e.family("s2") != e.family("v3")
+    finish(h, "v2")
+    finish(h, "s2")
+    assert e.family("v1") != e.family("v2")  # independent again
+    assert e.family("v3") not in (e.family("v1"), e.family("v2"))
+    h.check_all()
+
+
+def test_a_family_outlives_a_deleted_member_only_while_something_reads_through() -> None:
+    h = filled(("v1",))
+    h.snapshot("v1", "s1")
+    family = h.engine.family("v1")
+    assert h.engine.family("s1") == family
+    finish(h, "s1")  # s1 real: nothing joins them any more
+    assert h.engine.family("s1") != h.engine.family("v1")
+    assert h.delete("v1")
+    with pytest.raises(VolumeNotFound):
+        h.engine.family("v1")

@@ -70,6 +70,14 @@ class MapEngine:
             raise VolumeNotFound(base)
         return volume
 
+    def family(self, name: str) -> int:
+        """The lock unit of volume `name`'s plans, with the block: (family, block). Plans
+        and topology changes of different families never touch the same memory or map,
+        so they may run at once; a topology change locks the families of every volume
+        it names, as they are before it runs (`Graph.family`)."""
+        self.volume(name)  # VolumeNotFound first
+        return self.graph.family(name)
+
     def live_node(self, name: str) -> Node:
         return self.graph.nodes[self.volume(name).node]
 

@@ -123,6 +123,43 @@ class Graph:
     # Memories no node uses any more, for the caller to free (`take_released`).
     released: list[str] = field(default_factory=list)
     touched: Touched = field(default_factory=Touched)
+    # Bumped by every change to which node reads through which, or which volume is
+    # which node: what families are made of (`family`).
+    generation: int = 0
+    _families: dict[str, int] = field(default_factory=dict)
+    _families_generation: int = -1
+
+    def family(self, name: str) -> int:
+        """The family of volume `name`: the smallest node id among the nodes connected
+        to its live node by reading through one another or by sharing a memory. Plans
+        and topology changes of different families never touch the same memory or map.
+        The id holds until the next topology change of that family."""
+        if self._families_generation != self.generation:
+            self._families = {}
+            self._families_generation = self.generation
+        found = self._families.get(name)
+        if found is None:
+            members = self._component(self.volumes[name].node)
+            found = min(members)
+            for node_id in members:
+                volume = self.nodes[node_id].volume
+                if volume is not None:
+                    self._families[volume] = found
+        return found
+
+    def _component(self, start: int) -> set[int]:
+        seen = {start}
+        todo = [start]
+        while todo:
+            node = self.nodes[todo.pop()]
+            around = [*node.children, *self.by_memory.get(node.memory, ())]
+            if node.parent is not None:
+                around.append(node.parent)
+            for other in around:
+                if other not in seen:
+                    seen.add(other)
+                    todo.append(other)
+        return seen
 
     def take_touched(self) -> Touched:
         touched, self.touched = self.touched, Touched()
@@ -155,16 +192,20 @@ class Graph:
     def put_volume(self, volume: Volume) -> None:
         self.volumes[volume.name] = volume
         self.touched.volumes.add(volume.name)
+        self.generation += 1
 
     def drop_volume(self, name: str) -> None:
         del self.volumes[name]
         self.touched.volumes.add(name)
+        self.generation += 1
 
     def touch_volume(self, volume: Volume) -> None:
         self.touched.volumes.add(volume.name)
+        self.generation += 1
 
     def touch_node(self, node: Node) -> None:
         self.touched.nodes.add(node.id)
+        self.generation += 1
 
     def set_synced(self, key: tuple[int, int], start: int) -> None:
         self.synced[key] = start
@@ -186,6 +227,7 @@ class Graph:
                     parent=parent, link=link, volume=volume)
         self.nodes[node_id] = node
         self.touched.nodes.add(node_id)
+        self.generation += 1
         self.by_memory.setdefault(memory, []).append(node_id)
         if parent is not None:
             self.nodes[parent].children.append(node_id)
@@ -202,6 +244,7 @@ class Graph:
         child.parent = parent.id
         parent.children.append(child.id)
         self.touched.nodes.update((child.id, parent.id))
+        self.generation += 1
 
     def detach(self, node: Node) -> None:
         """Stops `node` reading through its parent; drops ghosts nobody reads any more."""
@@ -209,6 +252,7 @@ class Graph:
         node.parent = None
         node.link = None
         self.touched.nodes.add(node.id)
+        self.generation += 1
         if parent_id is not None:
             parent = self.nodes[parent_id]
             parent.children.remove(node.id)
@@ -224,6 +268,7 @@ class Graph:
             raise AssertionError(f"node {node.id} still has children {node.children}")
         del self.nodes[node.id]
         self.touched.nodes.add(node.id)
+        self.generation += 1
         self.drop_map(node.valid)
         sharing = self.by_memory[node.memory]
         sharing.remove(node.id)
@@ -245,6 +290,7 @@ class Graph:
         """
         node.volume = None
         self.touched.nodes.add(node.id)
+        self.generation += 1
         if not node.children:
             self.remove_node(node)
             return
