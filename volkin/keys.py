@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DEFAULT_PREFIX = "/volkin"
+# Kind of engine record -> the prefix of its keys (the record's name follows it).
+_RECORD_DIRS = {"engine": "engine", "volume": "volumes/", "node": "nodes/",
+                "map": "map-meta/", "synced": "synced/", "released": "released/"}
 
 
 @dataclass(frozen=True)
@@ -50,21 +53,17 @@ class Keys:
         """Which layout of records this prefix holds (JSON: {"layout": 2})."""
         return f"{self.prefix}/layout"
 
-    # kind of engine record -> the prefix of its keys (the record's name follows it)
-    _RECORD_DIRS = {"engine": "engine", "volume": "volumes/", "node": "nodes/",
-                    "map": "map-meta/", "synced": "synced/", "released": "released/"}
-
     def record(self, kind: str, name: str) -> str:
         """The key of the engine record (kind, name), e.g. ("volume", "V1") -> volumes/V1."""
-        return f"{self.prefix}/{self._RECORD_DIRS[kind]}{name}"
+        return f"{self.prefix}/{_RECORD_DIRS[kind]}{name}"
 
     def record_prefix(self, kind: str) -> str:
-        return f"{self.prefix}/{self._RECORD_DIRS[kind]}"
+        return f"{self.prefix}/{_RECORD_DIRS[kind]}"
 
     def record_of(self, key: str) -> tuple[str, str] | None:
         """The (kind, name) of an engine record's key, or None if it is not one."""
         rest = key[len(self.prefix) + 1:] if key.startswith(self.prefix + "/") else ""
-        for kind, directory in self._RECORD_DIRS.items():
+        for kind, directory in _RECORD_DIRS.items():
             if directory.endswith("/") and rest.startswith(directory):
                 return kind, rest[len(directory):]
             if rest == directory:
