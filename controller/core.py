@@ -1,10 +1,21 @@
 """The controller's core in one event loop: volumes, their byte I/O and background copies.
 
-`Core` ties the engine, the etcd map store, the plan executor and the block
-locks together. Topology operations change the engine and store it (one
-transaction); byte I/O splits a request into blocks and runs their plans under those
-blocks' locks; a background copy (`controller.jobs`) copies one block at a time
-with `copy_block`, then `finish_copy` detaches the volume.
+`Core` ties the engine, the etcd map store, the plan executor and the family
+locks together. A topology operation holds the families of the volumes it names
+(`controller.locks`), changes the engine, and stores what the engine says it
+changed in one transaction before it lets go; byte I/O splits a request into
+blocks and runs their plans holding the volume's family shared and those blocks;
+a background copy (`controller.jobs`) copies one block at a time with
+`copy_block`, then `finish_copy` detaches the volume.
+
+Creating a volume holds no lock at all (it is a family of its own): its extent is
+created on the agent while the volume is hidden from NBD, and it is shown once
+its records are stored. A change the engine made but etcd did not take means
+this controller's view is no longer etcd's: the term ends (the next one reloads).
+
+Memories no volume uses any more are freed on their agents after the change that
+released them is stored, and their records deleted after that
+(`free_released`), so a crash in between frees them on the next term.
 
 Writes that cover part of a block are passed on as they are when they are in
 whole 512-byte sectors; anything finer is read-modify-write of the block under
@@ -13,31 +24,39 @@ its lock.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Mapping
 
 from controller.agents import AgentClient
-from controller.executor import EXTENT_BLOCK, BlockLocks, PlanExecutor
-from controller.mapstore import GroupCommit, MapStore
-from controller.placement import Placement
+from controller.executor import EXTENT_BLOCK, PlanExecutor
+from controller.fence import Deposed
+from controller.locks import FamilyLocks
+from controller.mapstore import GroupCommit, MapStore, Pending
+from controller.placement import ExtentRef, Placement
 from volkin.engine import Loc, MapEngine, Read, RefreshStarted, VolumeInfo, Write
 from volkin.errors import InvalidArgument, NotFound, OutOfRange
 from volkin.etcd import EtcdUnavailable
+from volkin.keys import Keys
+
+# Given the refresh as the engine started it: other keys to store with it (a job).
+RefreshRecords = Callable[[RefreshStarted], Mapping[str, bytes]]
 
 
 class Core:
     def __init__(self, engine: MapEngine, store: MapStore, placement: Placement,
-                 agents: AgentClient,
-                 persist_placement: Callable[[Placement], Awaitable[None]] | None = None,
-                 ) -> None:
+                 agents: AgentClient, keys: Keys | None = None) -> None:
         self.engine = engine
         self.store = store
         self.placement = placement
         self.agents = agents
         self.fence = agents.fence
+        self.keys = keys or Keys()
         self.executor = PlanExecutor(engine, GroupCommit(store, engine), placement, agents,
-                                     persist_placement)
-        self.locks = BlockLocks()
+                                     self._persist_placement)
+        self.locks = FamilyLocks(engine)
+        self.hidden: set[str] = set()  # created, not yet stored: not served
+        self._freeing = asyncio.Lock()
 
     async def refresh_agents(self) -> None:
         """Learns the agents registered now (before placing a new memory)."""
@@ -48,6 +67,23 @@ class Core:
     async def close(self) -> None:
         await self.executor.close()
 
+    async def _persist_placement(self, memory: str, ref: ExtentRef) -> None:
+        await self.store.put(self.keys.extent(memory), Placement.record(ref))
+
+    async def _store(self, pending: Pending, put: Mapping[str, bytes] | None = None,
+                     delete: tuple[str, ...] = ()) -> None:
+        """Stores a topology change the engine already made; if etcd does not take it,
+        this term's view is no longer etcd's, and the term ends."""
+        try:
+            await self.store.write(pending, put, delete)
+        except Deposed:
+            raise
+        except BaseException as exc:
+            reason = getattr(exc, "message", None) or repr(exc)
+            self.fence.depose(f"a topology change could not be stored ({reason}); the next "
+                              f"term reloads the volumes from etcd")
+            raise
+
     # -- topology ------------------------------------------------------------------
     async def create_volume(self, name: str, size_bytes: int, block_size: int) -> VolumeInfo:
         if block_size % EXTENT_BLOCK or size_bytes % block_size:
@@ -55,50 +91,78 @@ class Core:
                 f"size {size_bytes} must be a multiple of the block size {block_size}, "
                 f"itself a multiple of {EXTENT_BLOCK}")
         await self.refresh_agents()
-        async with self.locks.exclusive():
-            info = self.engine.create_volume(name, size_bytes // block_size, block_size)
+        info = self.engine.create_volume(name, size_bytes // block_size, block_size)
+        pending = self.store.take(self.engine)
+        self.hidden.add(name)
+        try:
             try:
                 await self.executor.create_memory(info.memory, size_bytes)
-            except Exception:
-                self.engine.delete_volume(name)  # nothing was stored: forget it again
+            except BaseException:
+                # Not stored: take it back. Its records were never written; the delete
+                # stores the memory as released, so a half-made extent is freed too.
+                self.engine.delete_volume(name)
+                undo = self.store.take(self.engine)
+                await self.store.write(pending, skip=True)
+                await self._store(undo)
                 raise
-            await self.store.save(self.engine)
+            await self._store(pending)
+        finally:
+            self.hidden.discard(name)
         return info
 
     async def create_snapshot(self, source: str, name: str) -> VolumeInfo:
         # No agent call: the snapshot's extent is created by the first copy or
         # write into it, so a snapshot costs one etcd transaction and nothing else.
         await self.refresh_agents()
-        async with self.locks.exclusive():
+        async with self.locks.topology(source):
             info = self.engine.create_snapshot(source, name)
-            await self.store.save(self.engine)
+            await self._store(self.store.take(self.engine))
         return info
 
-    async def start_refresh(self, target: str, source: str) -> RefreshStarted:
-        async with self.locks.exclusive():
+    async def start_refresh(self, target: str, source: str,
+                            records: RefreshRecords | None = None) -> RefreshStarted:
+        """`target` becomes a PIT copy of `source`; `records` names keys to store in the
+        same transaction (the job that copies it)."""
+        async with self.locks.topology(target, source):
             started = self.engine.start_refresh(target, source)
-            await self.store.save(self.engine)
+            pending = self.store.take(self.engine)
+            await self._store(pending, records(started) if records else None)
         return started
 
     async def delete_volume(self, name: str) -> None:
-        async with self.locks.exclusive():
-            deleted = self.engine.delete_volume(name)
-            await self.store.save(self.engine)
-        await self.executor.release(list(deleted.freed_memories))
+        async with self.locks.topology(name):
+            self.engine.delete_volume(name)
+            await self._store(self.store.take(self.engine))
+        await self.free_released()
 
     async def copy_block(self, name: str, block: int) -> None:
         """One step of a background copy (Fig 7): block `block` of `name` becomes its own."""
-        async with self.locks.hold(block):
+        async with self.locks.plan(name, [block]):
             await self.executor.run(self.engine.plan_background(name, block))
 
     async def finish_copy(self, name: str) -> None:
         """Detaches `name` from its source if every block is its own, and frees what
         no volume needs any more."""
-        async with self.locks.exclusive():
+        async with self.locks.topology(name):
             self.engine.detach_if_real(name)
-            await self.store.save(self.engine)
-            released = self.engine.take_released()
-        await self.executor.release(released)
+            await self._store(self.store.take(self.engine))
+        await self.free_released()
+
+    async def free_released(self) -> None:
+        """Deletes the extents of released memories on their agents, then their records.
+        A failure leaves the rest for next time (the records say what is left)."""
+        async with self._freeing:
+            memories = list(self.engine.graph.released)
+            freed: list[str] = []
+            try:
+                for memory in memories:
+                    await self.executor.free(memory)
+                    freed.append(memory)
+            finally:
+                if freed:
+                    self.engine.take_released(freed)
+                    pending = self.store.take(self.engine)
+                    await self._store(pending, delete=tuple(self.keys.extent(m) for m in freed))
 
     # -- byte I/O ------------------------------------------------------------------
     def identity(self, name: str) -> tuple[int, int]:
@@ -110,7 +174,7 @@ class Core:
         """Raises NotFound unless `name` is still the volume with unique id `uid` (it may
         have been deleted, and another created under its name)."""
         volume = self.engine.graph.volumes.get(name)
-        if volume is None or volume.uid != uid:
+        if volume is None or volume.uid != uid or name in self.hidden:
             raise NotFound(f"volume {name!r} this connection was opened on no longer exists")
 
     def size(self, name: str) -> int:
@@ -136,7 +200,7 @@ class Core:
         spans = self._spans(name, offset, length)
         block_size = self.engine.volume(name).block_size
         out = []
-        async with self.locks.hold_many(block for block, _, _ in spans):
+        async with self.locks.plan(name, (block for block, _, _ in spans)):
             # Blocks that resolve to consecutive blocks of one memory are read in one call.
             locations = [self._read_location(name, block) for block, _, _ in spans]
             for run, (memory, first) in _runs(locations):
@@ -154,7 +218,7 @@ class Core:
     async def write(self, name: str, offset: int, data: bytes, fua: bool = False) -> None:
         spans = self._spans(name, offset, len(data))
         block_size = self.engine.volume(name).block_size
-        async with self.locks.hold_many(block for block, _, _ in spans):
+        async with self.locks.plan(name, (block for block, _, _ in spans)):
             plain: list[tuple[Loc, bytes]] = []  # whole blocks whose plan is only the write
             position = 0
             for block, inside, take in spans:

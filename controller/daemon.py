@@ -29,6 +29,7 @@ from grpc_health.v1._async import HealthServicer
 
 from controller.config import ControllerConfig, advertised
 from controller.leadership import Leadership
+from controller.mapstore import LayoutError
 from controller.nbd.server import NbdServer
 from controller.service import AdminService
 from controller.term import Term
@@ -100,6 +101,8 @@ async def _one_term(config: ControllerConfig, client: etcd.Etcd, keys: Keys,
     try:
         try:
             term = await Term.begin(config, client, keys, fence)
+        except LayoutError:
+            raise  # not a passing fault: this version must not serve this cluster
         except VolkinError as exc:
             event(_log, "controller.term_failed", logging.ERROR, node=config.node_id,
                   epoch=fence.epoch, error=exc.message)
@@ -120,6 +123,8 @@ async def _one_term(config: ControllerConfig, client: etcd.Etcd, keys: Keys,
         stop = asyncio.create_task(stopping.wait())
         await asyncio.wait([keeping, stop], return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()
+    except LayoutError:
+        raise
     except VolkinError as exc:  # deposed while starting to serve
         event(_log, "controller.term_failed", logging.ERROR, node=config.node_id,
               epoch=fence.epoch, error=exc.message)

@@ -11,7 +11,7 @@ Each step of a `Plan` becomes one call:
 Steps run strictly in order, which keeps the durability order of the plan: a
 copy is durable (the agent fsyncs before it answers) before the commit that
 validates it, and that commit is in etcd before the write that overwrites what
-it preserved. `BlockLocks` serialises plans per block (`Plan.unit`).
+it preserved. The caller holds the plan's (family, block) lock (`controller.locks`).
 
 Extents are created when a memory is first used: a primary volume's when it is
 created, a snapshot's or a spill memory's by the first copy or write into it. Data offsets are byte
@@ -22,10 +22,8 @@ read-modify-write).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 
 from controller.agents import AgentClient
 from controller.batching import Batcher
@@ -39,106 +37,20 @@ EXTENT_BLOCK = 512
 MAX_WRITE = 4 << 20  # the agent's largest Write message
 
 
-class BlockLocks:
-    """One lock per block index, and a gate between block plans and topology changes.
-
-    Plans of the same unit never overlap; plans of different units run at once.
-    A topology operation (snapshot, refresh, delete, detach) changes the graph
-    every plan was computed from, so it runs `exclusive()`: it waits until no plan
-    is in flight, and plans that arrive meanwhile wait for it (it is never starved).
-
-    A lock exists only while someone holds or waits for it, so a job over a 1 TiB
-    volume does not leave 16 million locks behind. Several blocks are always taken
-    in ascending order, so two holders of several blocks cannot deadlock.
-    """
-
-    def __init__(self) -> None:
-        self._locks: dict[int, tuple[asyncio.Lock, int]] = {}
-        self._gate = asyncio.Condition()
-        self._plans = 0  # holders of block locks
-        self._topology_waiting = 0
-        self._topology = False
-
-    @asynccontextmanager
-    async def exclusive(self) -> AsyncIterator[None]:
-        async with self._gate:
-            self._topology_waiting += 1
-            try:
-                await self._gate.wait_for(lambda: self._plans == 0 and not self._topology)
-            finally:
-                self._topology_waiting -= 1
-            self._topology = True
-        try:
-            yield
-        finally:
-            async with self._gate:
-                self._topology = False
-                self._gate.notify_all()
-
-    async def _enter_plans(self) -> None:
-        async with self._gate:
-            await self._gate.wait_for(
-                lambda: not self._topology and not self._topology_waiting)
-            self._plans += 1
-
-    async def _leave_plans(self) -> None:
-        async with self._gate:
-            self._plans -= 1
-            self._gate.notify_all()
-
-    def __len__(self) -> int:
-        return len(self._locks)
-
-    @asynccontextmanager
-    async def hold(self, unit: int) -> AsyncIterator[None]:
-        async with self.hold_many([unit]):
-            yield
-
-    @asynccontextmanager
-    async def hold_many(self, units: Iterable[int]) -> AsyncIterator[None]:
-        await self._enter_plans()
-        held: list[int] = []
-        try:
-            for unit in sorted(set(units)):
-                lock = self._ref(unit)
-                try:
-                    await lock.acquire()
-                except BaseException:
-                    self._unref(unit)
-                    raise
-                held.append(unit)
-            yield
-        finally:
-            for unit in reversed(held):
-                self._locks[unit][0].release()
-                self._unref(unit)
-            await self._leave_plans()
-
-    def _ref(self, unit: int) -> asyncio.Lock:
-        lock, users = self._locks.get(unit) or (asyncio.Lock(), 0)
-        self._locks[unit] = (lock, users + 1)
-        return lock
-
-    def _unref(self, unit: int) -> None:
-        lock, users = self._locks[unit]
-        if users == 1:
-            del self._locks[unit]
-        else:
-            self._locks[unit] = (lock, users - 1)
-
-
 _CopyKey = tuple[str, str, str, str]  # target node, target extent, source extent, source node
 
 
 class PlanExecutor:
     def __init__(self, engine: MapEngine, group: GroupCommit, placement: Placement,
                  agents: AgentClient,
-                 persist_placement: Callable[[Placement], Awaitable[None]] | None = None) -> None:
+                 persist_placement: Callable[[str, ExtentRef], Awaitable[None]] | None = None,
+                 ) -> None:
         self.engine = engine
         self._group = group
         self._placement = placement
         self.agents = agents
-        # Called after a new memory is placed and before its extent is created.
+        # Called after a new memory is placed and before its extent is created: the
+        # placement is in etcd before there is anything on an agent to find.
         self._persist_placement = persist_placement
         self._created: set[str] = set()
         # Concurrent copies between the same two extents share one agent call and one fsync.
@@ -151,21 +63,24 @@ class PlanExecutor:
         new = self._placement.extent_of(memory) is None
         ref = self._placement.place(memory)
         if new and self._persist_placement is not None:
-            await self._persist_placement(self._placement)
+            try:
+                await self._persist_placement(memory, ref)
+            except BaseException:
+                self._placement.forget(memory)
+                raise
         if memory not in self._created:
             await self.agents.create_extent(ref.node_id, ref.extent_id, size_bytes, EXTENT_BLOCK)
             self._created.add(memory)
         return ref
 
-    async def release(self, memories: list[str]) -> None:
-        """Deletes the extents of memories no volume uses any more."""
-        for memory in memories:
-            ref = self._placement.forget(memory)
-            if ref is not None:
-                await self.agents.delete_extent(ref.node_id, ref.extent_id)
-                self._created.discard(memory)
-        if memories and self._persist_placement is not None:
-            await self._persist_placement(self._placement)
+    async def free(self, memory: str) -> None:
+        """Deletes the extent of a memory no volume uses any more (if it has one); the
+        caller then deletes its placement record."""
+        ref = self._placement.extent_of(memory)
+        if ref is not None:
+            await self.agents.delete_extent(ref.node_id, ref.extent_id)
+            self._placement.forget(memory)
+        self._created.discard(memory)
 
     async def run(self, plan: Plan, data: bytes = b"", offset: int = 0,
                   fua: bool = False) -> bytes | None:

@@ -33,6 +33,7 @@ from controller.agents import CALL_BUDGET
 from controller.core import Core
 from controller.fence import Deposed
 from controller.guarded import GuardedEtcd
+from volkin.engine import RefreshStarted
 from volkin.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -202,13 +203,28 @@ class Jobs:
     async def start_refresh(self, target: str, source: str, rate: int) -> JobRecord:
         if rate < 0:
             raise InvalidArgument(f"rate must be >= 0 bytes per second, got {rate}")
-        started = await self._core.start_refresh(target, source)
-        for other in list(self._records.values()):
-            if other.target == target and other.state in (JobState.RUNNING, JobState.PAUSED):
-                await self._finish(other, JobState.DONE, "superseded by a newer refresh")
-        record = JobRecord(await self._new_id(), "refresh", target, source,
-                           started.blocks_to_copy, rate)
-        await self._store(record)
+        job_id = await self._new_id()
+        superseded = [replace(other, state=JobState.DONE, error="superseded by a newer refresh")
+                      for other in self._records.values()
+                      if other.target == target
+                      and other.state in (JobState.RUNNING, JobState.PAUSED)]
+        made: list[JobRecord] = []
+
+        def records(started: RefreshStarted) -> dict[str, bytes]:
+            # The job is stored in the refresh's own transaction: a refresh is never
+            # stored without the job that finishes it.
+            made.append(JobRecord(job_id, "refresh", target, source, started.blocks_to_copy,
+                                  rate))
+            return {self._keys.job(r.id): r.to_json() for r in [*superseded, *made]}
+
+        await self._core.start_refresh(target, source, records)
+        for old in superseded:
+            self._stop_task(old.id)
+            self._records[old.id] = old
+            event(_log, "job.finished", job=old.id, state=old.state.value, target=old.target,
+                  error=old.error)
+        record = made[0]
+        self._records[record.id] = record
         self._start(record)
         return record
 
@@ -370,10 +386,13 @@ class Jobs:
             return message
         return self._etcd.last_error
 
-    async def _finish(self, record: JobRecord, state: JobState, error: str = "") -> None:
-        task = self._tasks.pop(record.id, None)
+    def _stop_task(self, job_id: str) -> None:
+        task = self._tasks.pop(job_id, None)
         if task is not None and task is not asyncio.current_task():
             task.cancel()
+
+    async def _finish(self, record: JobRecord, state: JobState, error: str = "") -> None:
+        self._stop_task(record.id)
         final = replace(record, state=state, error=error)
         await self._store(final)
         if record.id in self._waiting:

@@ -5,9 +5,12 @@ A term begins once this controller holds the leader key with a new epoch
 
 1. every registered agent is fenced at the new epoch (`AgentClient.fence_all`),
    so no older controller can change a byte any more;
-2. the maps, the placement and the jobs are loaded from etcd, which a deposed
+2. a prefix written by the previous layout of keys is migrated to records
+   (`controller.migration`);
+3. the maps, the placement and the jobs are loaded from etcd, which a deposed
    controller can no longer change either (its transactions are guarded);
-3. jobs resume; the NBD server and the admin API are attached.
+4. memories released but not yet freed (a crash in between) are freed; jobs
+   resume; the NBD server and the admin API are attached.
 
 A term ends when its fence is deposed or the process stops: jobs stop, agent
 channels close. Nothing from an ended term can act again — its fence never becomes
@@ -15,6 +18,8 @@ valid again — and the next term rebuilds everything from etcd.
 """
 
 from __future__ import annotations
+
+import logging
 
 from controller.agents import AgentClient, AgentDirectory
 from controller.config import ControllerConfig
@@ -24,9 +29,14 @@ from controller.guarded import GuardedEtcd
 from controller.jobs import Jobs
 from controller.leadership import lease_margin
 from controller.mapstore import MapStore
+from controller.migration import migrate
 from controller.placement import Placement
+from volkin.errors import Unavailable
 from volkin.etcd import Etcd
 from volkin.keys import Keys
+from volkin.log import event
+
+_log = logging.getLogger("controller.term")
 
 
 class Term:
@@ -46,19 +56,19 @@ class Term:
         directory = AgentDirectory(client, keys)
         agents = AgentClient(directory, fence, config.io_wait)
         await agents.fence_all(client, margin=lease_margin(config.lease_ttl))
-
-        async def persist_placement(placement: Placement) -> None:
-            await guarded.put(keys.placement, placement.to_json())
-
+        await migrate(guarded, keys)
         store = MapStore(guarded, keys)
         engine = await store.load()
         placement = Placement(directory.nodes())
-        stored = await client.get(keys.placement)
-        if stored:
-            placement.load_json(stored)
-        core = Core(engine, store, placement, agents, persist_placement)
+        placement.load_records({key[len(keys.extents):]: raw for key, raw in
+                                (await client.get_prefix(keys.extents)).items()})
+        core = Core(engine, store, placement, agents, keys)
         jobs = Jobs(core, guarded, keys, config.job_fail_after)
         await jobs.load()
+        try:
+            await core.free_released()
+        except Unavailable as exc:  # an agent is away: next time
+            event(_log, "controller.free_later", logging.WARNING, error=exc.message)
         return Term(fence, guarded, core, jobs)
 
     async def end(self) -> None:

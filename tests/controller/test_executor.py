@@ -14,7 +14,8 @@ import random
 
 import pytest
 
-from controller.executor import BlockLocks, PlanExecutor
+from controller.executor import PlanExecutor
+from controller.locks import FamilyLocks
 from controller.mapstore import GroupCommit
 from controller.placement import Placement
 from tests.agent.conftest import AgentFactory
@@ -55,10 +56,10 @@ def test_a_refresh_across_agents_with_writes_everywhere_during_the_copy(
         group = GroupCommit(store, engine)
         placement = Placement(["a1", "a2"])
         executor = PlanExecutor(engine, group, placement, agent_client(a1, a2))
-        locks = BlockLocks()
+        locks = FamilyLocks(engine)
 
         async def write(name: str, n: int, data: bytes, offset: int = 0) -> None:
-            async with locks.hold(n):
+            async with locks.plan(name, [n]):
                 whole = offset == 0 and len(data) == BLOCK
                 await executor.run(engine.plan_write(name, n, whole), data, offset)
                 model.write(name, n, offset, data)
@@ -87,7 +88,7 @@ def test_a_refresh_across_agents_with_writes_everywhere_during_the_copy(
 
             async def background() -> None:
                 for n in list(engine.blocks_to_copy("V2")):
-                    async with locks.hold(n):
+                    async with locks.plan("V2", [n]):
                         await executor.run(engine.plan_background("V2", n))
 
             async def writers() -> None:
@@ -155,15 +156,15 @@ def test_concurrent_copies_between_the_same_extents_share_agent_calls() -> None:
     asyncio.run(scenario())
 
 
-def test_block_locks_serialise_per_block_and_leave_nothing_behind() -> None:
-    from controller.executor import BlockLocks
-
+def test_family_locks_serialise_per_block_and_leave_nothing_behind() -> None:
     async def scenario() -> None:
-        locks = BlockLocks()
+        engine = MapEngine()
+        engine.create_volume("v", 16, 512)
+        locks = FamilyLocks(engine)
         order: list[str] = []
 
         async def holder(name: str, blocks: list[int], pause: float) -> None:
-            async with locks.hold_many(blocks):
+            async with locks.plan("v", blocks):
                 order.append(f"{name}+")
                 await asyncio.sleep(pause)
                 order.append(f"{name}-")
@@ -174,36 +175,77 @@ def test_block_locks_serialise_per_block_and_leave_nothing_behind() -> None:
         assert order.index("a-") < order.index("b+") and order.index("a-") < order.index("c+")
         assert order.index("d-") < order.index("a-")
         assert len(locks) == 0  # no lock outlives its holders
-        for n in range(10000):
-            async with locks.hold(n):
+        for n in range(16):
+            async with locks.plan("v", [n]):
                 pass
         assert len(locks) == 0
 
     asyncio.run(scenario())
 
 
-def test_a_topology_change_waits_for_plans_in_flight_and_plans_wait_for_it() -> None:
-    from controller.executor import BlockLocks
-
+def test_a_topology_change_waits_for_its_familys_plans_and_theirs_wait_for_it() -> None:
     async def scenario() -> None:
-        locks = BlockLocks()
+        engine = MapEngine()
+        for name in ("v", "other"):
+            engine.create_volume(name, 16, 512)
+        locks = FamilyLocks(engine)
         order: list[str] = []
 
-        async def plan(name: str, delay: float) -> None:
+        async def plan(name: str, volume: str, delay: float) -> None:
             await asyncio.sleep(delay)
-            async with locks.hold(3):
+            async with locks.plan(volume, [3]):
                 order.append(f"{name}+")
                 await asyncio.sleep(0.03)
                 order.append(f"{name}-")
 
         async def topology() -> None:
             await asyncio.sleep(0.01)  # while plan p1 is in flight
-            async with locks.exclusive():
+            async with locks.topology("v"):
                 order.append("T+")
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(0.05)
                 order.append("T-")
 
-        await asyncio.gather(plan("p1", 0), topology(), plan("p2", 0.02))
-        assert order == ["p1+", "p1-", "T+", "T-", "p2+", "p2-"]
+        # p1 and p2 are v's: T waits for p1, p2 waits for T. q (another family, same
+        # block number) neither waits for T nor holds it up.
+        await asyncio.gather(plan("p1", "v", 0), topology(), plan("p2", "v", 0.02),
+                             plan("q", "other", 0.02))
+        v_order = [e for e in order if not e.startswith("q")]
+        assert v_order == ["p1+", "p1-", "T+", "T-", "p2+", "p2-"]
+        assert order.index("q+") < order.index("T-") and order.index("q-") < order.index("T-")
+
+    asyncio.run(scenario())
+
+
+def test_a_plan_waiting_while_a_refresh_joins_two_families_follows_its_volume() -> None:
+    async def scenario() -> None:
+        engine = MapEngine()
+        for name in ("a", "b"):
+            engine.create_volume(name, 16, 512)
+        locks = FamilyLocks(engine)
+        inside: list[str] = []
+
+        async def refresh() -> None:
+            async with locks.topology("b", "a"):
+                await asyncio.sleep(0.05)
+                engine.start_refresh("b", "a")  # a and b become one family
+
+        async def plan(name: str) -> None:
+            await asyncio.sleep(0.01)
+            async with locks.plan(name, [0]) as family:
+                inside.append(name)
+                assert family == engine.family(name)
+                await asyncio.sleep(0.02)
+                inside.remove(name)
+
+        # Both plans wait for the refresh, then hold the same (family, block 0): one at
+        # a time, although they started on two different families.
+        async def watch() -> None:
+            for _ in range(100):
+                assert len(inside) <= 1
+                await asyncio.sleep(0.002)
+
+        await asyncio.gather(refresh(), plan("a"), plan("b"), watch())
+        assert engine.family("a") == engine.family("b")
+        assert len(locks) == 0
 
     asyncio.run(scenario())

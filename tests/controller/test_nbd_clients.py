@@ -57,7 +57,8 @@ def serve(etcd_server: EtcdServer, start_agent: AgentFactory,
     async def main() -> None:
         client = await etcd.connect([etcd_server.endpoint])
         store = map_store(client)
-        core = Core(await store.load(), store, Placement(["a1", "a2"]), agent_client(a1, a2))
+        core = Core(await store.load(), store, Placement(["a1", "a2"]), agent_client(a1, a2),
+                    Keys("/t"))
         server = NbdServer(core)
         host, port = await server.start()
         try:

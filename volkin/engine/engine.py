@@ -11,7 +11,7 @@ an incremental refresh, which reads the modified maps it compares.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from volkin.engine.bitmap import SegmentedBitmap
@@ -228,10 +228,11 @@ class MapEngine:
         dropped). Bits set by `apply` are not in it: the commits carry those."""
         return changes(self.graph, self.graph.take_touched())
 
-    def take_released(self) -> list[str]:
-        """Memories (extents) that no volume uses any more; the caller frees them, after it
-        persisted the change that released them and before it persists this take."""
-        return self.graph.take_released()
+    def take_released(self, only: Iterable[str] | None = None) -> list[str]:
+        """Memories (extents) that no volume uses any more (those of `only`, if given);
+        the caller frees them after it persisted the change that released them, and
+        persists this take after it freed them."""
+        return self.graph.take_released(only)
 
     def _dependent_volumes(self, node: Node) -> Iterator[str]:
         for child_id in node.children:

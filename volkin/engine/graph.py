@@ -25,6 +25,7 @@ that older reference points stay truthful.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -215,10 +216,16 @@ class Graph:
         del self.synced[key]
         self.touched.synced.add(key)
 
-    def take_released(self) -> list[str]:
-        released, self.released = self.released, []
-        self.touched.released.update(released)
-        return released
+    def take_released(self, only: Iterable[str] | None = None) -> list[str]:
+        """Takes the released memories (those of `only`, if given) off the list."""
+        if only is None:
+            taken, self.released = self.released, []
+        else:
+            wanted = set(only)
+            taken = [m for m in self.released if m in wanted]
+            self.released = [m for m in self.released if m not in wanted]
+        self.touched.released.update(taken)
+        return taken
 
     def add_node(self, memory: str, valid: SegmentedBitmap, volume: str | None,
                  parent: int | None = None, link: Link | None = None) -> Node:
