@@ -2,23 +2,59 @@
 
 `Etcd` is the contract; `connect()` returns the implementation on etcd3aio (see
 docs/agent.md for why that client). Every method raises `EtcdUnavailable` when etcd
-cannot be reached in time and `LeaseLost` when a lease it names has expired.
+cannot be reached in time and `LeaseLost` when a lease it names has expired. A
+write etcd refuses because its database reached its quota (the NOSPACE alarm)
+raises `EtcdFull`, whose message tells the operator what to do.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import etcd3aio
 import grpc
 
-from volkin.errors import NotFound, Unavailable
+from volkin.errors import NotFound, StorageFull, Unavailable
+
+# A page of `get_prefix`: few enough keys that a page of map segments (4 KiB each,
+# at worst incompressible) stays well under gRPC's 4 MiB receive limit. A page of
+# larger values that does not fit is asked for again with half as many keys.
+PAGE_KEYS = 500
+# What etcd says when a write would take its database past its quota
+# (ErrGRPCNoSpace, status RESOURCE_EXHAUSTED), or while the NOSPACE alarm is on.
+_NOSPACE = "database space exceeded"
+_COMPACTED = "required revision has been compacted"
 
 
 class EtcdUnavailable(Unavailable):
     """etcd did not answer in time; the call may or may not have taken effect."""
+
+
+class EtcdFull(StorageFull, EtcdUnavailable):
+    """etcd refused a write because its database is full (the NOSPACE alarm). Nothing
+    was written, and no write that adds data will be until an operator frees space;
+    reads, deletes and compaction still work.
+
+    A `StorageFull`, so the admin API answers RESOURCE_EXHAUSTED and NBD answers
+    ENOSPC. Also an `EtcdUnavailable`, so that code which waits out an etcd it cannot
+    use (the leader election, an agent's registration) waits this out too instead of
+    failing; whoever can tell a user (`controller.guarded`) catches it first."""
+
+    ADVICE = ("compact and defragment etcd, or raise its --quota-backend-bytes, then "
+              "clear the alarm with `etcdctl alarm disarm`; see docs/operations.md")
+
+
+@dataclass(frozen=True)
+class EtcdStatus:
+    """One etcd member's view of its database."""
+
+    revision: int  # the store's current revision
+    db_size: int  # bytes of the database file: what the quota is checked against
+    db_size_in_use: int  # bytes of it in use; the rest is free pages (0: not reported)
+    db_size_quota: int = 0  # the member's --quota-backend-bytes (0: not reported, etcd < 3.5)
 
 
 class LeaseLost(NotFound):
@@ -58,6 +94,23 @@ class Etcd(Protocol):
         """Deletes `key` if it exists."""
         ...
 
+    async def revision(self) -> int:
+        """etcd's current revision: the one its latest write created."""
+        ...
+
+    async def compact(self, revision: int) -> None:
+        """Discards the history older than `revision`: from now on a read at an older
+        revision fails. Does nothing if etcd compacted at or past it already."""
+        ...
+
+    async def status(self) -> EtcdStatus:
+        """The database size and revision of the member this client talks to."""
+        ...
+
+    async def alarms(self) -> list[str]:
+        """The alarms active on any member, by name ("NOSPACE", "CORRUPT"), sorted."""
+        ...
+
     async def txn(self, *, if_values: Mapping[str, bytes] | None = None,
                   if_absent: Sequence[str] = (),
                   put: Mapping[str, bytes] | None = None,
@@ -84,7 +137,12 @@ class _Etcd3aio:
     async def open(self) -> None:
         await self._client.connect()
 
-    def _unavailable(self, what: str, exc: BaseException) -> EtcdUnavailable:
+    def _failed(self, what: str, exc: BaseException) -> EtcdUnavailable:
+        """The domain error for a failed call: `EtcdFull` if etcd refused it for want of
+        space, else `EtcdUnavailable`."""
+        if _is(exc, grpc.StatusCode.RESOURCE_EXHAUSTED, _NOSPACE):
+            return EtcdFull(f"etcd's database is full (NOSPACE alarm, etcd at "
+                            f"{self._endpoints}): {EtcdFull.ADVICE}")
         return EtcdUnavailable(f"etcd at {self._endpoints} did not answer {what}: {exc}")
 
     async def grant_lease(self, ttl: int) -> int:
@@ -92,7 +150,7 @@ class _Etcd3aio:
         try:
             response = await self._client.lease.grant(ttl, timeout=self._timeout)
         except (etcd3aio.EtcdError, grpc.RpcError, TimeoutError) as exc:
-            raise self._unavailable("a lease grant", exc) from exc
+            raise self._failed("a lease grant", exc) from exc
         return int(response.ID)
 
     async def keep_alive(self, lease_id: int) -> int:
@@ -105,10 +163,10 @@ class _Etcd3aio:
                         raise LeaseLost(f"lease {lease_id:x} has expired")
                     return int(response.TTL)
         except (grpc.RpcError, TimeoutError) as exc:
-            raise self._unavailable("a lease renewal", exc) from exc
+            raise self._failed("a lease renewal", exc) from exc
         finally:
             stream.cancel()
-        raise self._unavailable("a lease renewal", RuntimeError("stream closed"))
+        raise self._failed("a lease renewal", RuntimeError("stream closed"))
 
     async def revoke_lease(self, lease_id: int) -> None:
         assert self._client.lease is not None
@@ -117,16 +175,16 @@ class _Etcd3aio:
         except grpc.RpcError as exc:
             if isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.NOT_FOUND:
                 return
-            raise self._unavailable("a lease revoke", exc) from exc
+            raise self._failed("a lease revoke", exc) from exc
         except (etcd3aio.EtcdError, TimeoutError) as exc:
-            raise self._unavailable("a lease revoke", exc) from exc
+            raise self._failed("a lease revoke", exc) from exc
 
     async def lease_ttl(self, lease_id: int) -> int:
         assert self._client.lease is not None
         try:
             response = await self._client.lease.time_to_live(lease_id, timeout=self._timeout)
         except (etcd3aio.EtcdError, grpc.RpcError, TimeoutError) as exc:
-            raise self._unavailable("a lease query", exc) from exc
+            raise self._failed("a lease query", exc) from exc
         return int(response.TTL)
 
     async def put(self, key: str, value: bytes, lease_id: int = 0) -> None:
@@ -136,33 +194,104 @@ class _Etcd3aio:
         except grpc.RpcError as exc:
             if isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.NOT_FOUND:
                 raise LeaseLost(f"lease {lease_id:x} has expired") from exc
-            raise self._unavailable(f"a put of {key}", exc) from exc
+            raise self._failed(f"a put of {key}", exc) from exc
         except (etcd3aio.EtcdError, TimeoutError) as exc:
-            raise self._unavailable(f"a put of {key}", exc) from exc
+            raise self._failed(f"a put of {key}", exc) from exc
 
     async def get(self, key: str) -> bytes | None:
         assert self._client.kv is not None
         try:
             response = await self._client.kv.get(key, timeout=self._timeout)
         except (etcd3aio.EtcdError, grpc.RpcError, TimeoutError) as exc:
-            raise self._unavailable(f"a get of {key}", exc) from exc
+            raise self._failed(f"a get of {key}", exc) from exc
         return bytes(response.kvs[0].value) if response.kvs else None
 
     async def get_prefix(self, prefix: str) -> dict[str, bytes]:
-        assert self._client.kv is not None
-        try:
-            response = await self._client.kv.get(
-                prefix, etcd3aio.prefix_range_end(prefix), timeout=self._timeout)
-        except (etcd3aio.EtcdError, grpc.RpcError, TimeoutError) as exc:
-            raise self._unavailable(f"a get of {prefix}*", exc) from exc
-        return {kv.key.decode(): bytes(kv.value) for kv in response.kvs}
+        # In pages, each starting after the last key of the one before, all read at the
+        # revision of the first, so the result is one consistent snapshot whatever its
+        # size. If that revision is compacted away meanwhile, it starts over.
+        kv = self._client.kv
+        assert kv is not None
+        end = etcd3aio.prefix_range_end(prefix)
+        limit = PAGE_KEYS
+        while True:
+            out: dict[str, bytes] = {}
+            start, revision = prefix.encode(), 0
+            try:
+                while True:
+                    try:
+                        response = await kv.get(start, end, revision=revision, limit=limit,
+                                                timeout=self._timeout)
+                    except grpc.aio.AioRpcError as exc:
+                        # Too large for this client to receive: the same page, smaller.
+                        if (exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and limit > 1
+                                and _NOSPACE not in (exc.details() or "")):
+                            limit //= 2
+                            continue
+                        raise
+                    revision = revision or int(response.header.revision)
+                    for item in response.kvs:
+                        out[item.key.decode()] = bytes(item.value)
+                    if not response.more or not response.kvs:
+                        return out
+                    start = bytes(response.kvs[-1].key) + b"\0"
+            except grpc.aio.AioRpcError as exc:
+                if _is(exc, grpc.StatusCode.OUT_OF_RANGE, _COMPACTED):
+                    continue
+                raise self._failed(f"a get of {prefix}*", exc) from exc
+            except (etcd3aio.EtcdError, grpc.RpcError, TimeoutError) as exc:
+                raise self._failed(f"a get of {prefix}*", exc) from exc
 
     async def delete(self, key: str) -> None:
         assert self._client.kv is not None
         try:
             await self._client.kv.delete(key, timeout=self._timeout)
         except (etcd3aio.EtcdError, grpc.RpcError, TimeoutError) as exc:
-            raise self._unavailable(f"a delete of {key}", exc) from exc
+            raise self._failed(f"a delete of {key}", exc) from exc
+
+    async def revision(self) -> int:
+        assert self._client.kv is not None
+        try:  # any linearizable read reports the current revision in its header
+            response = await self._client.kv.get(b"\0", count_only=True, timeout=self._timeout)
+        except (etcd3aio.EtcdError, grpc.RpcError, TimeoutError) as exc:
+            raise self._failed("a revision query", exc) from exc
+        return int(response.header.revision)
+
+    async def compact(self, revision: int) -> None:
+        assert self._client.kv is not None
+        try:
+            await self._client.kv.compact(revision, timeout=self._timeout)
+        except grpc.aio.AioRpcError as exc:
+            if _is(exc, grpc.StatusCode.OUT_OF_RANGE, _COMPACTED):
+                return  # someone (another controller, etcd's own auto-compaction) was first
+            raise self._failed(f"a compaction to revision {revision}", exc) from exc
+        except (etcd3aio.EtcdError, grpc.RpcError, TimeoutError) as exc:
+            raise self._failed(f"a compaction to revision {revision}", exc) from exc
+
+    async def status(self) -> EtcdStatus:
+        assert self._client.maintenance is not None
+        try:
+            response = await self._client.maintenance.status(timeout=self._timeout)
+        except (etcd3aio.EtcdError, grpc.RpcError, TimeoutError) as exc:
+            raise self._failed("a status query", exc) from exc
+        return EtcdStatus(revision=int(response.header.revision), db_size=int(response.dbSize),
+                          db_size_in_use=int(response.dbSizeInUse),
+                          db_size_quota=int(response.dbSizeQuota))
+
+    async def alarms(self) -> list[str]:
+        assert self._client.maintenance is not None
+        try:
+            response = await self._client.maintenance.alarms(timeout=self._timeout)
+        except (etcd3aio.EtcdError, grpc.RpcError, TimeoutError) as exc:
+            raise self._failed("an alarm query", exc) from exc
+        names: set[str] = set()
+        for member in response.alarms:
+            try:
+                names.add(etcd3aio.AlarmType(member.alarm).name)
+            except ValueError:
+                names.add(f"ALARM_{member.alarm}")
+        names.discard("NONE")
+        return sorted(names)
 
     async def txn(self, *, if_values: Mapping[str, bytes] | None = None,
                   if_absent: Sequence[str] = (),
@@ -177,11 +306,17 @@ class _Etcd3aio:
         try:
             response = await kv.txn(compare, success, timeout=self._timeout)
         except (etcd3aio.EtcdError, grpc.RpcError, TimeoutError) as exc:
-            raise self._unavailable(f"a transaction of {len(success)} operations", exc) from exc
+            raise self._failed(f"a transaction of {len(success)} operations", exc) from exc
         return bool(response.succeeded)
 
     async def close(self) -> None:
         await self._client.close()
+
+
+def _is(exc: BaseException, code: grpc.StatusCode, text: str) -> bool:
+    """Whether `exc` is etcd's answer `code` with `text` in its details."""
+    return (isinstance(exc, grpc.aio.AioRpcError) and exc.code() == code
+            and text in (exc.details() or ""))
 
 
 async def connect(endpoints: Sequence[str], timeout: float = 3.0) -> Etcd:

@@ -16,7 +16,7 @@ import pytest
 from agent.blockstore import BlockStore
 from agent.registry import AgentRecord, Registration, parse_epoch
 from volkin.errors import VolkinError
-from volkin.etcd import EtcdUnavailable, LeaseLost
+from volkin.etcd import EtcdStatus, EtcdUnavailable, LeaseLost
 from volkin.keys import Keys
 
 KEYS = Keys("/volkin")
@@ -68,6 +68,18 @@ class FakeEtcd:
     async def txn(self, *, if_values: Mapping[str, bytes] | None = None,
                   if_absent: Sequence[str] = (), put: Mapping[str, bytes] | None = None,
                   delete: Sequence[str] = (), lease_id: int = 0) -> bool:
+        raise NotImplementedError
+
+    async def revision(self) -> int:
+        raise NotImplementedError
+
+    async def compact(self, revision: int) -> None:
+        raise NotImplementedError
+
+    async def status(self) -> EtcdStatus:
+        raise NotImplementedError
+
+    async def alarms(self) -> list[str]:
         raise NotImplementedError
 
     async def close(self) -> None:
