@@ -35,6 +35,9 @@ class ControllerConfig:
     # Seconds a background job keeps retrying an unreachable agent or etcd before it
     # fails (`volkin job resume` retries a failed job).
     job_fail_after: float = 3600.0
+    # Seconds between compactions of etcd's history by the active controller (0: never,
+    # for an etcd that something else compacts).
+    compact_every: float = 60.0
     shutdown_grace: float = 5.0
     log_level: str = "info"
 
@@ -50,6 +53,8 @@ _HELP = {
     "io_wait": "seconds an NBD request waits for a restarting agent or etcd before EIO",
     "job_fail_after": "seconds a background job retries an unreachable agent or etcd "
                       "before it fails",
+    "compact_every": "seconds between compactions of etcd's history while this controller "
+                     "leads (0: never)",
     "shutdown_grace": "seconds in-flight calls get to finish on SIGTERM",
     "log_level": "debug, info, warning or error",
 }
@@ -60,6 +65,11 @@ def _convert(name: str, raw: Any) -> Any:
         return config.endpoints(raw)
     if name in ("lease_ttl", "block_size"):
         return config.positive_int(raw)
+    if name == "compact_every":
+        value = float(raw)
+        if not value >= 0:
+            raise ValueError("must be 0 (never) or a positive number of seconds")
+        return value
     if name in ("shutdown_grace", "io_wait", "job_fail_after"):
         value = float(raw)
         if value <= 0 and name != "shutdown_grace":

@@ -1,0 +1,17 @@
+"""The controller's settings: flags, environment, file, defaults."""
+
+from __future__ import annotations
+
+import pytest
+
+from controller import config
+from volkin.errors import InvalidArgument
+
+
+def test_history_is_compacted_every_minute_unless_told_otherwise() -> None:
+    assert config.load(["--node-id", "c1"], {}).compact_every == 60.0
+    assert config.load(["--node-id", "c1", "--compact-every", "0"], {}).compact_every == 0.0
+    environ = {"VOLKIN_CONTROLLER_COMPACT_EVERY": "300"}
+    assert config.load(["--node-id", "c1"], environ).compact_every == 300.0
+    with pytest.raises(InvalidArgument, match="compact_every"):
+        config.load(["--node-id", "c1", "--compact-every", "-1"], {})
