@@ -14,6 +14,13 @@ seconds; giving up with the outcome still unknown deposes the term too, for the
 same reason: the controller's view of what it wrote can no longer be trusted.
 A transaction etcd refused means the leader key no longer names this term: the
 term is deposed at once.
+
+A transaction etcd refused because its database is full (`EtcdFull`, the NOSPACE
+alarm) is not repeated: nothing was written, and nothing will be until an
+operator frees space. It raises at once, so the request that needed it fails
+with a message saying what to do (RESOURCE_EXHAUSTED, NBD ENOSPC), and the term
+goes on serving what needs no write. Only if an earlier attempt's outcome was
+unknown does the term end, as when giving up: that attempt may have been applied.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from collections.abc import Mapping, Sequence
 
 from controller.fence import Deposed, Fence
 from volkin.errors import Unavailable
-from volkin.etcd import Etcd, EtcdUnavailable, LeaseLost
+from volkin.etcd import Etcd, EtcdFull, EtcdUnavailable, LeaseLost
 from volkin.log import event
 
 _log = logging.getLogger("controller.etcd")
@@ -39,6 +46,7 @@ class GuardedEtcd:
         self.give_up_after = give_up_after
         self.transactions = 0  # sent (not counting repeats), for tests and metrics
         self.last_error = ""  # the most recent etcd failure, for job and status reports
+        self.full = False  # etcd refused the last transaction for want of space
 
     async def txn(self, put: Mapping[str, bytes] | None = None, delete: Sequence[str] = (),
                   *, if_values: Mapping[str, bytes] | None = None,
@@ -57,6 +65,9 @@ class GuardedEtcd:
                 done = await self.etcd.txn(
                     if_values={**self.fence.guard, **(if_values or {})}, if_absent=if_absent,
                     put=put, delete=delete, lease_id=lease_id)
+            except EtcdFull as exc:
+                self._refused_for_space(exc, attempt)
+                raise
             except (EtcdUnavailable, LeaseLost) as exc:
                 self.last_error = exc.message
                 if attempt == 0:
@@ -74,10 +85,23 @@ class GuardedEtcd:
                 event(_log, "etcd.recovered", attempts=attempt + 1,
                       waited=f"{time.monotonic() - started:.2f}")
             self.last_error = ""
+            if self.full:
+                self.full = False
+                event(_log, "etcd.space_available", keys=len(put or {}) + len(delete))
             if done:
                 return True
             await self._check_guard()
             return False
+
+    def _refused_for_space(self, exc: EtcdFull, attempt: int) -> None:
+        self.last_error = exc.message
+        if not self.full:  # once per episode: until a transaction gets through again
+            self.full = True
+            event(_log, "etcd.nospace", logging.ERROR, error=exc.message)
+        if attempt:
+            self.fence.depose(f"etcd's database is full and an earlier attempt of a "
+                              f"transaction may have been applied; stepping down so the maps "
+                              f"are reloaded ({exc.message})")
 
     async def put(self, key: str, value: bytes, lease_id: int = 0) -> None:
         await self.txn({key: value}, lease_id=lease_id)

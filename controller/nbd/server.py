@@ -14,7 +14,8 @@ it opened — its unique id and negotiated size, not its name — so a volume th
 is deleted (and perhaps created again under the same name) is never written
 through an old connection. Nothing is acknowledged unless the term's fence is
 valid at that moment; a request that cannot complete within `io_wait` seconds
-(an agent or etcd away) gets EIO.
+(an agent or etcd away) gets EIO, and one that failed for want of space (an
+agent's disk or etcd's database full) gets ENOSPC.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from controller.core import Core
 from controller.fence import Deposed
 from controller.nbd import protocol as p
-from volkin.errors import NotFound, OutOfRange, Unavailable, VolkinError
+from volkin.errors import NotFound, OutOfRange, StorageFull, Unavailable, VolkinError
 from volkin.log import event
 
 log = logging.getLogger("volkin.nbd")
@@ -184,7 +185,7 @@ class NbdServer:
                                else f"not done within io_wait={self.io_wait:g} s")
                     event(log, "nbd.failed", logging.WARNING, op=p.Cmd(request.command).name,
                           volume=export.name, error=message)
-                    error = p.Errno.EIO
+                    error = p.Errno.ENOSPC if isinstance(exc, StorageFull) else p.Errno.EIO
             # The acknowledgement: only while this term can prove it still leads.
             await core.fence.ready(self.io_wait)
             writer.write(p.simple_reply(request.handle, error, data))

@@ -1,6 +1,7 @@
 """A real etcd server for tests: free loopback ports, data in a temporary directory.
 
     server = EtcdServer(tmp_path / "etcd"); server.start()
+    EtcdServer(path, args=["--quota-backend-bytes", "4194304"])   # more etcd flags
     server.endpoint          # "127.0.0.1:PORT" for clients
     server.restart()         # same ports, same data: what a real etcd restart looks like
     server.stop()
@@ -15,7 +16,7 @@ import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -31,8 +32,9 @@ def free_port() -> int:
 
 
 class EtcdServer:
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, args: Sequence[str] = ()) -> None:
         self.data_dir = data_dir
+        self.args = tuple(args)
         self.client_port = 0
         self.peer_port = 0
         self.process: subprocess.Popen[bytes] | None = None
@@ -64,7 +66,7 @@ class EtcdServer:
              "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
              "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
              "--initial-cluster", f"test={peer_url}", "--log-level", "warn",
-             "--logger", "zap"],
+             "--logger", "zap", *self.args],
             stdout=log, stderr=subprocess.STDOUT)
         log.close()
 
