@@ -84,6 +84,13 @@ class Core:
                               f"term reloads the volumes from etcd")
             raise
 
+    async def _room_in_etcd(self) -> None:
+        """Once etcd refused a write for want of space, a topology change waits for a
+        probe write to get through: a change etcd refuses after the engine made it would
+        leave this view ahead of etcd's and end the term (`_store`), and all I/O with it."""
+        if self.store.etcd_full:
+            await self.store.probe_space()
+
     # -- topology ------------------------------------------------------------------
     async def create_volume(self, name: str, size_bytes: int, block_size: int) -> VolumeInfo:
         if block_size % EXTENT_BLOCK or size_bytes % block_size:
@@ -91,6 +98,7 @@ class Core:
                 f"size {size_bytes} must be a multiple of the block size {block_size}, "
                 f"itself a multiple of {EXTENT_BLOCK}")
         await self.refresh_agents()
+        await self._room_in_etcd()
         info = self.engine.create_volume(name, size_bytes // block_size, block_size)
         pending = self.store.take(self.engine)
         self.hidden.add(name)
@@ -114,6 +122,7 @@ class Core:
         # No agent call: the snapshot's extent is created by the first copy or
         # write into it, so a snapshot costs one etcd transaction and nothing else.
         await self.refresh_agents()
+        await self._room_in_etcd()
         async with self.locks.topology(source):
             info = self.engine.create_snapshot(source, name)
             await self._store(self.store.take(self.engine))
@@ -123,6 +132,7 @@ class Core:
                             records: RefreshRecords | None = None) -> RefreshStarted:
         """`target` becomes a PIT copy of `source`; `records` names keys to store in the
         same transaction (the job that copies it)."""
+        await self._room_in_etcd()
         async with self.locks.topology(target, source):
             started = self.engine.start_refresh(target, source)
             pending = self.store.take(self.engine)
@@ -130,6 +140,7 @@ class Core:
         return started
 
     async def delete_volume(self, name: str) -> None:
+        await self._room_in_etcd()
         async with self.locks.topology(name):
             self.engine.delete_volume(name)
             await self._store(self.store.take(self.engine))
@@ -143,6 +154,7 @@ class Core:
     async def finish_copy(self, name: str) -> None:
         """Detaches `name` from its source if every block is its own, and frees what
         no volume needs any more."""
+        await self._room_in_etcd()
         async with self.locks.topology(name):
             self.engine.detach_if_real(name)
             await self._store(self.store.take(self.engine))

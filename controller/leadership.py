@@ -46,6 +46,7 @@ class Leadership:
         self._ttl = ttl
         self.lease = 0
         self.value = b""
+        self._granted: set[int] = set()  # leases this process granted itself
         self.fence = Fence(0, {})
         self.fence.depose("not yet elected")
 
@@ -81,8 +82,10 @@ class Leadership:
             await asyncio.sleep(max(self._ttl / 3, 0.2))
 
     async def _try_acquire(self) -> Fence | None:
+        await self._revoke_own_stale_claim()
         sent = time.monotonic()
         lease = await self._etcd.grant_lease(self._ttl)
+        self._granted.add(lease)
         value = json.dumps({"node_id": self._node_id, "lease": lease}).encode()
         if not await self._etcd.txn(if_absent=[self.key], put={self.key: value},
                                     lease_id=lease):
@@ -100,6 +103,22 @@ class Leadership:
         fence = Fence(epoch, guard, self._node_id)
         fence.extend(sent + self._ttl - lease_margin(self._ttl))
         return fence
+
+    async def _revoke_own_stale_claim(self) -> None:
+        """A leader key held under a lease this process granted, in an earlier term, is a
+        stale claim of ours (the revoke on stepping down did not reach etcd, and an etcd
+        restart renews every lease): revoke it rather than wait out its TTL."""
+        holder = await self._etcd.get(self.key)
+        if holder is None:
+            return
+        try:
+            lease = int(json.loads(holder)["lease"])
+        except (ValueError, KeyError, TypeError):
+            return
+        if lease in self._granted:  # acquire runs only once our last term is over
+            event(_log, "controller.revoking_stale_claim", node=self._node_id,
+                  lease=f"{lease:x}")
+            await self._etcd.revoke_lease(lease)
 
     async def keep(self, fence: Fence) -> None:
         """Renews the lease until the term ends; then deposes `fence` and returns."""

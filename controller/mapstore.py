@@ -145,6 +145,15 @@ class MapStore:
                 self._turn += 1
                 self._turns.notify_all()
 
+    @property
+    def etcd_full(self) -> bool:
+        """etcd refused the last transaction for want of space."""
+        return self._etcd.full
+
+    async def probe_space(self) -> None:
+        """Raises `EtcdFull` if etcd still refuses writes (a write of a value it holds)."""
+        await self._transact({self._keys.layout: json.dumps({"layout": LAYOUT}).encode()}, [])
+
     async def put(self, key: str, value: bytes) -> None:
         """One more key, guarded like everything else (a memory's placement record)."""
         await self._transact({key: value}, [])

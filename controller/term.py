@@ -10,7 +10,8 @@ A term begins once this controller holds the leader key with a new epoch
 3. the maps, the placement and the jobs are loaded from etcd, which a deposed
    controller can no longer change either (its transactions are guarded);
 4. memories released but not yet freed (a crash in between) are freed; jobs
-   resume; the NBD server and the admin API are attached.
+   resume; etcd's history is compacted behind the term (`controller.history`);
+   the NBD server and the admin API are attached.
 
 A term ends when its fence is deposed or the process stops: jobs stop, agent
 channels close. Nothing from an ended term can act again — its fence never becomes
@@ -19,6 +20,7 @@ valid again — and the next term rebuilds everything from etcd.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from controller.agents import AgentClient, AgentDirectory
@@ -26,6 +28,7 @@ from controller.config import ControllerConfig
 from controller.core import Core
 from controller.fence import Fence
 from controller.guarded import GuardedEtcd
+from controller.history import HistoryCompactor
 from controller.jobs import Jobs
 from controller.leadership import lease_margin
 from controller.mapstore import MapStore
@@ -40,11 +43,13 @@ _log = logging.getLogger("controller.term")
 
 
 class Term:
-    def __init__(self, fence: Fence, etcd: GuardedEtcd, core: Core, jobs: Jobs) -> None:
+    def __init__(self, fence: Fence, etcd: GuardedEtcd, core: Core, jobs: Jobs,
+                 compacting: asyncio.Task[None] | None = None) -> None:
         self.fence = fence
         self.etcd = etcd
         self.core = core
         self.jobs = jobs
+        self.compacting = compacting  # etcd's history, compacted behind this term
 
     @property
     def epoch(self) -> int:
@@ -69,9 +74,14 @@ class Term:
             await core.free_released()
         except Unavailable as exc:  # an agent is away: next time
             event(_log, "controller.free_later", logging.WARNING, error=exc.message)
-        return Term(fence, guarded, core, jobs)
+        compacting = asyncio.create_task(
+            HistoryCompactor(client, fence, config.compact_every).run(), name="compactor")
+        return Term(fence, guarded, core, jobs, compacting)
 
     async def end(self) -> None:
         self.fence.depose(self.fence.reason or "the controller is stopping")
+        if self.compacting is not None:
+            self.compacting.cancel()
+            await asyncio.gather(self.compacting, return_exceptions=True)
         await self.jobs.stop()
         await self.core.close()

@@ -143,7 +143,8 @@ class _Etcd3aio:
         if _is(exc, grpc.StatusCode.RESOURCE_EXHAUSTED, _NOSPACE):
             return EtcdFull(f"etcd's database is full (NOSPACE alarm, etcd at "
                             f"{self._endpoints}): {EtcdFull.ADVICE}")
-        return EtcdUnavailable(f"etcd at {self._endpoints} did not answer {what}: {exc}")
+        return EtcdUnavailable(f"etcd at {self._endpoints} did not answer {what}: "
+                               f"{_one_line(exc)}")
 
     async def grant_lease(self, ttl: int) -> int:
         assert self._client.lease is not None
@@ -324,3 +325,10 @@ async def connect(endpoints: Sequence[str], timeout: float = 3.0) -> Etcd:
     client = _Etcd3aio(endpoints, timeout)
     await client.open()
     return client
+
+
+def _one_line(exc: BaseException) -> str:
+    """A failure in one line: a gRPC error's code and details, not its multi-line repr."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {' '.join((exc.details() or '').split())}"
+    return " ".join(str(exc).split()) or type(exc).__name__

@@ -206,10 +206,11 @@ def test_when_etcd_is_full_nbd_writes_get_enospc_and_the_cli_says_what_to_do(
     assert "etcd's database is full" in line and "etcdctl alarm disarm" in line, line
     assert "RESOURCE_EXHAUSTED" in line, line
     assert controller.log().count("event=etcd.nospace") == 1, controller.log()
+    # Refused before the engine changed anything: the term goes on, reads too.
+    assert "stepped_down" not in controller.log()
+    assert "verification failed" not in qemu_io(controller.nbd, "s", "read -P 0x11 0 128k")
 
-    # Freed as docs/operations.md says, everything works again. (A topology change etcd
-    # did not store ends the term today (controller/core.py), and a controller cannot
-    # take the lead while etcd is full; it leads again once etcd has room.)
+    # Freed as docs/operations.md says, everything works again.
     asyncio.run(free(etcd_server.endpoint))
     deadline = time.monotonic() + 30
     while volkin("volume", "create", "w", "--size", "1MiB", env=env).returncode != 0:
