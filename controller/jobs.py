@@ -33,6 +33,7 @@ from controller.agents import CALL_BUDGET
 from controller.core import Core
 from controller.fence import Deposed
 from controller.guarded import GuardedEtcd
+from controller.mapstore import LayoutError
 from volkin.engine import RefreshStarted
 from volkin.errors import (
     FailedPrecondition,
@@ -46,6 +47,7 @@ from volkin.keys import Keys
 from volkin.log import event
 
 _log = logging.getLogger("controller.jobs")
+JOB_FORMAT = 1
 # Blocks of one job copied at the same time.
 JOB_WORKERS = 64
 # Seconds one agent call of a job may retry before the job reports `waiting`.
@@ -81,11 +83,15 @@ class JobRecord:
     error: str = ""
 
     def to_json(self) -> bytes:
-        return json.dumps({**asdict(self), "state": self.state.value}).encode()
+        return json.dumps({**asdict(self), "state": self.state.value,
+                           "format": JOB_FORMAT}).encode()
 
     @staticmethod
     def from_json(raw: bytes) -> JobRecord:
         record = json.loads(raw)
+        if int(record.get("format", JOB_FORMAT)) != JOB_FORMAT:  # absent: written before 1
+            raise LayoutError(f"job record {record.get('id')} has format {record['format']}; "
+                              f"this controller reads format {JOB_FORMAT}")
         known = {f.name for f in fields(JobRecord)}
         record = {k: v for k, v in record.items() if k in known}
         record["state"] = JobState(record["state"])

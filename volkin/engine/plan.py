@@ -17,9 +17,13 @@ The caller's duties, in order of importance:
    stop the plan: the steps after it would overwrite data that the committed
    maps still say is needed.
 4. Acknowledge a write to its client only after the whole plan has completed.
-5. Serialise plans that share a `unit` (see `Plan.unit`); plans of different
-   units may run concurrently. Topology operations (snapshot, refresh, delete,
-   detach) run while no plan is in flight.
+5. Serialise plans that share a unit: the volume's family
+   (`MapEngine.family`) and `Plan.unit`, the block; plans of different units may
+   run concurrently. A topology operation (snapshot, refresh, delete, detach)
+   runs while no plan of the families of the volumes it names is in flight.
+6. After a topology operation, persist what `MapEngine.take_changes` returns,
+   in one transaction, before any plan of the families it touched runs, and in
+   the order the changes were taken.
 """
 
 from __future__ import annotations
@@ -104,9 +108,10 @@ Step = Copy | Commit | Write | Read
 class Plan:
     """An ordered list of steps for one block operation.
 
-    `unit` is what the caller must serialise on: the block index. Every step of
-    a plan touches block `unit` only (of several memories and maps), so plans
-    for different blocks commute; two plans for the same block must not overlap.
+    `unit` is what the caller must serialise on, with the volume's family: the
+    block index. Every step of a plan touches block `unit` only (of several
+    memories and maps of one family), so plans for different blocks or families
+    commute; two plans for the same block of one family must not overlap.
     """
 
     unit: int
