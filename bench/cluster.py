@@ -20,14 +20,12 @@ import argparse
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.agent.conftest import Agent
-from tests.controller.conftest import Controller
-from tests.support.etcd import EtcdServer, free_port
+from bench.loopback import Loopback
+from tests.support.etcd import free_port
 from volkin.api.v1 import admin_pb2
 
 MiB = 1 << 20
@@ -73,18 +71,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     size = args.size_mib * MiB
-    work = Path(tempfile.mkdtemp(prefix="volkin-bench-"))
-    etcd = EtcdServer(work / "etcd")
-    agents: list[Agent] = []
-    controller: Controller | None = None
+    cluster = Loopback()
+    work = cluster.work
     peers: list[QemuNbd] = []
     try:
-        etcd.start()
-        for node in ("a1", "a2"):
-            agent = Agent(node, work / node, etcd)
-            agent.start()
-            agents.append(agent)
-        controller = Controller("c1", work, etcd).start()
+        controller = cluster.start()
         admin = controller.stub
         source = work / "random.raw"
         source.write_bytes(os.urandom(size))
@@ -167,12 +158,7 @@ def main() -> None:
     finally:
         for peer_server in peers:
             peer_server.stop()
-        if controller is not None:
-            controller.kill()
-        for agent in agents:
-            agent.kill()
-        etcd.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        cluster.stop()
 
 
 if __name__ == "__main__":
