@@ -39,3 +39,12 @@ def error_from_rpc(code: grpc.StatusCode, details: str) -> errors.VolkinError:
     if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
         return errors.Unavailable(f"{code.name}: {details}")
     return _ERROR.get(code, errors.VolkinError)(f"{code.name}: {details}")
+
+
+_BY_NUMBER: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def error_from_code(number: int, message: str) -> errors.VolkinError:
+    """The domain error for a status code sent as its number (the block data protocol)."""
+    code = _BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
+    return error_from_rpc(code, message)

@@ -1,0 +1,139 @@
+"""The agent's data port: read, write, flush and zero over the block data protocol.
+
+`volkin.blockwire` is the protocol (frames, no sockets); this module serves it on
+one TCP port. Each connection reads requests one after another and serves each
+in a task of its own, so many are in flight and complete out of order, as the
+controller's many blocks do; the answers are written whole, one at a time. The
+I/O itself is the same as the gRPC service's (`agent.dispatch`: page-cache reads
+and buffered writes on the event loop, the rest in worker threads), fenced the
+same way: a mutation older than the node's epoch is refused, one that the agent
+cannot prove valid waits and then is refused (docs/agent.md).
+
+A domain error is answered with its gRPC status code and message; a peer that
+breaks the protocol is disconnected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from agent import dispatch
+from agent.blockstore import BlockStore
+from agent.metrics import AgentMetrics
+from volkin import blockwire as w
+from volkin.errors import FencedOut, InvalidArgument, VolkinError
+from volkin.log import event
+from volkin.rpc_status import status_of
+
+_log = logging.getLogger("agent.dataport")
+# Requests of one connection being served at once; more wait in the socket.
+IN_FLIGHT = 256
+_OPS = {w.Op.READ: "read", w.Op.WRITE: "write", w.Op.FLUSH: "flush", w.Op.ZERO: "zero"}
+
+
+class DataPort:
+    def __init__(self, store: BlockStore, metrics: AgentMetrics) -> None:
+        self._store = store
+        self._metrics = metrics
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+
+    async def start(self, host: str, port: int) -> int:
+        self._server = await asyncio.start_server(self._serve, host, port)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._connections):
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        slots = asyncio.Semaphore(IN_FLIGHT)
+        running: set[asyncio.Task[None]] = set()
+        peer = writer.get_extra_info("peername")
+        try:
+            while True:
+                header = await reader.readexactly(w.REQUEST_HEADER)
+                request, name_length = w.decode_request_header(header)
+                extent_id = (await reader.readexactly(name_length)).decode("utf-8", "replace")
+                data = b""
+                if request.op == w.Op.WRITE:
+                    data = await reader.readexactly(request.length)
+                await slots.acquire()
+                one = asyncio.create_task(self._answer(request, extent_id, data, writer, slots))
+                running.add(one)
+                one.add_done_callback(running.discard)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the controller went away
+        except w.WireError as exc:
+            event(_log, "agent.data_protocol_error", logging.WARNING, peer=peer, error=str(exc))
+        except asyncio.CancelledError:
+            pass
+        finally:
+            for one in running:
+                one.cancel()
+            self._connections.discard(task)
+            writer.close()
+
+    async def _answer(self, request: w.Request, extent_id: str, data: bytes,
+                      writer: asyncio.StreamWriter, slots: asyncio.Semaphore) -> None:
+        op = _OPS[request.op]
+        start = time.perf_counter()
+        try:
+            payload = await self._execute(request, extent_id, data)
+        except VolkinError as exc:
+            code = status_of(exc)
+            self._metrics.operations.labels(op, code.name).inc()
+            if isinstance(exc, FencedOut):
+                self._metrics.epoch_refusals.inc()
+            event(_log, "agent.refused", logging.INFO, op=op, code=code.name, error=exc.message)
+            reply = w.encode_response(request.id, code.value[0], exc.message)
+            payload = b""
+        else:
+            self._metrics.operations.labels(op, "ok").inc()
+            reply = w.encode_response(request.id, length=len(payload))
+        finally:
+            self._metrics.latency.labels(op).observe(time.perf_counter() - start)
+            slots.release()
+        if writer.is_closing():
+            return
+        # One answer is written whole, with no await in between: answers never interleave.
+        if len(payload) < 65536:
+            writer.write(reply + payload)
+        else:
+            writer.write(reply)
+            writer.write(payload)
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()  # the controller reads its answers: don't buffer without end
+
+    async def _execute(self, request: w.Request, extent_id: str, data: bytes) -> bytes:
+        store = self._store
+        if request.op == w.Op.READ:
+            if request.length > w.MAX_DATA:
+                raise InvalidArgument(f"read of {request.length} bytes; at most {w.MAX_DATA} "
+                                      f"per request")
+            store.check_range(extent_id, request.offset, request.length, "read")
+            payload = await dispatch.read(store, extent_id, request.offset, request.length)
+            self._metrics.read_bytes.inc(len(payload))
+            return payload
+        if request.op == w.Op.WRITE:
+            n = await dispatch.write(store, extent_id, request.offset, data,
+                                     bool(request.flags & w.Flag.FUA), request.epoch)
+            self._metrics.written_bytes.inc(n)
+        elif request.op == w.Op.FLUSH:
+            await dispatch.mutate(store, request.epoch, store.flush, extent_id, request.epoch)
+        elif request.op == w.Op.ZERO:
+            await dispatch.mutate(store, request.epoch, store.zero, extent_id, request.offset,
+                                  request.length, bool(request.flags & w.Flag.PUNCH_HOLE),
+                                  bool(request.flags & w.Flag.FUA), request.epoch)
+        return b""
