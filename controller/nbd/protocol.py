@@ -12,6 +12,7 @@ here, so everything a client can send is parsed by pure functions that tests
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -157,7 +158,7 @@ def option_reply(option: int, rep: int, data: bytes = b"") -> bytes:
     return struct.pack(">QIII", OPTION_REPLY_MAGIC, option, rep, len(data)) + data
 
 
-def handle_option(option: int, data: bytes, exports: dict[str, ExportInfo],
+def handle_option(option: int, data: bytes, exports: Mapping[str, ExportInfo],
                   no_zeroes: bool) -> OptionOutcome:
     """The answer to one option; never raises for bad option data (it answers an error)."""
     if option == Option.ABORT:
@@ -181,7 +182,7 @@ def handle_option(option: int, data: bytes, exports: dict[str, ExportInfo],
     return _error(option, Rep.ERR_UNSUP, f"option {option} is not supported by volkin")
 
 
-def _info_or_go(option: int, data: bytes, exports: dict[str, ExportInfo]) -> OptionOutcome:
+def _info_or_go(option: int, data: bytes, exports: Mapping[str, ExportInfo]) -> OptionOutcome:
     if len(data) < 6:
         return _error(option, Rep.ERR_INVALID, "option data too short")
     (name_length,) = struct.unpack_from(">I", data)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from controller.core import Core
@@ -32,6 +33,26 @@ from volkin.log import event
 
 log = logging.getLogger("volkin.nbd")
 STANDBY = "this volkin controller is a standby; connect to the active controller"
+
+
+class Exports(Mapping[str, p.ExportInfo]):
+    """The volumes as NBD exports, looked up one at a time: a client's NBD_OPT_GO must
+    not build the list of 10,000 volumes (only NBD_OPT_LIST walks them)."""
+
+    def __init__(self, core: Core) -> None:
+        self._core = core
+
+    def __getitem__(self, name: str) -> p.ExportInfo:
+        volume = self._core.engine.graph.volumes.get(name)
+        if volume is None or name in self._core.hidden:
+            raise KeyError(name)
+        return p.ExportInfo(name, volume.size_blocks * volume.block_size, volume.block_size)
+
+    def __iter__(self) -> Iterator[str]:
+        return (n for n in sorted(self._core.engine.graph.volumes) if n not in self._core.hidden)
+
+    def __len__(self) -> int:
+        return len(self._core.engine.graph.volumes) - len(self._core.hidden)
 
 
 @dataclass(frozen=True)
@@ -61,6 +82,7 @@ class NbdServer:
         self.io_wait = io_wait
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
+        self._by_volume: dict[str, set[_Connection]] = {}
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         self._server = await asyncio.start_server(self._serve, host, port)
@@ -85,18 +107,17 @@ class NbdServer:
             connection.close()
 
     def connections(self, volume: str) -> int:
-        return sum(1 for c in self._connections if c.volume == volume)
+        return len(self._by_volume.get(volume, ()))
 
     def disconnect(self, volume: str) -> int:
         """Closes every connection to `volume`; returns how many there were."""
-        closing = [c for c in self._connections if c.volume == volume]
+        closing = list(self._by_volume.get(volume, ()))
         for connection in closing:
             connection.close()
         return len(closing)
 
-    def exports(self, core: Core) -> dict[str, p.ExportInfo]:
-        return {v.name: p.ExportInfo(v.name, v.size_blocks * v.block_size, v.block_size)
-                for v in core.engine.volumes()}
+    def exports(self, core: Core) -> Exports:
+        return Exports(core)
 
     # -- one connection -----------------------------------------------------------------
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -109,9 +130,10 @@ class NbdServer:
             binding = await self._negotiate(reader, writer)
             if binding is not None:
                 connection.volume = binding.export.name
+                self._by_volume.setdefault(connection.volume, set()).add(connection)
                 await self._transmit(binding, reader, writer)
         except (p.ProtocolError, asyncio.IncompleteReadError, ConnectionError) as exc:
-            log.info("nbd client %s disconnected: %s", peer, exc)
+            event(log, "nbd.disconnected", peer=peer, reason=str(exc))
         except (Deposed, Unavailable) as exc:
             # Deposed, or unable to prove the lease for io_wait: what is in flight stays
             # unanswered (its outcome is unknown to the client, as after a crash).
@@ -120,6 +142,11 @@ class NbdServer:
             pass  # closed by detach or disconnect
         finally:
             self._connections.discard(connection)
+            if connection.volume:
+                sharing = self._by_volume.get(connection.volume, set())
+                sharing.discard(connection)
+                if not sharing:
+                    self._by_volume.pop(connection.volume, None)
             writer.close()
 
     async def _negotiate(self, reader: asyncio.StreamReader,

@@ -214,11 +214,13 @@ class MapEngine:
             self.graph.remove_node(ghost)  # a ghost with no readers left
         self.graph.drop_intervals(volume)
         self.graph.drop_volume(name)
-        related = {uid for key in self.graph.synced if volume.uid in key for uid in key}
-        for key in [k for k in self.graph.synced if volume.uid in k]:
+        keys = self.graph.synced_with(volume.uid)
+        related = {uid for key in keys for uid in key} - {volume.uid}
+        for key in keys:
             self.graph.drop_synced(key)
-        for survivor in self.graph.volumes.values():
-            if survivor.uid in related:
+        for uid in sorted(related):
+            survivor = self.graph.volume_by_uid(uid)
+            if survivor is not None:
                 self.graph.compact_intervals(survivor)
         return Deleted(name, tuple(self.graph.released))
 

@@ -129,6 +129,25 @@ class Graph:
     generation: int = 0
     _families: dict[str, int] = field(default_factory=dict)
     _families_generation: int = -1
+    # Indexes built on first use (loading fills the dicts above directly) and kept by
+    # the methods that change what they index: a delete must not walk every volume.
+    _synced_by_uid: dict[int, set[tuple[int, int]]] | None = None
+    _volume_by_uid: dict[int, str] | None = None
+
+    def synced_with(self, uid: int) -> set[tuple[int, int]]:
+        """The reference-point keys that name volume `uid`."""
+        if self._synced_by_uid is None:
+            self._synced_by_uid = {}
+            for key in self.synced:
+                for one in key:
+                    self._synced_by_uid.setdefault(one, set()).add(key)
+        return set(self._synced_by_uid.get(uid, ()))
+
+    def volume_by_uid(self, uid: int) -> Volume | None:
+        if self._volume_by_uid is None:
+            self._volume_by_uid = {v.uid: v.name for v in self.volumes.values()}
+        name = self._volume_by_uid.get(uid)
+        return self.volumes.get(name) if name is not None else None
 
     def family(self, name: str) -> int:
         """The family of volume `name`: the smallest node id among the nodes connected
@@ -192,11 +211,15 @@ class Graph:
 
     def put_volume(self, volume: Volume) -> None:
         self.volumes[volume.name] = volume
+        if self._volume_by_uid is not None:
+            self._volume_by_uid[volume.uid] = volume.name
         self.touched.volumes.add(volume.name)
         self.generation += 1
 
     def drop_volume(self, name: str) -> None:
-        del self.volumes[name]
+        volume = self.volumes.pop(name)
+        if self._volume_by_uid is not None:
+            self._volume_by_uid.pop(volume.uid, None)
         self.touched.volumes.add(name)
         self.generation += 1
 
@@ -211,10 +234,16 @@ class Graph:
     def set_synced(self, key: tuple[int, int], start: int) -> None:
         self.synced[key] = start
         self.touched.synced.add(key)
+        if self._synced_by_uid is not None:
+            for one in key:
+                self._synced_by_uid.setdefault(one, set()).add(key)
 
     def drop_synced(self, key: tuple[int, int]) -> None:
         del self.synced[key]
         self.touched.synced.add(key)
+        if self._synced_by_uid is not None:
+            for one in key:
+                self._synced_by_uid.get(one, set()).discard(key)
 
     def take_released(self, only: Iterable[str] | None = None) -> list[str]:
         """Takes the released memories (those of `only`, if given) off the list."""
@@ -350,7 +379,7 @@ class Graph:
         it; its replaced blocks become modified blocks there, because for the
         earlier reference point they are changes that happened after it.
         """
-        references = {start for key, start in self.synced.items() if volume.uid in key}
+        references = {self.synced[key] for key in self.synced_with(volume.uid)}
         newest = volume.intervals[-1]
         kept: list[Interval] = []
         for interval in volume.intervals:
