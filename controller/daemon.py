@@ -33,6 +33,7 @@ from controller.mapstore import LayoutError
 from controller.nbd.server import NbdServer
 from controller.service import AdminService
 from controller.term import Term
+from controller.volumes import CoreDevice
 from volkin import etcd
 from volkin.api.v1 import admin_pb2, admin_pb2_grpc
 from volkin.errors import VolkinError
@@ -110,7 +111,7 @@ async def _one_term(config: ControllerConfig, client: etcd.Etcd, keys: Keys,
             await leadership.release()
             await asyncio.sleep(1.0)
             return
-        nbd.attach(term.core)
+        nbd.attach(CoreDevice(term.core))
         admin.attach(term)
         await term.etcd.put(keys.controller_address, json.dumps(
             {"node_id": config.node_id, **addresses, "pid": os.getpid()}).encode(),

@@ -62,6 +62,7 @@ class TxFlag(IntEnum):
     SEND_FUA = 1 << 3
     SEND_TRIM = 1 << 5
     SEND_WRITE_ZEROES = 1 << 6
+    CAN_MULTI_CONN = 1 << 8
 
 
 class Cmd(IntEnum):
@@ -88,8 +89,10 @@ class Errno(IntEnum):
     ESHUTDOWN = 108
 
 
+# Multi-conn: every connection sees every acknowledged write, and a FLUSH on any one
+# makes durable what all of them completed (controller.nbd.server).
 TRANSMISSION_FLAGS = (TxFlag.HAS_FLAGS | TxFlag.SEND_FLUSH | TxFlag.SEND_FUA
-                      | TxFlag.SEND_TRIM | TxFlag.SEND_WRITE_ZEROES)
+                      | TxFlag.SEND_TRIM | TxFlag.SEND_WRITE_ZEROES | TxFlag.CAN_MULTI_CONN)
 # Flags each command may carry; anything else is EINVAL.
 ALLOWED_FLAGS: dict[int, int] = {
     Cmd.READ: 0,

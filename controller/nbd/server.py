@@ -1,66 +1,44 @@
-"""The NBD server: every volume of the core is an export named after the volume.
+"""The NBD server: every volume of a block device is an export named after the volume.
 
-One task per connection: the fixed newstyle handshake, then requests served
-one at a time in the order they arrive (simple replies). Protocol parsing is
-`controller.nbd.protocol`; this module only moves bytes. A request the core
-refuses gets an NBD error reply and the connection goes on; a client that
-breaks the protocol is disconnected.
+One task reads a connection's requests; each request then runs in a task of its
+own, so many are in flight and they complete out of order, as the protocol
+allows (`controller.nbd.ordering` keeps the orders a client may rely on:
+overlapping requests where either writes, and a FLUSH after every write received
+before it). Answers are written whole, one at a time. Protocol parsing is
+`controller.nbd.protocol`; the storage is a `controller.nbd.device.Device`; this
+module only moves bytes between them. Connections are consistent with each
+other (every one sees every write the moment it is acknowledged, and a FLUSH on
+any covers them all), so multi-conn is advertised and clients open several.
 
 The server listens for the whole life of the process, but serves only while a
-core is attached (this controller leads): a standby answers every option with
+device is attached (this controller leads): a standby answers every option with
 NBD_REP_ERR_SHUTDOWN, and stepping down (`detach`) closes every connection at
 once, without answering what is in flight. A connection is bound to the volume
 it opened — its unique id and negotiated size, not its name — so a volume that
 is deleted (and perhaps created again under the same name) is never written
-through an old connection. Nothing is acknowledged unless the term's fence is
-valid at that moment; a request that cannot complete within `io_wait` seconds
-(an agent or etcd away) gets EIO, and one that failed for want of space (an
-agent's disk or etcd's database full) gets ENOSPC.
+through an old connection. Nothing is acknowledged unless the device says so
+(the term's fence is valid); a request that cannot complete within `io_wait`
+seconds (an agent or etcd away) gets EIO; a request the device refuses gets an
+NBD error reply and the connection goes on; a client that breaks the protocol
+is disconnected.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 
-from controller.core import Core
 from controller.fence import Deposed
 from controller.nbd import protocol as p
+from controller.nbd.device import Device, Volume
+from controller.nbd.ordering import Entry, InFlight
 from volkin.errors import NotFound, OutOfRange, StorageFull, Unavailable, VolkinError
 from volkin.log import event
 
 log = logging.getLogger("volkin.nbd")
 STANDBY = "this volkin controller is a standby; connect to the active controller"
-
-
-class Exports(Mapping[str, p.ExportInfo]):
-    """The volumes as NBD exports, looked up one at a time: a client's NBD_OPT_GO must
-    not build the list of 10,000 volumes (only NBD_OPT_LIST walks them)."""
-
-    def __init__(self, core: Core) -> None:
-        self._core = core
-
-    def __getitem__(self, name: str) -> p.ExportInfo:
-        volume = self._core.engine.graph.volumes.get(name)
-        if volume is None or name in self._core.hidden:
-            raise KeyError(name)
-        return p.ExportInfo(name, volume.size_blocks * volume.block_size, volume.block_size)
-
-    def __iter__(self) -> Iterator[str]:
-        return (n for n in sorted(self._core.engine.graph.volumes) if n not in self._core.hidden)
-
-    def __len__(self) -> int:
-        return len(self._core.engine.graph.volumes) - len(self._core.hidden)
-
-
-@dataclass(frozen=True)
-class Binding:
-    """What a connection in the transmission phase is bound to."""
-
-    export: p.ExportInfo
-    uid: int
+# Requests of one connection running at once; more wait in the socket.
+IN_FLIGHT = 64
 
 
 class _Connection:
@@ -76,9 +54,13 @@ class _Connection:
             transport.abort()
 
 
+class _Stop(Exception):
+    """Ends a connection without another answer (deposed, or the volume is gone)."""
+
+
 class NbdServer:
-    def __init__(self, core: Core | None = None, io_wait: float = 30.0) -> None:
-        self.core = core
+    def __init__(self, device: Device | None = None, io_wait: float = 30.0) -> None:
+        self.device = device
         self.io_wait = io_wait
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
@@ -96,13 +78,13 @@ class NbdServer:
             await self._server.wait_closed()
 
     # -- terms and volumes --------------------------------------------------------------
-    def attach(self, core: Core) -> None:
-        """Serves `core`'s volumes from now on (this controller leads)."""
-        self.core = core
+    def attach(self, device: Device) -> None:
+        """Serves `device`'s volumes from now on (this controller leads)."""
+        self.device = device
 
     def detach(self) -> None:
         """Stops serving: every connection is closed at once, nothing more is answered."""
-        self.core = None
+        self.device = None
         for connection in list(self._connections):
             connection.close()
 
@@ -116,9 +98,6 @@ class NbdServer:
             connection.close()
         return len(closing)
 
-    def exports(self, core: Core) -> Exports:
-        return Exports(core)
-
     # -- one connection -----------------------------------------------------------------
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
@@ -127,17 +106,19 @@ class NbdServer:
         connection = _Connection(task, writer)
         self._connections.add(connection)
         try:
-            binding = await self._negotiate(reader, writer)
-            if binding is not None:
-                connection.volume = binding.export.name
+            opened = await self._negotiate(reader, writer)
+            if opened is not None:
+                device, volume = opened
+                connection.volume = volume.export.name
                 self._by_volume.setdefault(connection.volume, set()).add(connection)
-                await self._transmit(binding, reader, writer)
+                await self._transmit(device, volume, reader, writer)
         except (p.ProtocolError, asyncio.IncompleteReadError, ConnectionError) as exc:
             event(log, "nbd.disconnected", peer=peer, reason=str(exc))
-        except (Deposed, Unavailable) as exc:
-            # Deposed, or unable to prove the lease for io_wait: what is in flight stays
-            # unanswered (its outcome is unknown to the client, as after a crash).
-            event(log, "nbd.closed", logging.WARNING, peer=peer, reason=exc.message)
+        except (_Stop, Deposed, Unavailable) as exc:
+            # Deposed, unable to prove the lease for io_wait, or the volume is gone: what
+            # is in flight stays unanswered (its outcome is unknown, as after a crash).
+            event(log, "nbd.closed", logging.WARNING, peer=peer,
+                  reason=getattr(exc, "message", str(exc)))
         except asyncio.CancelledError:
             pass  # closed by detach or disconnect
         finally:
@@ -150,7 +131,7 @@ class NbdServer:
             writer.close()
 
     async def _negotiate(self, reader: asyncio.StreamReader,
-                         writer: asyncio.StreamWriter) -> Binding | None:
+                         writer: asyncio.StreamWriter) -> tuple[Device, Volume] | None:
         writer.write(p.greeting())
         await writer.drain()
         flags = p.parse_client_flags(await reader.readexactly(4))
@@ -158,78 +139,128 @@ class NbdServer:
         while True:
             option, length = p.parse_option_header(await reader.readexactly(16))
             data = await reader.readexactly(length)
-            core = self.core
-            if core is None and option != p.Option.ABORT:
+            device = self.device
+            if device is None and option != p.Option.ABORT:
                 if option == p.Option.EXPORT_NAME:
                     return None  # no error reply exists for it: close
                 writer.write(p.option_reply(option, p.Rep.ERR_SHUTDOWN, STANDBY.encode()))
                 await writer.drain()
                 continue
-            outcome = p.handle_option(option, data, self.exports(core) if core else {},
+            outcome = p.handle_option(option, data, device.exports() if device else {},
                                       no_zeroes)
             writer.write(outcome.reply)
             await writer.drain()
             if outcome.close:
                 return None
-            if outcome.export is not None and core is not None:
-                uid, _ = core.identity(outcome.export.name)
-                return Binding(outcome.export, uid)
+            if outcome.export is not None and device is not None:
+                return device, device.open(outcome.export.name)
 
-    async def _transmit(self, binding: Binding, reader: asyncio.StreamReader,
+    async def _transmit(self, device: Device, volume: Volume, reader: asyncio.StreamReader,
                         writer: asyncio.StreamWriter) -> None:
-        export = binding.export
-        while True:
-            request = p.parse_request(await reader.readexactly(p.REQUEST_SIZE))
-            payload = b""
-            if request.command == p.Cmd.WRITE:
-                if request.length > p.MAX_REQUEST_LENGTH:
-                    raise p.ProtocolError(f"write of {request.length} bytes is too large")
-                payload = await reader.readexactly(request.length)
-            if request.command == p.Cmd.DISC:
-                return
-            core = self.core
-            if core is None:
-                raise Deposed("this controller stepped down")
-            error = p.check_request(request, export.size)
-            data = b""
-            gone = False
-            if not error:
-                try:
-                    core.require(export.name, binding.uid)
-                    async with asyncio.timeout(self.io_wait):
-                        data = await self._execute(core, export.name, request, payload)
-                except Deposed:
-                    raise  # nothing is answered by a controller that no longer leads
-                except NotFound as exc:
-                    event(log, "nbd.volume_gone", logging.WARNING, volume=export.name,
-                          error=exc.message)
-                    error, gone = p.Errno.ESHUTDOWN, True
-                except OutOfRange:
-                    error = p.Errno.EINVAL
-                except (VolkinError, TimeoutError) as exc:
-                    # The plan stopped where it failed; the maps in etcd say what is valid.
-                    message = (exc.message if isinstance(exc, VolkinError)
-                               else f"not done within io_wait={self.io_wait:g} s")
-                    event(log, "nbd.failed", logging.WARNING, op=p.Cmd(request.command).name,
-                          volume=export.name, error=message)
-                    error = p.Errno.ENOSPC if isinstance(exc, StorageFull) else p.Errno.EIO
-            # The acknowledgement: only while this term can prove it still leads.
-            await core.fence.ready(self.io_wait)
-            writer.write(p.simple_reply(request.handle, error, data))
-            await writer.drain()
-            if gone:
-                return
+        in_flight = InFlight()
+        slots = asyncio.Semaphore(IN_FLIGHT)
+        running: set[asyncio.Task[None]] = set()
+        stopped: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        try:
+            while not stopped.done():
+                request = p.parse_request(await reader.readexactly(p.REQUEST_SIZE))
+                payload = b""
+                if request.command == p.Cmd.WRITE:
+                    if request.length > p.MAX_REQUEST_LENGTH:
+                        raise p.ProtocolError(f"write of {request.length} bytes is too large")
+                    payload = await reader.readexactly(request.length)
+                if request.command == p.Cmd.DISC:
+                    await in_flight.drain()
+                    return
+                if self.device is not device:
+                    raise _Stop("this controller stepped down")
+                error = p.check_request(request, volume.export.size)
+                if error:
+                    await device.acknowledge(self.io_wait)
+                    writer.write(p.simple_reply(request.handle, error))
+                    continue
+                await slots.acquire()
+                if request.command == p.Cmd.FLUSH:
+                    entry = in_flight.register_flush()
+                else:
+                    entry = in_flight.register(request.offset, request.length,
+                                               writes=request.command != p.Cmd.READ)
+                one = asyncio.create_task(self._serve_one(
+                    device, volume, request, payload, entry, in_flight, slots, writer, stopped))
+                running.add(one)
+                one.add_done_callback(running.discard)
+        finally:
+            for one in running:  # a client gone, a connection closed: nobody to answer
+                one.cancel()
+            if stopped.done():
+                reason = stopped.exception()
+                if reason is not None:
+                    raise reason
 
-    async def _execute(self, core: Core, name: str, request: p.Request, payload: bytes) -> bytes:
+    async def _serve_one(self, device: Device, volume: Volume, request: p.Request,
+                         payload: bytes, entry: Entry, in_flight: InFlight,
+                         slots: asyncio.Semaphore, writer: asyncio.StreamWriter,
+                         stopped: asyncio.Future[None]) -> None:
+        flush = request.command == p.Cmd.FLUSH
+        try:
+            await in_flight.wait(entry, flush)
+            error, data = await self._execute(volume, request, payload)
+            # The acknowledgement: only while this term can prove it still leads.
+            await device.acknowledge(self.io_wait)
+            if error == p.Errno.ESHUTDOWN:
+                writer.write(p.simple_reply(request.handle, error))
+                raise _Stop(f"volume {volume.export.name} is gone")
+            writer.write(p.simple_reply(request.handle, error, data))
+        except (_Stop, Deposed, Unavailable) as exc:
+            if not stopped.done():
+                stopped.set_exception(exc)
+            transport = writer.transport
+            if transport is not None:
+                transport.abort()  # wakes the reader, which ends the connection
+        finally:
+            in_flight.finish(entry)
+            slots.release()
+
+    async def _execute(self, volume: Volume, request: p.Request,
+                       payload: bytes) -> tuple[int, bytes]:
+        """The error to answer (0: none) and the data of a READ."""
+        try:
+            volume.check()
+            async with asyncio.timeout(self.io_wait):
+                return 0, await self._call(volume, request, payload)
+        except Deposed:
+            raise  # nothing is answered by a controller that no longer leads
+        except NotFound as exc:
+            event(log, "nbd.volume_gone", logging.WARNING, volume=volume.export.name,
+                  error=exc.message)
+            return p.Errno.ESHUTDOWN, b""
+        except OutOfRange:
+            return p.Errno.EINVAL, b""
+        except StorageFull as exc:
+            # e.g. etcd's database is full (NOSPACE): a write that needs a map commit
+            # cannot be made durable; say so, not EIO.
+            event(log, "nbd.failed", logging.WARNING, op=p.Cmd(request.command).name,
+                  volume=volume.export.name, error=exc.message)
+            return p.Errno.ENOSPC, b""
+        except (VolkinError, TimeoutError) as exc:
+            # The plan stopped where it failed; the maps in etcd say what is valid.
+            message = (exc.message if isinstance(exc, VolkinError)
+                       else f"not done within io_wait={self.io_wait:g} s")
+            event(log, "nbd.failed", logging.WARNING, op=p.Cmd(request.command).name,
+                  volume=volume.export.name, error=message)
+            return p.Errno.EIO, b""
+
+    @staticmethod
+    async def _call(volume: Volume, request: p.Request, payload: bytes) -> bytes:
         fua = bool(request.flags & p.CmdFlag.FUA)
         if request.command == p.Cmd.READ:
-            return await core.read(name, request.offset, request.length)
+            return await volume.read(request.offset, request.length)
         if request.command == p.Cmd.WRITE:
-            await core.write(name, request.offset, payload, fua)
+            await volume.write(request.offset, payload, fua)
         elif request.command == p.Cmd.WRITE_ZEROES:
-            await core.write(name, request.offset, bytes(request.length), fua)
+            await volume.zero(request.offset, request.length, fua)
         elif request.command == p.Cmd.FLUSH:
-            await core.flush(name)
+            await volume.flush()
         # TRIM is a hint (the protocol lets a server ignore it); space is not reclaimed yet.
         return b""
 

@@ -20,6 +20,7 @@ from controller.guarded import GuardedEtcd
 from controller.jobs import Jobs, JobState
 from controller.nbd.server import NbdServer
 from controller.placement import Placement
+from controller.volumes import CoreDevice
 from tests.agent.conftest import AgentFactory
 from tests.controller.conftest import agent_client, map_store
 from tests.support.etcd import EtcdServer
@@ -59,7 +60,7 @@ def serve(etcd_server: EtcdServer, start_agent: AgentFactory,
         store = map_store(client)
         core = Core(await store.load(), store, Placement(["a1", "a2"]), agent_client(a1, a2),
                     Keys("/t"))
-        server = NbdServer(core)
+        server = NbdServer(CoreDevice(core))
         host, port = await server.start()
         try:
             jobs = Jobs(core, GuardedEtcd(client, core.fence), Keys("/t"))
