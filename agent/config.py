@@ -31,6 +31,10 @@ class AgentConfig:
     # host:port peers and controllers dial; empty means the bound address
     # (with the machine's name when `listen` binds every interface).
     advertise: str = ""
+    # host:port of the block data port (volkin.blockwire: reads and writes from the
+    # controller); empty: the host of `listen`, a free port. The controller finds it
+    # in the registration, as it finds `advertise`.
+    data_listen: str = ""
     etcd_endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
     # The agent registers at {etcd_prefix}/agents/{node_id} and reads the controller's
     # fencing epoch at {etcd_prefix}/controller/epoch (volkin.keys).
@@ -52,6 +56,7 @@ _HELP = {
     "data_dir": "directory of the block store (extent files and their metadata)",
     "listen": "host:port of the gRPC server; port 0 picks a free port",
     "advertise": "host:port that peers and controllers dial (default: the bound address)",
+    "data_listen": "host:port of the block data port (default: the listen host, a free port)",
     "etcd_endpoints": "comma-separated etcd host:port list",
     "etcd_prefix": "etcd key prefix",
     "lease_ttl": "seconds before etcd drops the registration of a silent agent",
@@ -98,6 +103,7 @@ def load(argv: Sequence[str], environ: Mapping[str, str]) -> AgentConfig:
     settings = AgentConfig(**chosen)
     config.check_address("listen", settings.listen)
     config.check_address("advertise", settings.advertise, allow_empty=True)
+    config.check_address("data_listen", settings.data_listen, allow_empty=True)
     config.check_address("metrics_listen", settings.metrics_listen, allow_empty=True)
     if not settings.node_id or "/" in settings.node_id:
         raise InvalidArgument(f"node_id {settings.node_id!r} must be non-empty without '/'")

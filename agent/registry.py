@@ -50,6 +50,8 @@ class AgentRecord:
     # Seconds the lease lives without renewal: how long after its last renewal the
     # agent may still admit mutations (less a margin).
     lease_ttl: int
+    # host:port of the block data port (reads and writes; volkin.blockwire).
+    data_address: str = ""
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()

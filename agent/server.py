@@ -25,6 +25,7 @@ from grpc_health.v1._async import HealthServicer
 from agent import peer
 from agent.blockstore import BlockStore
 from agent.config import AgentConfig, advertised_address
+from agent.dataport import DataPort
 from agent.metrics import AgentMetrics
 from agent.registry import AgentRecord, Registration
 from agent.service import SERVER_OPTIONS, BlockStoreService
@@ -62,15 +63,22 @@ async def serve(config: AgentConfig) -> None:
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     metrics_address = metrics.serve(config.metrics_listen) if config.metrics_listen else ""
     address = advertised_address(config, port)
+    data_port = DataPort(store, metrics)
+    data_host, _, data_wanted = (config.data_listen or config.listen.rpartition(":")[0] + ":0"
+                                 ).rpartition(":")
+    bound = await data_port.start(data_host.strip("[]") or "0.0.0.0", int(data_wanted))
+    data_address = f"{address.rpartition(':')[0]}:{bound}"
 
     client = await etcd.connect(config.etcd_endpoints)
     record = AgentRecord(config.node_id, address, metrics_address, os.getpid(), VERSION,
-                         epoch=store.fence.epoch, lease_ttl=config.lease_ttl)
+                         epoch=store.fence.epoch, lease_ttl=config.lease_ttl,
+                         data_address=data_address)
     registration = Registration(client, Keys(config.etcd_prefix), record, store.fence)
     registering = asyncio.create_task(registration.run(), name="registration")
     event(_log, "agent.serving", node=config.node_id, address=address,
           metrics=metrics_address or "off", data_dir=config.data_dir, extents=store.count(),
-          etcd=",".join(config.etcd_endpoints), epoch=store.fence.epoch, pid=os.getpid())
+          etcd=",".join(config.etcd_endpoints), epoch=store.fence.epoch, pid=os.getpid(),
+          data=data_address)
 
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -90,6 +98,7 @@ async def serve(config: AgentConfig) -> None:
     else:
         await registration.withdraw()
     await server.stop(config.shutdown_grace)
+    await data_port.stop()
     await peers.close()
     await client.close()
     metrics.stop()

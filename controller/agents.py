@@ -31,7 +31,9 @@ from typing import TypeVar
 
 import grpc
 
+from controller.dataconn import DataConnection
 from controller.fence import Deposed, Fence
+from volkin import blockwire as w
 from volkin.api.v1 import agent_pb2, agent_pb2_grpc
 from volkin.errors import FencedOut, NotFound, Unavailable, VolkinError
 from volkin.etcd import Etcd, EtcdUnavailable
@@ -94,7 +96,11 @@ class AgentDirectory:
         return sorted(self.records)
 
     async def address(self, node: str, fresh: bool = False) -> str:
-        """The address of `node`; with `fresh`, read again from etcd (rate-limited)."""
+        """The gRPC address of `node`; with `fresh`, read again from etcd (rate-limited)."""
+        return str((await self.record(node, fresh))["address"])
+
+    async def record(self, node: str, fresh: bool = False) -> dict[str, object]:
+        """The registration of `node`; with `fresh`, read again from etcd (rate-limited)."""
         if self._etcd is not None and (fresh or node not in self.records):
             if self._refreshing is None:
                 self._refreshing = asyncio.Lock()
@@ -108,7 +114,7 @@ class AgentDirectory:
         record = self.records.get(node)
         if record is None:
             raise Unavailable(f"agent {node} is not registered (is volkin-agent running there?)")
-        return str(record["address"])
+        return record
 
 
 class AgentClient:
@@ -117,6 +123,7 @@ class AgentClient:
         self.fence = fence
         self.io_wait = io_wait
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._data: dict[str, DataConnection] = {}
         # node id -> (what went wrong, since when): cleared by the next success.
         self.troubles: dict[str, tuple[str, float]] = {}
 
@@ -124,6 +131,52 @@ class AgentClient:
         channels, self._channels = list(self._channels.values()), {}
         for channel in channels:
             await channel.close(None)
+        connections, self._data = list(self._data.values()), {}
+        for connection in connections:
+            await connection.close()
+
+    def _data_connection(self, address: str) -> DataConnection:
+        connection = self._data.get(address)
+        if connection is None:
+            connection = self._data[address] = DataConnection(address)
+        return connection
+
+    async def _data_call(self, node: str, what: str, op: w.Op, extent_id: str,
+                         offset: int = 0, length: int = 0, flags: w.Flag = w.NO_FLAGS,
+                         data: bytes = b"") -> bytes:
+        """One request on the agent's block data port (its gRPC twin for an agent that
+        registered no data port)."""
+        async def attempt(record: dict[str, object], timeout: float) -> bytes:
+            address = str(record.get("data_address") or "")
+            if not address:
+                return await self._grpc_data(record, op, extent_id, offset, length, flags,
+                                             data, timeout)
+            return await self._data_connection(address).call(
+                op, extent_id, offset, length, self.fence.epoch, flags, data, timeout)
+        return await self._call(node, what, attempt)
+
+    async def _grpc_data(self, record: dict[str, object], op: w.Op, extent_id: str,
+                         offset: int, length: int, flags: w.Flag, data: bytes,
+                         timeout: float) -> bytes:
+        stub = self._stub(str(record["address"]))
+        epoch = self.fence.epoch
+        if op == w.Op.READ:
+            out = bytearray()
+            async for chunk in stub.Read(agent_pb2.ReadRequest(
+                    extent_id=extent_id, offset=offset, length=length), timeout=timeout):
+                out += chunk.data
+            return bytes(out)
+        if op == w.Op.WRITE:
+            await stub.Write(agent_pb2.WriteRequest(
+                extent_id=extent_id, offset=offset, data=data, fua=bool(flags & w.Flag.FUA),
+                epoch=epoch), timeout=timeout)
+        elif op == w.Op.FLUSH:
+            await stub.Flush(agent_pb2.FlushRequest(extent_id=extent_id, epoch=epoch),
+                             timeout=timeout)
+        return b""
+
+    def _grpc(self, record: dict[str, object]) -> agent_pb2_grpc.BlockStoreStub:
+        return self._stub(str(record["address"]))
 
     def _stub(self, address: str) -> agent_pb2_grpc.BlockStoreStub:
         channel = self._channels.get(address)
@@ -135,64 +188,63 @@ class AgentClient:
     # -- the calls -------------------------------------------------------------------
     async def create_extent(self, node: str, extent_id: str, size_bytes: int,
                             block_size: int) -> None:
-        await self._call(node, "create an extent", lambda stub, timeout: stub.CreateExtent(
-            agent_pb2.CreateExtentRequest(extent_id=extent_id, size_bytes=size_bytes,
-                                          block_size=block_size, epoch=self.fence.epoch),
-            timeout=timeout))
+        request = agent_pb2.CreateExtentRequest(extent_id=extent_id, size_bytes=size_bytes,
+                                                block_size=block_size, epoch=self.fence.epoch)
+        await self._call(node, "create an extent", lambda record, timeout: self._grpc(
+            record).CreateExtent(request, timeout=timeout))
 
     async def delete_extent(self, node: str, extent_id: str) -> None:
         """Deletes an extent; one that does not exist (never created) is fine."""
         with contextlib.suppress(NotFound):
-            await self._call(node, "delete an extent", lambda stub, timeout: stub.DeleteExtent(
-                agent_pb2.DeleteExtentRequest(extent_id=extent_id, epoch=self.fence.epoch),
-                timeout=timeout))
+            request = agent_pb2.DeleteExtentRequest(extent_id=extent_id, epoch=self.fence.epoch)
+            await self._call(node, "delete an extent", lambda record, timeout: self._grpc(
+                record).DeleteExtent(request, timeout=timeout))
 
     async def write(self, node: str, extent_id: str, offset: int, data: bytes,
                     fua: bool) -> None:
-        await self._call(node, "write", lambda stub, timeout: stub.Write(
-            agent_pb2.WriteRequest(extent_id=extent_id, offset=offset, data=data, fua=fua,
-                                   epoch=self.fence.epoch), timeout=timeout))
+        for start in range(0, len(data), w.MAX_DATA):
+            await self._data_call(node, "write", w.Op.WRITE, extent_id, offset + start,
+                                  flags=w.Flag.FUA if fua else w.NO_FLAGS,
+                                  data=data[start:start + w.MAX_DATA])
 
     async def flush(self, node: str, extent_id: str) -> None:
-        await self._call(node, "flush", lambda stub, timeout: stub.Flush(
-            agent_pb2.FlushRequest(extent_id=extent_id, epoch=self.fence.epoch),
-            timeout=timeout))
+        await self._data_call(node, "flush", w.Op.FLUSH, extent_id)
 
     async def copy(self, node: str, target_extent: str, source_extent: str, source_node: str,
                    ranges: Sequence[agent_pb2.CopyRange]) -> None:
         """Copies `ranges` into `target_extent` on `node`, from `source_extent` on the same
         agent (`source_node` == `node`) or pulled from the source agent; durable."""
-        async def call(stub: agent_pb2_grpc.BlockStoreStub, timeout: float) -> object:
+        async def call(record: dict[str, object], timeout: float) -> object:
             source_agent = ("" if source_node == node
                             else await self.directory.address(source_node))
-            return await stub.Copy(agent_pb2.CopyRequest(
+            return await self._grpc(record).Copy(agent_pb2.CopyRequest(
                 target_extent_id=target_extent, source_extent_id=source_extent,
                 source_agent=source_agent, ranges=ranges, durable=True,
                 epoch=self.fence.epoch), timeout=timeout)
         await self._call(node, "copy", call)
 
     async def read(self, node: str, extent_id: str, offset: int, length: int) -> bytes:
-        async def call(stub: agent_pb2_grpc.BlockStoreStub, timeout: float) -> bytes:
-            out = bytearray()
-            async for chunk in stub.Read(agent_pb2.ReadRequest(
-                    extent_id=extent_id, offset=offset, length=length), timeout=timeout):
-                out += chunk.data
-            if len(out) != length:
-                raise Unavailable(f"agent {node} ended a read early ({len(out)} of {length} "
-                                  f"bytes)")
-            return bytes(out)
-        return await self._call(node, "read", call)
+        parts = []
+        for start in range(0, length, w.MAX_DATA):
+            n = min(w.MAX_DATA, length - start)
+            part = await self._data_call(node, "read", w.Op.READ, extent_id, offset + start, n)
+            if len(part) != n:
+                raise Unavailable(f"agent {node} answered a read of {n} bytes with "
+                                  f"{len(part)}")
+            parts.append(part)
+        return b"".join(parts)
 
     async def fence_node(self, node: str) -> int:
         """Raises `node`'s epoch to this term's; returns the agent's epoch."""
-        response = await self._call(node, "fence", lambda stub, timeout: stub.Fence(
+        response = await self._call(node, "fence", lambda record, timeout: self._grpc(record).Fence(
             agent_pb2.FenceRequest(epoch=self.fence.epoch), timeout=timeout))
         return int(response.epoch)
 
     # -- retries, fencing, translation ----------------------------------------------------
-    async def _call(self, node: str,
-                    what: str,
-                    call: Callable[[agent_pb2_grpc.BlockStoreStub, float], Awaitable[T]]) -> T:
+    async def _call(self, node: str, what: str,
+                    call: Callable[[dict[str, object], float], Awaitable[T]]) -> T:
+        """Runs `call` (with the agent's registration and a timeout) until it succeeds,
+        retrying what is transient for up to the call's budget; translates errors."""
         budget = self.io_wait
         limit = CALL_BUDGET.get()
         if limit is not None:
@@ -205,8 +257,13 @@ class AgentClient:
             await self.fence.ready(max(0.0, end - time.monotonic()))
             address = "?"
             try:
-                address = await self.directory.address(node, fresh)
-                result = await call(self._stub(address), max(0.05, end - time.monotonic()))
+                record = await self.directory.record(node, fresh)
+                address = str(record.get("address", "?"))
+                result = await call(record, max(0.05, end - time.monotonic()))
+            except FencedOut as exc:  # from the data port: a newer controller took over
+                self.fence.depose(f"agent {node} has seen a newer controller: {exc.message}")
+                raise Deposed(f"this controller is no longer the active one: "
+                              f"{self.fence.reason}") from exc
             except grpc.aio.AioRpcError as exc:
                 error = error_from_rpc(exc.code(), f"agent {node} ({address}) could not "
                                                    f"{what}: {_one_line(exc.details())}")

@@ -41,6 +41,7 @@ class Agent:
         self.log_path = data_dir.parent / f"{node_id}.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.address = ""
+        self.data_address = ""  # the block data port (volkin.blockwire)
         self.metrics_address = ""
         self._channel: grpc.Channel | None = None
         self.port = 0  # kept across restarts so peers can find the agent again
@@ -63,6 +64,8 @@ class Agent:
             if found:
                 self.address, self.metrics_address = found.group(1), found.group(2)
                 self.port = int(self.address.rpartition(":")[2])
+                data = re.search(r"event=agent\.serving .* data=(\S+)", text)
+                self.data_address = data.group(1) if data else ""
                 return
             if self.process.poll() is not None:
                 break

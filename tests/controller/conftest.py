@@ -31,6 +31,8 @@ __all__ = ["Controller", "agent_client", "etcd_server", "map_store", "start_agen
 def agent_client(*agents: Agent, fence: Fence | None = None) -> AgentClient:
     """A controller's agent client for these agents, with a fence that never expires."""
     directory = AgentDirectory(None, Keys(), {a.node_id: a.address for a in agents})
+    for agent in agents:  # reads and writes on the block data port, as a controller does
+        directory.records[agent.node_id]["data_address"] = agent.data_address
     return AgentClient(directory, fence or Fence.without_lease(), io_wait=10.0)
 
 
