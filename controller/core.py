@@ -34,7 +34,7 @@ from controller.fence import Deposed
 from controller.locks import FamilyLocks
 from controller.mapstore import GroupCommit, MapStore, Pending
 from controller.placement import ExtentRef, Placement
-from volkin.engine import Loc, MapEngine, Read, RefreshStarted, VolumeInfo, Write
+from volkin.engine import Loc, MapEngine, Read, RefreshStarted, VolumeInfo
 from volkin.errors import InvalidArgument, NotFound, OutOfRange
 from volkin.etcd import EtcdUnavailable
 from volkin.keys import Keys
@@ -238,9 +238,9 @@ class Core:
                 position += take
                 if take == block_size:
                     plan = self.engine.plan_write(name, block, whole_block=True)
-                    step = plan.steps[0]
-                    if len(plan.steps) == 1 and isinstance(step, Write) and not step.durable:
-                        plain.append((step.target, piece))
+                    target = plan.plain_write
+                    if target is not None:
+                        plain.append((target, piece))
                     else:
                         await self.executor.run(plan, piece, 0, fua)
                 elif inside % EXTENT_BLOCK == 0 and take % EXTENT_BLOCK == 0:

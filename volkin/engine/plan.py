@@ -125,5 +125,16 @@ class Plan:
     def commits(self) -> tuple[Commit, ...]:
         return tuple(s for s in self.steps if isinstance(s, Commit))
 
+    @property
+    def plain_write(self) -> Loc | None:
+        """The fast path: where the data goes when the plan is that write alone — no copy,
+        no commit, nothing to make durable first. The caller may send such writes of
+        neighbouring blocks as one."""
+        if len(self.steps) == 1:
+            step = self.steps[0]
+            if isinstance(step, Write) and not step.durable:
+                return step.target
+        return None
+
     def __str__(self) -> str:
         return f"plan(block {self.unit}): " + "; ".join(str(s) for s in self.steps)
