@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import re
 import signal
 import subprocess
@@ -39,6 +38,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from bench import fio
+from bench.fio import FioResult, fio_result
 from bench.loopback import Loopback
 from tests.controller.conftest import Controller
 from volkin import etcd
@@ -119,32 +120,11 @@ def profiled(controller: Controller, directory: Path | None, phase: str) -> Iter
 
 # -- 3. snapshots beside fio ------------------------------------------------------------
 
-@dataclass
-class FioResult:
-    iops: float
-    p50: float  # completion latency, seconds
-    p99: float
-    max: float
-
-
 def start_fio(nbd: str, volume: str, seconds: float, rw: str = "randwrite",
               time_based: bool = True) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        ["fio", "--name=bench", "--ioengine=nbd", f"--uri=nbd://{nbd}/{volume}",
-         f"--rw={rw}", "--bs=64k", "--iodepth=1", f"--size={FIO_SIZE}",
-         *([f"--runtime={seconds}", "--time_based"] if time_based else []),
-         "--randrepeat=0", "--percentile_list=50:99", "--output-format=json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def fio_result(process: subprocess.Popen[bytes]) -> FioResult:
-    out, err = process.communicate(timeout=600)
-    if process.returncode != 0:
-        raise RuntimeError(f"fio failed: {err.decode()[-2000:]}")
-    write = json.loads(out[out.index(b"{"):])["jobs"][0]["write"]
-    clat = write["clat_ns"]
-    return FioResult(write["iops"], clat["percentile"]["50.000000"] / 1e9,
-                     clat["percentile"]["99.000000"] / 1e9, clat["max"] / 1e9)
+    return fio.start_fio(f"nbd://{nbd}/{volume}", f"--rw={rw}", "--bs=64k", "--iodepth=1",
+                         f"--size={FIO_SIZE}",
+                         *([f"--runtime={seconds}", "--time_based"] if time_based else []))
 
 
 def running(process: subprocess.Popen[bytes]) -> Callable[[int], bool]:
