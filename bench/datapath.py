@@ -1,0 +1,763 @@
+"""The data path (issue 8): volkin's NBD I/O and background copy beside qemu-nbd and nbdcopy.
+
+    python3 -m bench.datapath [--size 1GiB] [--copy-size 1GiB] [--runtime 10] [--rounds 2]
+                              [--skip fio|copy|first-write|foreground ...] [--profile DIR]
+
+Starts a real etcd, two agents and a controller on loopback (`bench.loopback`), and
+qemu-nbd (`-f raw --shared=8 --cache=writeback`) on raw files beside them. Every
+measure runs volkin and its peer in the same run, interleaved (peer, volkin, peer,
+volkin, ...), and reports medians over `--rounds`:
+
+1. fio (`ioengine=nbd`) for `--runtime` seconds per job on a filled volume F of
+   `--size`, against a qemu-nbd export of a raw file holding the same bytes: 4 KiB
+   random read qd16, 4 KiB random write qd16 and qd1, 1 MiB sequential read and write
+   qd4, and 4 KiB random read/write (50/50) over 4 connections of qd4 each. Per job:
+   IOPS or MB/s, volkin ÷ qemu-nbd, volkin's p99, and the CPU seconds (user + system,
+   from /proc) per GiB moved of the controller, the agents and qemu-nbd;
+2. the background copy of a refresh: a filled volume V1 of `--copy-size` refreshed
+   into a fresh volume on the other agent with no rate limit, from StartRefresh to
+   the job's end, against `nbdcopy --flush` between two qemu-nbd exports (a refresh
+   makes its copies durable before it commits them, hence --flush);
+3. the first write to a block during a refresh: 4 KiB writes at qd1, each to its own
+   block in the upper half of a refresh target, while the refresh, limited to
+   `--first-write-rate`, copies from the bottom and never gets there; against the same
+   writes to the idle filled volume F. Twice: target alone, and with a snapshot S2 of
+   the target (then each first write also pushes the target's old block to S2);
+4. foreground latency during a refresh: 4 KiB random reads at qd1 on F while
+   refreshes of fresh volumes from V1 run back to back at `volkin refresh`'s default
+   rate (none: `--rate` defaults to 0, unlimited), against the same reads alone.
+
+`--profile DIR` records the controller and the agent holding F with py-spy during one
+more, uncounted, volkin run of 4 KiB random write qd16 and prints their top functions.
+`--keep` leaves the cluster's directory (every process's log) behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import re
+import resource
+import signal
+import statistics
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from bench.fio import FioResult, fio_result, start_fio
+from bench.loopback import Loopback
+from tests.support.etcd import free_port
+from volkin.api.v1 import admin_pb2, admin_pb2_grpc
+from volkin.cli.sizes import format_size, parse_rate, parse_size
+from volkin.errors import VolkinError
+
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+MB = 1e6  # fio's MB/s, as in the issue
+REPO = Path(__file__).resolve().parents[1]
+PARTS = ("fio", "copy", "first-write", "foreground")
+
+
+# -- what is measured ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Job:
+    label: str
+    options: tuple[str, ...]
+    throughput: bool  # MB/s rather than IOPS
+    goal: float | None  # volkin ÷ qemu-nbd at least
+
+
+JOBS = (
+    Job("4 KiB random read, qd16", ("--rw=randread", "--bs=4k", "--iodepth=16"), False, 0.5),
+    Job("4 KiB random write, qd16", ("--rw=randwrite", "--bs=4k", "--iodepth=16"), False, 0.4),
+    Job("4 KiB random write, qd1", ("--rw=randwrite", "--bs=4k", "--iodepth=1"), False, 0.4),
+    Job("1 MiB sequential read, qd4", ("--rw=read", "--bs=1m", "--iodepth=4"), True, 0.7),
+    Job("1 MiB sequential write, qd4", ("--rw=write", "--bs=1m", "--iodepth=4"), True, 0.7),
+    Job("4 KiB random r/w 50/50, 4 conns x qd4",
+        ("--rw=randrw", "--bs=4k", "--iodepth=4", "--numjobs=4"), False, None),
+)
+PROFILED = JOBS[1]  # the job py-spy watches
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (/proc/PID/stat utime and stime)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+Processes = Mapping[str, Sequence[int]]  # a name ("controller", "agents") -> its pids
+
+
+def cpu_of(processes: Processes) -> dict[str, float]:
+    return {name: sum(cpu_seconds(pid) for pid in pids) for name, pids in processes.items()}
+
+
+@contextlib.contextmanager
+def cpu_used(processes: Processes) -> Iterator[dict[str, float]]:
+    """Fills the yielded dict with each name's CPU seconds spent while the block ran."""
+    used: dict[str, float] = {}
+    before = cpu_of(processes)
+    yield used
+    after = cpu_of(processes)
+    used.update({name: after[name] - before[name] for name in processes})
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One fio run, and the CPU its server's processes spent meanwhile."""
+
+    result: FioResult
+    cpu: Mapping[str, float]
+
+    def per_gib(self, name: str) -> float:
+        return self.cpu[name] / max(self.result.bytes / GiB, 1e-9)
+
+
+def run_fio(uri: str, processes: Processes, *options: str) -> Sample:
+    with cpu_used(processes) as cpu:
+        result = fio_result(start_fio(uri, *options))
+    return Sample(result, cpu)
+
+
+# -- the peer -------------------------------------------------------------------------------
+
+class QemuNbd:
+    """qemu-nbd serving one raw file on a free loopback port (up to 8 connections)."""
+
+    def __init__(self, image: Path) -> None:
+        self.image = image
+        self.port = free_port()
+        self.uri = f"nbd://127.0.0.1:{self.port}/img"
+        self.process = subprocess.Popen(
+            ["qemu-nbd", "-f", "raw", "-x", "img", "-p", str(self.port), "-b", "127.0.0.1",
+             "--persistent", "--shared=8", "--cache=writeback", str(image)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(200):
+            if subprocess.run(["nbdinfo", "--size", self.uri], capture_output=True).returncode == 0:
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"qemu-nbd on {image} did not start")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+        self.process.wait(10)
+
+
+def random_file(path: Path, size: int) -> Path:
+    with open(path, "wb") as out:
+        for offset in range(0, size, 64 * MiB):
+            out.write(os.urandom(min(64 * MiB, size - offset)))
+    return path
+
+
+def empty_file(path: Path, size: int) -> Path:
+    path.unlink(missing_ok=True)
+    path.write_bytes(b"")
+    os.truncate(path, size)
+    return path
+
+
+def nbdcopy(source: str, destination: str) -> None:
+    subprocess.run(["nbdcopy", "--flush", source, destination], check=True,
+                   capture_output=True, timeout=3600)
+
+
+# -- volumes and refreshes --------------------------------------------------------------------
+
+Admin = admin_pb2_grpc.AdminStub
+
+
+def create_volume(admin: Admin, name: str, size: int, avoid: str = "") -> str:
+    """Creates `name`, on another agent than `avoid` if given; returns its agent. A volume
+    goes to the agent with the fewest extents: a small pad volume evens a tie."""
+    for pad in range(4):
+        volume = admin.CreateVolume(admin_pb2.CreateVolumeRequest(name=name, size_bytes=size))
+        if avoid not in volume.agents:
+            return str(volume.agents[0])
+        admin.DeleteVolume(admin_pb2.DeleteVolumeRequest(name=name))
+        admin.CreateVolume(admin_pb2.CreateVolumeRequest(name=f"pad-{name}-{pad}",
+                                                         size_bytes=MiB))
+    raise RuntimeError(f"could not place {name} on another agent than {avoid}")
+
+
+def delete_volumes(admin: Admin, *names: str) -> None:
+    for name in names:
+        admin.DeleteVolume(admin_pb2.DeleteVolumeRequest(name=name, force=True))
+
+
+def watch(admin: Admin, job_id: str) -> admin_pb2.Job:
+    """Follows a job until it ends; returns its last state."""
+    final: admin_pb2.Job = admin.GetJob(admin_pb2.GetJobRequest(id=job_id))
+    for update in admin.WatchJob(admin_pb2.GetJobRequest(id=job_id), timeout=3600):
+        final = update
+    return final
+
+
+def finished_at(log: str, job_id: str) -> float:
+    """When the controller's log says the job ended (Unix time): exact to the millisecond,
+    where WatchJob polls every 0.2 s."""
+    found = re.findall(rf"ts=(\S+) level=\w+ event=job\.finished job={re.escape(job_id)} ", log)
+    if not found:
+        raise RuntimeError(f"the controller never logged the end of job {job_id}")
+    stamp = datetime.strptime(found[-1], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    return stamp.timestamp()
+
+
+def stop_job(admin: Admin, job_id: str) -> admin_pb2.Job:
+    """Pauses a job if it still runs (its target is about to be deleted); returns it."""
+    job: admin_pb2.Job = admin.GetJob(admin_pb2.GetJobRequest(id=job_id))
+    if job.state in (admin_pb2.JOB_STATE_RUNNING, admin_pb2.JOB_STATE_WAITING):
+        job = admin.PauseJob(admin_pb2.PauseJobRequest(id=job_id))
+    return job
+
+
+class BackToBack(threading.Thread):
+    """Refreshes fresh volumes from `source` one after another, at no rate limit, until
+    `stop()`; records when each ran and how much it copied."""
+
+    def __init__(self, admin: Admin, source: str, size: int, avoid: str, tag: str) -> None:
+        super().__init__(daemon=True)
+        self.admin, self.source, self.size, self.avoid, self.tag = admin, source, size, avoid, tag
+        self.spans: list[tuple[float, float]] = []  # monotonic start and end of each refresh
+        self.copied = 0  # bytes
+        self.running = threading.Event()  # set once the first refresh started
+        self.error: BaseException | None = None
+        self._stopping = threading.Event()
+        self._watch: Any = None  # the running WatchJob call, to cancel
+
+    def run(self) -> None:
+        try:
+            for count in range(1_000_000):
+                if self._stopping.is_set():
+                    return
+                name = f"{self.tag}-{count}"
+                create_volume(self.admin, name, self.size, self.avoid)
+                begin = time.monotonic()
+                job = self.admin.StartRefresh(admin_pb2.StartRefreshRequest(
+                    target=name, source=self.source))
+                self.running.set()
+                stream: Any = self.admin.WatchJob(admin_pb2.GetJobRequest(id=job.id),
+                                                  timeout=3600)
+                self._watch = stream
+                if self._stopping.is_set():
+                    stream.cancel()
+                try:
+                    for _ in stream:
+                        pass
+                except grpc.RpcError as exc:
+                    if stream.code() is not grpc.StatusCode.CANCELLED:
+                        raise exc
+                self.spans.append((begin, time.monotonic()))
+                self.copied += stop_job(self.admin, job.id).bytes_copied
+                delete_volumes(self.admin, name)
+        except BaseException as exc:
+            self.error = exc
+            self.running.set()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._watch is not None:
+            self._watch.cancel()
+        self.join(300)
+        if self.error is not None:
+            raise self.error
+
+    def share_of(self, begin: float, end: float) -> float:
+        """The share of [begin, end] during which a refresh ran."""
+        covered = sum(max(0.0, min(end, b) - max(begin, a)) for a, b in self.spans)
+        return covered / (end - begin)
+
+
+# -- profiles -------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def profiled(pids: Mapping[str, int], directory: Path | None) -> Iterator[dict[str, Path]]:
+    """py-spy records each process (raw collapsed stacks DIR/NAME.txt, its own summary
+    DIR/NAME.log) while the block runs."""
+    files: dict[str, Path] = {}
+    if directory is None:
+        yield files
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    spies = []
+    for name, pid in pids.items():
+        files[name] = directory / f"{name}.txt"
+        with open(directory / f"{name}.log", "wb") as log:
+            spies.append(subprocess.Popen(
+                ["py-spy", "record", "--pid", str(pid), "--format", "raw", "--rate", "100",
+                 "--nonblocking", "--output", str(files[name])],
+                stdout=log, stderr=subprocess.STDOUT))
+    time.sleep(1.0)  # attached
+    try:
+        yield files
+    finally:
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)
+        for spy in spies:
+            try:
+                spy.wait(60)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+                spy.wait()
+
+
+_OURS = re.compile(r"\((controller|agent|volkin)/(?!__main__\.py)")
+_FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^()]*?)(?::\d+)?\)$")
+
+
+def frame_name(frame: str) -> str:
+    """`write (/repo/agent/dataport.py:88)` -> `write (agent/dataport.py)`."""
+    found = _FRAME.match(frame)
+    if not found:
+        return frame
+    path = found.group("file")
+    for marker in (f"{REPO}/", "site-packages/", "/lib/python3.11/"):
+        if marker in path:
+            path = path.split(marker, 1)[1]
+            break
+    return f"{found.group('function')} ({path})"
+
+
+def top_functions(raw: Path, top: int = 10) -> tuple[int, list[tuple[str, int]],
+                                                     list[tuple[str, int]]]:
+    """Samples, the functions that were running (self), and volkin's own functions on the
+    stack (total: what they and everything they call cost), each with its samples."""
+    own: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    samples = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        samples += n
+        names = [frame_name(f) for f in stack.split(";")]
+        own[names[-1]] += n
+        for name in set(names):
+            if _OURS.search(name):
+                total[name] += n
+    return samples, own.most_common(top), total.most_common(top)
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str  # the process
+    stacks: Path  # py-spy's collapsed stacks
+    seconds: float  # recorded
+    cpu: float  # CPU seconds the process used meanwhile (/proc)
+
+
+def print_profile(profile: Profile) -> None:
+    name, raw, seconds, cpu = profile.name, profile.stacks, profile.seconds, profile.cpu
+    samples, own, total = top_functions(raw)
+    spy = raw.with_suffix(".log").read_text(errors="replace")
+    errors = re.findall(r"Samples: \d+ Errors: \d+", spy)
+    print(f"\npy-spy of the {name}: {samples} samples of busy threads in {seconds:.1f} s at "
+          f"100 Hz ({errors[-1] if errors else 'no summary from py-spy'}); by /proc it used "
+          f"{cpu:.1f} CPU s ({100 * cpu / seconds:.0f} % of a core); {raw}")
+    for title, rows in (("running (self)", own), ("volkin's functions on the stack (total)",
+                                                  total)):
+        print(f"  top by {title}:")
+        for function, n in rows:
+            print(f"    {100 * n / max(samples, 1):5.1f} %  {n:6d}  {function}")
+
+
+# -- output ---------------------------------------------------------------------------------
+
+def med(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f} ms"
+
+
+def speed(samples: Sequence[Sample], job: Job) -> float:
+    """Median IOPS, or MB/s for a throughput job."""
+    return med([s.result.bandwidth / MB if job.throughput else s.result.iops for s in samples])
+
+
+def machine() -> str:
+    model = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
+    fio = subprocess.run(["fio", "--version"], capture_output=True, text=True).stdout.strip()
+    return (f"{os.cpu_count()} cores ({model}), {memory:.0f} GiB, {platform.system()} "
+            f"{platform.release()}, Python {platform.python_version()}, {fio}, "
+            f"load average {os.getloadavg()[0]:.2f} at the start")
+
+
+def commit() -> str:
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--",
+                            "controller", "agent", "volkin"],
+                           capture_output=True, text=True).stdout.strip()
+    return head + (" (with uncommitted changes to controller/, agent/ or volkin/)"
+                   if dirty else "")
+
+
+def log_trouble(work: Path) -> list[str]:
+    """Warnings and errors in the cluster's logs: how many per log, and the first few."""
+    lines = []
+    for log in sorted(work.glob("*.log")):
+        found = [line for line in log.read_text(errors="replace").splitlines()
+                 if re.search(r"level=(warning|error)|Traceback", line)]
+        if found:
+            lines.append(f"{log.name}: {len(found)} warning/error lines, e.g.")
+            lines += [f"    {line[:200]}" for line in found[:3]]
+    return lines
+
+
+# -- the run ------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """What every part needs: the cluster, the shared volumes, the options, the peers."""
+
+    args: argparse.Namespace
+    cluster: Loopback
+    nbd: str  # the controller's NBD address
+    volkin: Processes  # "controller" and "agents"
+    agent_pids: dict[str, int]  # agent node id -> pid
+    block_size: int = 0
+    f_agent: str = ""  # the agent holding F, the fio volume
+    v1_agent: str = ""  # the agent holding V1, the refresh source
+    peers: list[QemuNbd] = field(default_factory=list)
+    profiles: list[Profile] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)  # for the log lines
+
+    @property
+    def admin(self) -> Admin:
+        return self.cluster.controllers[0].stub
+
+    @property
+    def work(self) -> Path:
+        return self.cluster.work
+
+    @property
+    def runtime(self) -> str:
+        return f"--runtime={self.args.runtime:g}"
+
+    def uri(self, volume: str) -> str:
+        return f"nbd://{self.nbd}/{volume}"
+
+    def say(self, text: str) -> None:
+        print(f"[{time.monotonic() - self.started:7.1f} s] {text}", flush=True)
+
+    def qemu_nbd(self, image: Path) -> QemuNbd:
+        peer = QemuNbd(image)
+        self.peers.append(peer)
+        return peer
+
+    def stop(self, peer: QemuNbd) -> None:
+        peer.stop()
+        self.peers.remove(peer)
+
+    def stop_peers(self) -> None:
+        for peer in list(self.peers):
+            self.stop(peer)
+
+
+def prepare(run: Run, parts: Sequence[str]) -> None:
+    """Fills the volumes the parts share: F (fio; and f.raw, its qemu-nbd twin) and V1 (the
+    refresh source; and v1.raw, the source of its nbdcopy peer), each on its own agent."""
+    admin, size, copy_size = run.admin, run.args.size, run.args.copy_size
+    if {"fio", "first-write", "foreground"} & set(parts):
+        image = random_file(run.work / "f.raw", size)
+        run.f_agent = create_volume(admin, "F", size)
+        nbdcopy(str(image), run.uri("F"))
+        run.say(f"F ({format_size(size)}) filled, on {run.f_agent}")
+    if {"copy", "first-write", "foreground"} & set(parts):
+        image = random_file(run.work / "v1.raw", copy_size)
+        run.v1_agent = create_volume(admin, "V1", copy_size, avoid=run.f_agent)
+        nbdcopy(str(image), run.uri("V1"))
+        run.say(f"V1 ({format_size(copy_size)}) filled, on {run.v1_agent}")
+    run.block_size = admin.GetVolume(admin_pb2.GetVolumeRequest(
+        name="F" if run.f_agent else "V1")).block_size
+
+
+def measure_fio(run: Run) -> str:
+    """1. The fio jobs, qemu-nbd and volkin interleaved."""
+    peer = run.qemu_nbd(run.work / "f.raw")
+    qemu: Processes = {"qemu-nbd": [peer.process.pid]}
+    lines = ["| job | qemu-nbd | volkin | volkin ÷ qemu-nbd | goal | met | volkin p99 "
+             "| qemu-nbd p99 | CPU s/GiB: controller | agents | qemu-nbd |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for job in JOBS:
+        options = (*job.options, f"--size={run.args.size}", run.runtime, "--time_based")
+        unit = "MB/s" if job.throughput else "IOPS"
+        theirs: list[Sample] = []
+        ours: list[Sample] = []
+        for r in range(run.args.rounds):
+            theirs.append(run_fio(peer.uri, qemu, *options))
+            ours.append(run_fio(run.uri("F"), run.volkin, *options))
+            run.say(f"{job.label}, round {r + 1}: qemu-nbd {speed(theirs[-1:], job):,.0f}, "
+                    f"volkin {speed(ours[-1:], job):,.0f} {unit}; volkin p99 "
+                    f"{ms(ours[-1].result.p99)}")
+        ratio = speed(ours, job) / speed(theirs, job)
+        goal, met = "—", "—"
+        if job.goal is not None:
+            goal, met = f"≥ {job.goal}", "**yes**" if ratio >= job.goal else "no"
+        lines.append(
+            f"| {job.label} | {speed(theirs, job):,.0f} {unit} | {speed(ours, job):,.0f} {unit} "
+            f"| **{ratio:.2f}** | {goal} | {met} | {ms(med([s.result.p99 for s in ours]))} | "
+            f"{ms(med([s.result.p99 for s in theirs]))} | "
+            f"{med([s.per_gib('controller') for s in ours]):.1f} | "
+            f"{med([s.per_gib('agents') for s in ours]):.1f} | "
+            f"{med([s.per_gib('qemu-nbd') for s in theirs]):.2f} |")
+    run.stop(peer)
+    return (f"NBD I/O: fio ioengine=nbd on {format_size(run.args.size)}, {run.args.runtime:g} s "
+            f"per run, medians of {run.args.rounds} interleaved rounds; p99 is fio's completion "
+            f"latency (for r/w the worse of reads and writes)\n\n" + "\n".join(lines))
+
+
+def profile_fio(run: Run, directory: Path) -> None:
+    """One more volkin run of the profiled job, with py-spy on the controller and F's agent."""
+    pids = {"controller": run.volkin["controller"][0],
+            f"agent-{run.f_agent}": run.agent_pids[run.f_agent]}
+    options = (*PROFILED.options, f"--size={run.args.size}", run.runtime, "--time_based")
+    begin = time.monotonic()
+    with cpu_used({name: [pid] for name, pid in pids.items()}) as cpu, \
+            profiled(pids, directory) as files:
+        sample = run_fio(run.uri("F"), run.volkin, *options)
+    run.say(f"profiled run of {PROFILED.label}: {sample.result.iops:,.0f} IOPS")
+    run.profiles += [Profile(name, raw, time.monotonic() - begin, cpu[name])
+                     for name, raw in files.items()]
+
+
+def measure_copy(run: Run) -> str:
+    """2. The refresh's background copy against nbdcopy, interleaved."""
+    admin, copy_size = run.admin, run.args.copy_size
+    source = run.qemu_nbd(run.work / "v1.raw")
+    ours: list[tuple[float, Mapping[str, float]]] = []  # seconds, CPU seconds
+    theirs: list[tuple[float, float]] = []
+    for r in range(run.args.rounds):
+        destination = run.qemu_nbd(empty_file(run.work / "copy.raw", copy_size))
+        children = children_cpu()  # nbdcopy's CPU, once it has been waited for
+        with cpu_used({"qemu-nbd": [source.process.pid, destination.process.pid]}) as cpu:
+            start = time.perf_counter()
+            nbdcopy(source.uri, destination.uri)
+            elapsed = time.perf_counter() - start
+        theirs.append((elapsed, cpu["qemu-nbd"] + children_cpu() - children))
+        run.stop(destination)
+
+        target = f"copy{r}"
+        target_agent = create_volume(admin, target, copy_size, avoid=run.v1_agent)
+        with cpu_used(run.volkin) as cpu:
+            start = time.time()
+            job = admin.StartRefresh(admin_pb2.StartRefreshRequest(target=target, source="V1"))
+            final = watch(admin, job.id)
+        if final.state != admin_pb2.JOB_STATE_DONE:
+            raise RuntimeError(f"the refresh of {target} ended {final}")
+        elapsed = finished_at(run.cluster.controllers[0].log(), job.id) - start
+        ours.append((elapsed, cpu))
+        delete_volumes(admin, target)
+        run.say(f"refresh copy round {r + 1}: nbdcopy {theirs[-1][0]:.2f} s, volkin "
+                f"{elapsed:.2f} s ({run.v1_agent} → {target_agent})")
+    run.stop(source)
+    gib = copy_size / GiB
+    their_speed = copy_size / MiB / med([t for t, _ in theirs])
+    our_speed = copy_size / MiB / med([t for t, _ in ours])
+    ratio = our_speed / their_speed
+    return (f"Refresh background copy of {format_size(copy_size)} ({run.block_size // KiB} KiB "
+            f"blocks, V1 on one agent and the target on the other, no rate limit, StartRefresh "
+            f"→ DONE) vs `nbdcopy --flush` qemu-nbd → qemu-nbd; medians of {run.args.rounds} "
+            f"interleaved rounds\n\n"
+            "| measure | nbdcopy | volkin | volkin ÷ nbdcopy | goal | met | CPU s/GiB: "
+            "controller | agents | nbdcopy + qemu-nbd |\n"
+            "|---|---|---|---|---|---|---|---|---|\n"
+            f"| refresh copy | {their_speed:,.0f} MiB/s | {our_speed:,.0f} MiB/s | "
+            f"**{ratio:.2f}** | ≥ 0.9 | {'**yes**' if ratio >= 0.9 else 'no'} | "
+            f"{med([c['controller'] for _, c in ours]) / gib:.1f} | "
+            f"{med([c['agents'] for _, c in ours]) / gib:.1f} | "
+            f"{med([c for _, c in theirs]) / gib:.2f} |")
+
+
+def measure_first_writes(run: Run) -> str:
+    """3. First writes to blocks of a refresh target against plain writes, interleaved."""
+    admin, copy_size, block_size = run.admin, run.args.copy_size, run.block_size
+
+    def writes(volume: str, volume_size: int) -> Sample:
+        # One 4 KiB write at the start of each block of the upper half, in order: the
+        # refresh copies from block 0 up and, rate-limited, does not get there.
+        half = volume_size // 2
+        return run_fio(run.uri(volume), run.volkin, f"--rw=write:{block_size - 4 * KiB}",
+                       "--bs=4k", "--iodepth=1", f"--offset={half}", f"--size={half}",
+                       run.runtime)
+
+    plain: list[Sample] = []
+    during: dict[bool, list[Sample]] = {False: [], True: []}  # with S2 -> samples
+    for r in range(run.args.rounds):
+        plain.append(writes("F", run.args.size))
+        for with_s2 in (False, True):
+            target = f"fw{r}{'s' if with_s2 else ''}"
+            create_volume(admin, target, copy_size, avoid=run.v1_agent)
+            names = [target]
+            if with_s2:
+                admin.CreateSnapshot(admin_pb2.CreateSnapshotRequest(source=target,
+                                                                     name=f"{target}-S2"))
+                names.insert(0, f"{target}-S2")
+            job = admin.StartRefresh(admin_pb2.StartRefreshRequest(
+                target=target, source="V1", rate_bytes_per_second=run.args.first_write_rate))
+            sample = writes(target, copy_size)
+            final = stop_job(admin, job.id)
+            background = final.blocks_done - sample.result.write.bytes // (4 * KiB)
+            if final.state == admin_pb2.JOB_STATE_DONE or \
+                    background >= copy_size // block_size // 2:
+                run.say(f"warning: the refresh of {target} reached the written half "
+                        f"({final.blocks_done} blocks done): not every write was a first one")
+            during[with_s2].append(sample)
+            delete_volumes(admin, *names)
+        run.say(f"first writes round {r + 1}: mean plain {ms(plain[-1].result.mean)}, during "
+                f"a refresh {ms(during[False][-1].result.mean)}, with S2 "
+                f"{ms(during[True][-1].result.mean)}")
+    lines = ["| 4 KiB writes, qd1, one per block | mean | p50 | p99 | IOPS | ÷ plain (mean) "
+             "| goal | met |", "|---|---|---|---|---|---|---|---|"]
+    base = med([s.result.mean for s in plain])
+    for label, runs in (("plain: the idle filled volume F", plain),
+                        ("first writes to V2 during its refresh (no S2)", during[False]),
+                        ("first writes to V2 during its refresh, S2 present", during[True])):
+        mean = med([s.result.mean for s in runs])
+        ratio, goal, met = "1", "—", "—"
+        if runs is not plain:
+            ratio, goal = f"**{mean / base:.2f}**", "≤ 2"
+            met = "**yes**" if mean / base <= 2 else "no"
+        lines.append(f"| {label} | {ms(mean)} | {ms(med([s.result.p50 for s in runs]))} | "
+                     f"{ms(med([s.result.p99 for s in runs]))} | "
+                     f"{med([s.result.iops for s in runs]):,.0f} | {ratio} | {goal} | {met} |")
+    return (f"First write to a block during a refresh (V2 fresh and empty, refreshed from V1 at "
+            f"{format_size(run.args.first_write_rate)}/s) vs a plain write; medians of "
+            f"{run.args.rounds} interleaved rounds\n\n" + "\n".join(lines))
+
+
+def measure_foreground(run: Run) -> str:
+    """4. Foreground reads alone and beside back-to-back refreshes, interleaved."""
+    options = ("--rw=randread", "--bs=4k", "--iodepth=1", f"--size={run.args.size}",
+               run.runtime, "--time_based")
+    idle: list[Sample] = []
+    busy: list[Sample] = []
+    shares: list[float] = []  # of fio's time, a refresh ran
+    rates: list[float] = []  # MiB/s the refreshes copied
+    for r in range(run.args.rounds):
+        idle.append(run_fio(run.uri("F"), run.volkin, *options))
+        refreshes = BackToBack(run.admin, "V1", run.args.copy_size, run.v1_agent, f"bg{r}")
+        refreshes.start()
+        refreshes.running.wait(60)
+        begin = time.monotonic()
+        try:
+            busy.append(run_fio(run.uri("F"), run.volkin, *options))
+            end = time.monotonic()
+        finally:
+            refreshes.stop()
+        shares.append(refreshes.share_of(begin, end))
+        rates.append(refreshes.copied / MiB / max(1e-9, sum(b - a for a, b in refreshes.spans)))
+        run.say(f"foreground round {r + 1}: p99 idle {ms(idle[-1].result.p99)}, beside "
+                f"refreshes {ms(busy[-1].result.p99)}; a refresh ran {shares[-1]:.0%} of the "
+                f"time, copying {rates[-1]:.0f} MiB/s")
+    lines = ["| 4 KiB random reads, qd1, on F | idle | beside refreshes | ÷ idle | goal | met |",
+             "|---|---|---|---|---|---|"]
+    for pick in ("p50", "p99"):
+        quiet = med([getattr(s.result, pick) for s in idle])
+        loud = med([getattr(s.result, pick) for s in busy])
+        lines.append(f"| {pick} | {ms(quiet)} | {ms(loud)} | **{loud / quiet:.2f}** | ≤ 1.3 | "
+                     f"{'**yes**' if loud / quiet <= 1.3 else 'no'} |")
+    lines.append(f"| IOPS | {med([s.result.iops for s in idle]):,.0f} | "
+                 f"{med([s.result.iops for s in busy]):,.0f} | | | |")
+    return (f"Foreground latency during a refresh: refreshes of fresh volumes from V1 back to "
+            f"back at `volkin refresh`'s default rate (unlimited), running {min(shares):.0%} to "
+            f"{max(shares):.0%} of fio's time and copying {min(rates):.0f} to {max(rates):.0f} "
+            f"MiB/s meanwhile; medians of {run.args.rounds} interleaved rounds\n\n"
+            + "\n".join(lines))
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except VolkinError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def _rate(text: str) -> int:
+    try:
+        return parse_rate(text)
+    except VolkinError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", type=_size, default=GiB,
+                        help="size of the fio volume F and its raw file (default 1GiB)")
+    parser.add_argument("--copy-size", type=_size, default=GiB,
+                        help="size of the refresh source V1 and its nbdcopy peer (default 1GiB)")
+    parser.add_argument("--runtime", type=float, default=10.0, help="seconds per fio run")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per measure")
+    parser.add_argument("--first-write-rate", type=_rate, default=16 * MiB,
+                        help="rate limit of the refresh beside the first writes (default 16MiB)")
+    parser.add_argument("--skip", action="append", choices=PARTS, default=[],
+                        help="leave a part out (repeatable)")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="py-spy the controller and an agent during 4 KiB randwrite qd16")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the cluster's directory (logs) afterwards")
+    args = parser.parse_args()
+    parts = [p for p in PARTS if p not in args.skip]
+    started = time.monotonic()
+    print(f"machine: {machine()}\ncommit measured: {commit()}\n", flush=True)
+    tables: list[str] = []
+    with Loopback(keep=args.keep) as cluster, contextlib.ExitStack() as cleanup:
+        controller = cluster.start()
+        assert controller.process is not None
+        agent_pids = {a.node_id: a.process.pid for a in cluster.agents if a.process}
+        run = Run(args, cluster, controller.nbd, {"controller": [controller.process.pid],
+                                                  "agents": list(agent_pids.values())},
+                  agent_pids, started=started)
+        cleanup.callback(run.stop_peers)
+        run.say(f"cluster up in {cluster.work}")
+        prepare(run, parts)
+        if "fio" in parts:
+            tables.append(measure_fio(run))
+            if args.profile is not None:
+                profile_fio(run, args.profile)
+        if "copy" in parts:
+            tables.append(measure_copy(run))
+        if "first-write" in parts:
+            tables.append(measure_first_writes(run))
+        if "foreground" in parts:
+            tables.append(measure_foreground(run))
+        trouble = log_trouble(cluster.work)
+    print(f"\nData path: {len(agent_pids)} agents, {run.block_size // KiB} KiB blocks; the run "
+          f"took {time.monotonic() - run.started:.0f} s\n")
+    print("\n\n".join(tables))
+    for profile in run.profiles:
+        print_profile(profile)
+    if trouble:
+        print("\nIn the cluster's logs:\n" + "\n".join(trouble))
+
+
+if __name__ == "__main__":
+    main()
