@@ -27,6 +27,10 @@ volkin, ...), and reports medians over `--rounds`:
    refreshes of fresh volumes from V1 run back to back at `volkin refresh`'s default
    rate (none: `--rate` defaults to 0, unlimited), against the same reads alone.
 
+Every fio run and every copy starts after a `sync`: qemu-nbd (`--cache=writeback`)
+and the agents leave their writes dirty in the page cache, and the write-back of one
+run must not land in the next (the other side's, since they alternate).
+
 `--profile DIR` records the controller and the agent holding F with py-spy during one
 more, uncounted, volkin run of 4 KiB random write qd16 and prints their top functions.
 `--keep` leaves the cluster's directory (every process's log) behind.
@@ -131,6 +135,7 @@ class Sample:
 
 
 def run_fio(uri: str, processes: Processes, *options: str) -> Sample:
+    os.sync()  # no run pays for the write-back of the one before (see the module's doc)
     with cpu_used(processes) as cpu:
         result = fio_result(start_fio(uri, *options))
     return Sample(result, cpu)
@@ -411,13 +416,14 @@ def machine() -> str:
 
 
 def commit() -> str:
-    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                          capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--",
-                            "controller", "agent", "volkin"],
-                           capture_output=True, text=True).stdout.strip()
-    return head + (" (with uncommitted changes to controller/, agent/ or volkin/)"
-                   if dirty else "")
+    """HEAD, and the last commit that changed the code measured (controller, agent, volkin)."""
+    def git(*argv: str) -> str:
+        return subprocess.run(["git", "-C", str(REPO), *argv], capture_output=True,
+                              text=True).stdout.strip()
+    code = ("controller", "agent", "volkin")
+    dirty = " (and uncommitted changes to it)" if git("status", "--porcelain", "--", *code) else ""
+    return (f"{git('rev-parse', '--short', 'HEAD')}; controller, agent and volkin as of "
+            f"{git('log', '-1', '--format=%h', '--', *code)}{dirty}")
 
 
 def log_trouble(work: Path) -> list[str]:
@@ -557,6 +563,7 @@ def measure_copy(run: Run) -> str:
     theirs: list[tuple[float, float]] = []
     for r in range(run.args.rounds):
         destination = run.qemu_nbd(empty_file(run.work / "copy.raw", copy_size))
+        os.sync()
         children = children_cpu()  # nbdcopy's CPU, once it has been waited for
         with cpu_used({"qemu-nbd": [source.process.pid, destination.process.pid]}) as cpu:
             start = time.perf_counter()
@@ -567,6 +574,7 @@ def measure_copy(run: Run) -> str:
 
         target = f"copy{r}"
         target_agent = create_volume(admin, target, copy_size, avoid=run.v1_agent)
+        os.sync()
         with cpu_used(run.volkin) as cpu:
             start = time.time()
             job = admin.StartRefresh(admin_pb2.StartRefreshRequest(target=target, source="V1"))
