@@ -20,9 +20,10 @@ import contextlib
 import logging
 import time
 
-from agent import dispatch
+from agent import copying, dispatch, peer
 from agent.blockstore import BlockStore
 from agent.metrics import AgentMetrics
+from agent.validation import CopyRange
 from volkin import blockwire as w
 from volkin.errors import FencedOut, InvalidArgument, VolkinError
 from volkin.log import event
@@ -31,13 +32,16 @@ from volkin.rpc_status import status_of
 _log = logging.getLogger("agent.dataport")
 # Requests of one connection being served at once; more wait in the socket.
 IN_FLIGHT = 256
-_OPS = {w.Op.READ: "read", w.Op.WRITE: "write", w.Op.FLUSH: "flush", w.Op.ZERO: "zero"}
+_OPS = {w.Op.READ: "read", w.Op.WRITE: "write", w.Op.FLUSH: "flush", w.Op.ZERO: "zero",
+        w.Op.COPY: "copy"}
 
 
 class DataPort:
-    def __init__(self, store: BlockStore, metrics: AgentMetrics) -> None:
+    def __init__(self, store: BlockStore, metrics: AgentMetrics,
+                 peers: peer.PeerChannels | None = None) -> None:
         self._store = store
         self._metrics = metrics
+        self._peers = peers or peer.PeerChannels()
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
 
@@ -67,7 +71,7 @@ class DataPort:
                 request, name_length = w.decode_request_header(header)
                 extent_id = (await reader.readexactly(name_length)).decode("utf-8", "replace")
                 data = b""
-                if request.op == w.Op.WRITE:
+                if request.op in (w.Op.WRITE, w.Op.COPY):
                     data = await reader.readexactly(request.length)
                 await slots.acquire()
                 one = asyncio.create_task(self._answer(request, extent_id, data, writer, slots))
@@ -132,6 +136,15 @@ class DataPort:
             self._metrics.written_bytes.inc(n)
         elif request.op == w.Op.FLUSH:
             await dispatch.mutate(store, request.epoch, store.flush, extent_id, request.epoch)
+        elif request.op == w.Op.COPY:
+            try:
+                spec = w.decode_copy(data)
+            except w.WireError as exc:
+                raise InvalidArgument(str(exc)) from None
+            await copying.copy(store, self._peers, self._metrics, extent_id,
+                               spec.source_extent_id, spec.source_agent,
+                               spec.source_data_address,
+                               [CopyRange(*r) for r in spec.ranges], True, request.epoch)
         elif request.op == w.Op.ZERO:
             await dispatch.mutate(store, request.epoch, store.zero, extent_id, request.offset,
                                   request.length, bool(request.flags & w.Flag.PUNCH_HOLE),

@@ -26,7 +26,9 @@ from tenacity import (
 from agent import dispatch
 from agent.blockstore import BlockStore
 from agent.validation import MAX_IO_BYTES, CopyRange, coalesce, split
+from volkin import blockwire as w
 from volkin.api.v1 import agent_pb2, agent_pb2_grpc
+from volkin.blockclient import DataConnection
 from volkin.errors import InvalidArgument, OutOfRange, StorageIOError, Unavailable, VolkinError
 from volkin.log import event
 from volkin.rpc_status import error_from_rpc
@@ -70,13 +72,26 @@ class PeerCopy:
     ranges: tuple[CopyRange, ...]
     durable: bool
     epoch: int
+    source_data_address: str = ""  # the peer's block data port, if it has one
 
 
 class PeerChannels:
-    """One channel per peer address, reused by every copy."""
+    """One channel per peer address, reused by every copy; one block data connection per
+    peer data port; and what each source extent looked like (size, block size)."""
 
     def __init__(self) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._data: dict[str, DataConnection] = {}
+        # (peer, extent) -> (size, block size). An extent never shrinks and its block
+        # size never changes, so a range valid once stays valid; one that looks past
+        # the end is checked again against the peer before it is refused.
+        self.extents: dict[tuple[str, str], tuple[int, int]] = {}
+
+    def data(self, address: str) -> DataConnection:
+        connection = self._data.get(address)
+        if connection is None:
+            connection = self._data[address] = DataConnection(address)
+        return connection
 
     def stub(self, address: str) -> agent_pb2_grpc.BlockStoreStub:
         channel = self._channels.get(address)
@@ -89,6 +104,9 @@ class PeerChannels:
         channels, self._channels = list(self._channels.values()), {}
         for channel in channels:
             await channel.close(None)
+        connections, self._data = list(self._data.values()), {}
+        for connection in connections:
+            await connection.close()
 
 
 def _pieces(ranges: Sequence[CopyRange]) -> list[CopyRange]:
@@ -99,26 +117,55 @@ def _domain_error(exc: grpc.aio.AioRpcError, address: str) -> VolkinError:
     return error_from_rpc(exc.code(), f"peer agent {address}: {exc.details()}")
 
 
-async def _check_source(stub: agent_pb2_grpc.BlockStoreStub, copy: PeerCopy) -> None:
+async def _check_source(channels: PeerChannels, copy: PeerCopy) -> None:
     """Validates every source range against the peer's extent before any byte moves."""
-    async for attempt in _retrying(copy):
-        with attempt:
-            try:
-                extent = await stub.StatExtent(
-                    agent_pb2.StatExtentRequest(extent_id=copy.source_extent_id), timeout=10)
-            except grpc.aio.AioRpcError as exc:
-                raise _domain_error(exc, copy.source_agent) from exc
+    key = (copy.source_agent, copy.source_extent_id)
+    known = channels.extents.get(key)
+    if known is None or any(r.source_offset + r.length > known[0] for r in copy.ranges):
+        stub = channels.stub(copy.source_agent)
+        async for attempt in _retrying(copy):
+            with attempt:
+                try:
+                    extent = await stub.StatExtent(
+                        agent_pb2.StatExtentRequest(extent_id=copy.source_extent_id), timeout=10)
+                except grpc.aio.AioRpcError as exc:
+                    raise _domain_error(exc, copy.source_agent) from exc
+        known = channels.extents[key] = (int(extent.size_bytes), int(extent.block_size))
+    size, block_size = known
     for r in copy.ranges:
-        if r.source_offset % extent.block_size or r.length % extent.block_size:
+        if r.source_offset % block_size or r.length % block_size:
             raise InvalidArgument(
                 f"copy from {copy.source_agent}/{copy.source_extent_id}: offset "
                 f"{r.source_offset} and length {r.length} must be multiples of its block size "
-                f"{extent.block_size}")
-        if r.source_offset + r.length > extent.size_bytes:
+                f"{block_size}")
+        if r.source_offset + r.length > size:
             raise OutOfRange(
                 f"copy from {copy.source_agent}/{copy.source_extent_id}: "
                 f"[{r.source_offset}, {r.source_offset + r.length}) reaches past its end at "
-                f"{extent.size_bytes}")
+                f"{size}")
+
+
+async def _pull_piece_data(channels: PeerChannels, store: BlockStore, copy: PeerCopy,
+                           piece: CopyRange, on_bytes: Callable[[int], None]) -> None:
+    """A piece through the peer's block data port: reads of at most MAX_DATA, in flight
+    together, each written as it arrives."""
+    connection = channels.data(copy.source_data_address)
+
+    async def one(offset: int, length: int) -> None:
+        async for attempt in _retrying(copy):
+            with attempt:
+                data = await connection.call(w.Op.READ, copy.source_extent_id,
+                                             piece.source_offset + offset, length, timeout=60)
+        if len(data) != length:
+            raise StorageIOError(f"peer agent {copy.source_data_address} answered a read of "
+                                 f"{length} bytes with {len(data)}")
+        await dispatch.write(store, copy.target_extent_id, piece.target_offset + offset, data,
+                             False, copy.epoch)
+        on_bytes(length)
+
+    async with asyncio.TaskGroup() as group:
+        for offset in range(0, piece.length, w.MAX_DATA):
+            group.create_task(one(offset, min(w.MAX_DATA, piece.length - offset)))
 
 
 async def _pull_piece(stub: agent_pb2_grpc.BlockStoreStub, store: BlockStore, copy: PeerCopy,
@@ -152,18 +199,21 @@ async def _pull_piece(stub: agent_pb2_grpc.BlockStoreStub, store: BlockStore, co
 async def pull(channels: PeerChannels, store: BlockStore, copy: PeerCopy,
                on_bytes: Callable[[int], None]) -> int:
     """Copies every range of `copy` from the peer; durable before returning if asked."""
-    await asyncio.to_thread(store.check_copy, copy.target_extent_id, None, copy.ranges)
+    store.check_copy(copy.target_extent_id, None, copy.ranges)  # no I/O: on the loop
     # A stale copy fails before any byte moves (and an agent that cannot prove its
     # validity waits before it asks the peer); each chunk is admitted by the fence
     # again as it is written (`dispatch.write`), so a Fence waits for one chunk at most.
     await store.fence.ready(copy.epoch)
+    await _check_source(channels, copy)
     stub = channels.stub(copy.source_agent)
-    await _check_source(stub, copy)
     slots = asyncio.Semaphore(PARALLEL_PIECES)
 
     async def pull_one(piece: CopyRange) -> None:
         async with slots:
-            await _pull_piece(stub, store, copy, piece, on_bytes)
+            if copy.source_data_address:
+                await _pull_piece_data(channels, store, copy, piece, on_bytes)
+            else:
+                await _pull_piece(stub, store, copy, piece, on_bytes)
 
     try:
         async with asyncio.TaskGroup() as group:

@@ -63,7 +63,7 @@ async def serve(config: AgentConfig) -> None:
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     metrics_address = metrics.serve(config.metrics_listen) if config.metrics_listen else ""
     address = advertised_address(config, port)
-    data_port = DataPort(store, metrics)
+    data_port = DataPort(store, metrics, peers)
     data_host, _, data_wanted = (config.data_listen or config.listen.rpartition(":")[0] + ":0"
                                  ).rpartition(":")
     bound = await data_port.start(data_host.strip("[]") or "0.0.0.0", int(data_wanted))

@@ -15,10 +15,10 @@ from typing import Any
 
 import grpc
 
-from agent import dispatch, peer
+from agent import copying, dispatch, peer
 from agent.blockstore import BlockStore, ExtentInfo
 from agent.metrics import AgentMetrics
-from agent.validation import MAX_IO_BYTES, coalesce
+from agent.validation import MAX_IO_BYTES
 from volkin.api.v1 import agent_pb2, agent_pb2_grpc
 from volkin.errors import FencedOut, InvalidArgument, VolkinError
 from volkin.log import event
@@ -197,19 +197,11 @@ class BlockStoreService(agent_pb2_grpc.BlockStoreServicer):
         local = not request.source_agent
         try:
             with self._call("copy_local" if local else "copy_peer").measure():
-                ranges = tuple(coalesce(request.ranges))
-                if local:
-                    n = await dispatch.mutate(
-                        self._store, request.epoch, self._store.copy_local,
-                        request.target_extent_id, request.source_extent_id, ranges,
-                        request.durable, request.epoch)
-                    self._metrics.copied_bytes.labels("local").inc(n)
-                else:
-                    counter = self._metrics.copied_bytes.labels("peer")
-                    n = await peer.pull(self._peers, self._store, peer.PeerCopy(
-                        request.target_extent_id, request.source_extent_id,
-                        request.source_agent, ranges, request.durable, request.epoch),
-                        counter.inc)
+                n = await copying.copy(
+                    self._store, self._peers, self._metrics, request.target_extent_id,
+                    request.source_extent_id, request.source_agent,
+                    request.source_data_address, request.ranges, request.durable,
+                    request.epoch)
         except VolkinError as exc:
             await _abort(context, exc)
         return agent_pb2.CopyResponse(bytes_copied=n)

@@ -31,10 +31,10 @@ from typing import TypeVar
 
 import grpc
 
-from controller.dataconn import DataConnection
 from controller.fence import Deposed, Fence
 from volkin import blockwire as w
 from volkin.api.v1 import agent_pb2, agent_pb2_grpc
+from volkin.blockclient import DataConnection
 from volkin.errors import FencedOut, NotFound, Unavailable, VolkinError
 from volkin.etcd import Etcd, EtcdUnavailable
 from volkin.keys import Keys
@@ -215,12 +215,22 @@ class AgentClient:
         """Copies `ranges` into `target_extent` on `node`, from `source_extent` on the same
         agent (`source_node` == `node`) or pulled from the source agent; durable."""
         async def call(record: dict[str, object], timeout: float) -> object:
-            source_agent = ("" if source_node == node
-                            else await self.directory.address(source_node))
+            source_agent = source_data = ""
+            if source_node != node:
+                source = await self.directory.record(source_node)
+                source_agent = str(source["address"])
+                source_data = str(source.get("data_address") or "")
+            data_address = str(record.get("data_address") or "")
+            if data_address:  # the block data port: no gRPC round trip
+                spec = w.CopySpec(source_extent, source_agent, source_data, tuple(
+                    (r.source_offset, r.target_offset, r.length) for r in ranges))
+                return await self._data_connection(data_address).call(
+                    w.Op.COPY, target_extent, epoch=self.fence.epoch,
+                    data=w.encode_copy(spec), timeout=timeout)
             return await self._grpc(record).Copy(agent_pb2.CopyRequest(
                 target_extent_id=target_extent, source_extent_id=source_extent,
                 source_agent=source_agent, ranges=ranges, durable=True,
-                epoch=self.fence.epoch), timeout=timeout)
+                epoch=self.fence.epoch, source_data_address=source_data), timeout=timeout)
         await self._call(node, "copy", call)
 
     async def read(self, node: str, extent_id: str, offset: int, length: int) -> bytes:

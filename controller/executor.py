@@ -23,6 +23,7 @@ read-modify-write).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Awaitable, Callable
 
 from controller.agents import AgentClient
@@ -37,7 +38,11 @@ EXTENT_BLOCK = 512
 MAX_WRITE = 4 << 20  # the agent's largest Write message
 
 
-_CopyKey = tuple[str, str, str, str]  # target node, target extent, source extent, source node
+# Set in a background job's task: its copies ride in batches of their own, so that a
+# client's copy-before-write never waits behind a job's batch (and its fsync).
+BACKGROUND: contextvars.ContextVar[bool] = contextvars.ContextVar("background", default=False)
+# target node, target extent, source extent, source node, background
+_CopyKey = tuple[str, str, str, str, bool]
 
 
 class PlanExecutor:
@@ -106,13 +111,14 @@ class PlanExecutor:
         block_size, size = self._volume_geometry(step.target.memory)
         source = self._placement.place(step.source.memory)
         target = await self.create_memory(step.target.memory, size)
-        key = (target.node_id, target.extent_id, source.extent_id, source.node_id)
+        key = (target.node_id, target.extent_id, source.extent_id, source.node_id,
+               BACKGROUND.get())
         await self._copies.submit(key, agent_pb2.CopyRange(
             source_offset=step.source.block * block_size,
             target_offset=step.target.block * block_size, length=block_size))
 
     async def _send_copy(self, key: _CopyKey, ranges: list[agent_pb2.CopyRange]) -> None:
-        node, target_extent, source_extent, source_node = key
+        node, target_extent, source_extent, source_node, _ = key
         await self.agents.copy(node, target_extent, source_extent, source_node, ranges)
 
     async def flush(self, memory: str) -> None:

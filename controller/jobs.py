@@ -31,6 +31,7 @@ from enum import Enum
 
 from controller.agents import CALL_BUDGET
 from controller.core import Core
+from controller.executor import BACKGROUND
 from controller.fence import Deposed
 from controller.guarded import GuardedEtcd
 from controller.mapstore import LayoutError
@@ -307,6 +308,7 @@ class Jobs:
 
     async def _run(self, job_id: str) -> None:
         CALL_BUDGET.set(JOB_CALL_BUDGET)  # this task's agent calls report trouble soon
+        BACKGROUND.set(True)  # and its copies never hold up a client's
         core = self._core
         try:
             target = self._records[job_id].target

@@ -10,7 +10,8 @@ re-encoded on the way.
 
     request   magic "VKRQ" · op u8 · flags u8 · extent id length u16 · id u64 ·
               offset u64 · length u32 · epoch u64  (36 bytes), extent id, then
-              `length` bytes of data for a WRITE
+              `length` bytes of data for a WRITE, or of a copy's description
+              (`encode_copy`) for a COPY into the extent
     response  magic "VKRS" · status u8 · 0 u8 · message length u16 · id u64 ·
               length u32  (20 bytes), the message (UTF-8), then `length` bytes of
               data for a READ
@@ -43,6 +44,7 @@ class Op(IntEnum):
     WRITE = 2
     FLUSH = 3
     ZERO = 4
+    COPY = 5  # into the request's extent, from a local extent or a peer's; always durable
 
 
 class Flag(IntFlag):
@@ -99,7 +101,7 @@ def decode_request_header(data: bytes) -> tuple[Request, int]:
         raise WireError(f"unknown operation {op}") from None
     if name_length > MAX_EXTENT_ID:
         raise WireError(f"extent id of {name_length} bytes")
-    if kind == Op.WRITE and length > MAX_DATA:
+    if kind in (Op.WRITE, Op.COPY) and length > MAX_DATA:
         raise WireError(f"write of {length} bytes; at most {MAX_DATA} per request")
     return Request(kind, Flag(flags), request_id, "", offset, length, epoch), name_length
 
@@ -118,3 +120,46 @@ def decode_response_header(data: bytes) -> tuple[Response, int]:
     if length > MAX_DATA:
         raise WireError(f"response of {length} bytes; at most {MAX_DATA}")
     return Response(request_id, status, "", length), message_length
+
+
+@dataclass(frozen=True)
+class CopySpec:
+    """What a COPY request's payload says: where from, and which ranges."""
+
+    source_extent_id: str
+    source_agent: str  # the peer's gRPC address; empty: the source is on this agent
+    source_data_address: str  # the peer's block data port, if it has one
+    ranges: tuple[tuple[int, int, int], ...]  # (source offset, target offset, length)
+
+
+_COPY_RANGE = struct.Struct(">QQQ")
+MAX_RANGES = 4096
+
+
+def encode_copy(spec: CopySpec) -> bytes:
+    parts = []
+    for text in (spec.source_extent_id, spec.source_agent, spec.source_data_address):
+        raw = text.encode()
+        parts.append(struct.pack(">H", len(raw)) + raw)
+    parts.append(struct.pack(">I", len(spec.ranges)))
+    parts.extend(_COPY_RANGE.pack(*r) for r in spec.ranges)
+    return b"".join(parts)
+
+
+def decode_copy(payload: bytes) -> CopySpec:
+    try:
+        position = 0
+        texts = []
+        for _ in range(3):
+            (length,) = struct.unpack_from(">H", payload, position)
+            texts.append(payload[position + 2:position + 2 + length].decode())
+            position += 2 + length
+        (count,) = struct.unpack_from(">I", payload, position)
+        position += 4
+        if count > MAX_RANGES or position + count * _COPY_RANGE.size != len(payload):
+            raise WireError(f"a copy of {count} ranges does not fit its {len(payload)} bytes")
+        ranges = tuple(_COPY_RANGE.unpack_from(payload, position + i * _COPY_RANGE.size)
+                       for i in range(count))
+    except (struct.error, UnicodeDecodeError) as exc:
+        raise WireError(f"malformed copy request: {exc}") from None
+    return CopySpec(texts[0], texts[1], texts[2], ranges)

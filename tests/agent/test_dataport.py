@@ -11,9 +11,9 @@ import pytest
 
 from agent.dataport import DataPort
 from agent.metrics import AgentMetrics
-from controller.dataconn import DataConnection
 from tests.agent.conftest import open_store
 from volkin import blockwire as w
+from volkin.blockclient import DataConnection
 from volkin.errors import FencedOut, InvalidArgument, NotFound, OutOfRange, Unavailable
 
 BS = 4096
@@ -117,3 +117,21 @@ def test_frames_round_trip_and_bad_ones_are_protocol_errors() -> None:
     with pytest.raises(w.WireError):  # more data than one request may carry
         w.decode_request_header(w.encode_request(w.Op.WRITE, 1, "e", 0, w.MAX_DATA + 1)
                                 [:w.REQUEST_HEADER])
+
+
+def test_a_copy_between_two_extents_of_the_agent_is_durable_and_a_malformed_one_refused(
+        tmp_path: Path) -> None:
+    async def scenario(c: DataConnection, port: DataPort) -> None:
+        await c.call(w.Op.WRITE, "e1", 0, epoch=1, data=bytes(range(256)) * 64)  # 16 KiB
+        port._store.create("e2", 1 << 20, 512, epoch=1)
+        spec = w.CopySpec("e1", "", "", ((0, 8192, 8192), (8192, 0, 8192)))
+        await c.call(w.Op.COPY, "e2", epoch=1, data=w.encode_copy(spec))
+        source = await c.call(w.Op.READ, "e1", 0, 16384)
+        assert await c.call(w.Op.READ, "e2", 0, 16384) == source[8192:] + source[:8192]
+        with pytest.raises(FencedOut):  # fenced like any mutation
+            await c.call(w.Op.WRITE, "e2", 0, epoch=2, data=b"n" * BS)
+            await c.call(w.Op.COPY, "e2", epoch=1, data=w.encode_copy(spec))
+        with pytest.raises(InvalidArgument, match=r"malformed|does not fit"):
+            await c.call(w.Op.COPY, "e2", epoch=2, data=b"\x00\x05short")
+
+    run(tmp_path, scenario)

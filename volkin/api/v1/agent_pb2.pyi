@@ -402,6 +402,7 @@ class CopyRequest(_message.Message):
     RANGES_FIELD_NUMBER: _builtins.int
     DURABLE_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
+    SOURCE_DATA_ADDRESS_FIELD_NUMBER: _builtins.int
     target_extent_id: _builtins.str
     """Extent on this agent that receives the data."""
     source_extent_id: _builtins.str
@@ -412,6 +413,10 @@ class CopyRequest(_message.Message):
     durable: _builtins.bool
     """Durable: the copied data is on stable storage before the reply."""
     epoch: _builtins.int
+    source_data_address: _builtins.str
+    """The source agent's block data port (host:port): when set, the data is pulled
+    through it (volkin.blockwire) rather than through gRPC Read streams.
+    """
     @_builtins.property
     def ranges(self) -> _containers.RepeatedCompositeFieldContainer[Global___CopyRange]: ...
     def __init__(
@@ -423,10 +428,11 @@ class CopyRequest(_message.Message):
         ranges: _abc.Iterable[Global___CopyRange] | None = ...,
         durable: _builtins.bool = ...,
         epoch: _builtins.int = ...,
+        source_data_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["durable", b"durable", "epoch", b"epoch", "ranges", b"ranges", "source_agent", b"source_agent", "source_extent_id", b"source_extent_id", "target_extent_id", b"target_extent_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["durable", b"durable", "epoch", b"epoch", "ranges", b"ranges", "source_agent", b"source_agent", "source_data_address", b"source_data_address", "source_extent_id", b"source_extent_id", "target_extent_id", b"target_extent_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

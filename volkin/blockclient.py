@@ -1,12 +1,13 @@
 """One long-lived connection to an agent's data port (`volkin.blockwire`).
 
-Requests carry ids and complete out of order: any number of the controller's
-plans share one connection, each waiting only for its own answer. A reader task
+The controller reads and writes through it, and an agent pulls a peer copy's data
+through it. Requests carry ids and complete out of order: any number of callers
+share one connection, each waiting only for its own answer. A reader task
 matches answers to requests. When the connection breaks, every request in flight
 fails with `Unavailable` — its outcome is unknown, as after a crash, and the
-caller (`controller.agents.AgentClient`) repeats it, which is safe because every
-data request is idempotent under the block lock its plan holds — and the next
-request opens a new connection.
+caller (`controller.agents.AgentClient`, `agent.peer`) repeats it, which is safe
+because every data request is idempotent under the block lock its plan holds —
+and the next request opens a new connection.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class DataConnection:
         self._pending[request_id] = answer
         try:
             header = w.encode_request(op, request_id, extent_id, offset,
-                                      len(data) if op == w.Op.WRITE else length, epoch, flags)
+                                      len(data) if data else length, epoch, flags)
             # Header and data in one go, no await in between: requests never interleave.
             writer.write(header + data if len(data) < 65536 else header)
             if len(data) >= 65536:
