@@ -56,6 +56,9 @@ class Core:
                                      self._persist_placement)
         self.locks = FamilyLocks(engine)
         self.hidden: set[str] = set()  # created, not yet stored: not served
+        # When a client's read or write last started (monotonic): background copies
+        # make room for clients (`controller.jobs`).
+        self.foreground_at = 0.0
         self._freeing = asyncio.Lock()
 
     async def refresh_agents(self) -> None:

@@ -51,6 +51,11 @@ _log = logging.getLogger("controller.jobs")
 JOB_FORMAT = 1
 # Blocks of one job copied at the same time.
 JOB_WORKERS = 64
+# While a client did I/O in the last FOREGROUND_WINDOW seconds, all jobs together keep
+# at most BUSY_BLOCKS blocks in flight, checking again every YIELD_PAUSE seconds.
+FOREGROUND_WINDOW = 0.05
+BUSY_BLOCKS = 2
+YIELD_PAUSE = 0.002
 # Seconds one agent call of a job may retry before the job reports `waiting`.
 JOB_CALL_BUDGET = 3.0
 # Seconds one block's copy may take (agent calls and the map commit) before the job
@@ -165,6 +170,7 @@ class Jobs:
         self._in_flight: dict[str, int] = {}  # blocks of a job being copied right now
         self._idle: dict[str, asyncio.Event] = {}  # set when a job's in-flight count hits 0
         self._waiting: dict[str, _Waiting] = {}
+        self._copying = 0  # blocks of every job being copied right now
 
     async def load(self) -> None:
         """Reads every job from etcd and resumes those that were running or paused."""
@@ -350,14 +356,25 @@ class Jobs:
                     throttle: _Throttle) -> None:
         """Copies one block, waiting and retrying while its agent or etcd is away."""
         async def copy() -> None:
+            await self._yield_to_foreground()
             self._in_flight[job_id] += 1
+            self._copying += 1
             try:
                 await self._core.copy_block(target, block)
             finally:
+                self._copying -= 1
                 self._in_flight[job_id] -= 1
                 if not self._in_flight[job_id]:
                     self._idle[job_id].set()
         await self._until_done(job_id, copy, resume, throttle)
+
+    async def _yield_to_foreground(self) -> None:
+        """While clients do I/O, background copies keep to a few blocks in flight: a
+        job's copies and map commits share the agents, etcd and the controller's one
+        event loop with the clients' requests, and must not crowd them out."""
+        while (self._copying >= BUSY_BLOCKS
+               and time.monotonic() - self._core.foreground_at < FOREGROUND_WINDOW):
+            await asyncio.sleep(YIELD_PAUSE)
 
     async def _until_done(self, job_id: str, step: Callable[[], Awaitable[None]],
                           resume: asyncio.Event, throttle: _Throttle) -> None:

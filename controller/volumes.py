@@ -8,6 +8,7 @@ an acknowledgement waits for the term's fence.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Mapping
 
 from controller.core import Core
@@ -48,15 +49,19 @@ class CoreVolume:
         self._core.require(self._export.name, self._uid)
 
     async def read(self, offset: int, length: int) -> bytes:
+        self._core.foreground_at = time.monotonic()
         return await self._core.read(self._export.name, offset, length)
 
     async def write(self, offset: int, data: bytes, fua: bool) -> None:
+        self._core.foreground_at = time.monotonic()
         await self._core.write(self._export.name, offset, data, fua)
 
     async def zero(self, offset: int, length: int, fua: bool) -> None:
+        self._core.foreground_at = time.monotonic()
         await self._core.write(self._export.name, offset, bytes(length), fua)
 
     async def flush(self) -> None:
+        self._core.foreground_at = time.monotonic()
         await self._core.flush(self._export.name)
 
 

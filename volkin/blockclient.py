@@ -17,6 +17,7 @@ import contextlib
 import itertools
 
 from volkin import blockwire as w
+from volkin.coalesce import CoalescingWriter
 from volkin.errors import Unavailable, VolkinError
 from volkin.rpc_status import error_from_code
 
@@ -28,19 +29,20 @@ class DataConnection:
         self.address = address
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._out: CoalescingWriter | None = None
         self._reading: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[bytes]] = {}
         self._ids = itertools.count(1)
         self._connecting: asyncio.Lock | None = None
 
-    async def _connected(self) -> asyncio.StreamWriter:
-        if self._writer is not None and not self._writer.is_closing():
-            return self._writer
+    async def _connected(self) -> CoalescingWriter:
+        if self._out is not None and not self._out.is_closing():
+            return self._out
         if self._connecting is None:
             self._connecting = asyncio.Lock()
         async with self._connecting:
-            if self._writer is not None and not self._writer.is_closing():
-                return self._writer
+            if self._out is not None and not self._out.is_closing():
+                return self._out
             host, _, port = self.address.rpartition(":")
             try:
                 async with asyncio.timeout(CONNECT_TIMEOUT):
@@ -49,8 +51,9 @@ class DataConnection:
                 raise Unavailable(f"data port {self.address}: {exc or 'connect timed out'}") \
                     from exc
             self._reader, self._writer = reader, writer
+            self._out = CoalescingWriter(writer)
             self._reading = asyncio.create_task(self._read_answers(reader, writer))
-            return writer
+            return self._out
 
     async def call(self, op: w.Op, extent_id: str, offset: int = 0, length: int = 0,
                    epoch: int = 0, flags: w.Flag = w.NO_FLAGS, data: bytes = b"",
@@ -64,9 +67,10 @@ class DataConnection:
         try:
             header = w.encode_request(op, request_id, extent_id, offset,
                                       len(data) if data else length, epoch, flags)
-            # Header and data in one go, no await in between: requests never interleave.
-            writer.write(header + data if len(data) < 65536 else header)
-            if len(data) >= 65536:
+            # Header and data in one go, no await in between: requests never interleave;
+            # those of one turn of the event loop leave in one send.
+            writer.write(header)
+            if data:
                 writer.write(data)
             await writer.drain()
             async with asyncio.timeout(timeout):
@@ -103,12 +107,14 @@ class DataConnection:
             writer.close()
             if self._writer is writer:
                 self._writer = None
+                self._out = None
             for answer in self._pending.values():
                 if not answer.done():
                     answer.set_exception(error)
 
     async def close(self) -> None:
         writer, self._writer = self._writer, None
+        self._out = None
         if writer is not None:
             writer.close()
         if self._reading is not None:

@@ -32,6 +32,7 @@ from controller.fence import Deposed
 from controller.nbd import protocol as p
 from controller.nbd.device import Device, Volume
 from controller.nbd.ordering import Entry, InFlight
+from volkin.coalesce import CoalescingWriter
 from volkin.errors import NotFound, OutOfRange, StorageFull, Unavailable, VolkinError
 from volkin.log import event
 
@@ -161,6 +162,7 @@ class NbdServer:
         slots = asyncio.Semaphore(IN_FLIGHT)
         running: set[asyncio.Task[None]] = set()
         stopped: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        out = CoalescingWriter(writer)  # the answers of one turn leave in one send
         try:
             while not stopped.done():
                 request = p.parse_request(await reader.readexactly(p.REQUEST_SIZE))
@@ -177,7 +179,7 @@ class NbdServer:
                 error = p.check_request(request, volume.export.size)
                 if error:
                     await device.acknowledge(self.io_wait)
-                    writer.write(p.simple_reply(request.handle, error))
+                    out.write(p.simple_reply(request.handle, error))
                     continue
                 await slots.acquire()
                 if request.command == p.Cmd.FLUSH:
@@ -186,7 +188,7 @@ class NbdServer:
                     entry = in_flight.register(request.offset, request.length,
                                                writes=request.command != p.Cmd.READ)
                 one = asyncio.create_task(self._serve_one(
-                    device, volume, request, payload, entry, in_flight, slots, writer, stopped))
+                    device, volume, request, payload, entry, in_flight, slots, out, stopped))
                 running.add(one)
                 one.add_done_callback(running.discard)
         finally:
@@ -199,7 +201,7 @@ class NbdServer:
 
     async def _serve_one(self, device: Device, volume: Volume, request: p.Request,
                          payload: bytes, entry: Entry, in_flight: InFlight,
-                         slots: asyncio.Semaphore, writer: asyncio.StreamWriter,
+                         slots: asyncio.Semaphore, out: CoalescingWriter,
                          stopped: asyncio.Future[None]) -> None:
         flush = request.command == p.Cmd.FLUSH
         try:
@@ -208,13 +210,15 @@ class NbdServer:
             # The acknowledgement: only while this term can prove it still leads.
             await device.acknowledge(self.io_wait)
             if error == p.Errno.ESHUTDOWN:
-                writer.write(p.simple_reply(request.handle, error))
+                out.write(p.simple_reply(request.handle, error))
                 raise _Stop(f"volume {volume.export.name} is gone")
-            writer.write(p.simple_reply(request.handle, error, data))
+            out.write(p.simple_reply(request.handle, error))
+            if data:
+                out.write(data)
         except (_Stop, Deposed, Unavailable) as exc:
             if not stopped.done():
                 stopped.set_exception(exc)
-            transport = writer.transport
+            transport = out.writer.transport
             if transport is not None:
                 transport.abort()  # wakes the reader, which ends the connection
         finally:
