@@ -39,6 +39,7 @@ from agent.validation import (
     coalesce,
     split,
 )
+from volkin.blockwire import Data
 from volkin.errors import AlreadyExists, NotFound
 
 # A local copy is admitted by the fence batch by batch: a Fence waits for at most one
@@ -211,7 +212,7 @@ class BlockStore:
         with ext.in_use(), fileio.storage_errors(f"read of extent {extent_id}"):
             return fileio.pread_exact(ext.fd, length, offset)
 
-    def read_nowait(self, extent_id: str, offset: int, length: int) -> bytes | None:
+    def read_nowait(self, extent_id: str, offset: int, length: int) -> bytearray | None:
         """`read`, but only if it needs no waiting (data in the page cache); else None."""
         ext = self._get(extent_id)
         check_read(ext.geometry, offset, length)
@@ -227,7 +228,7 @@ class BlockStore:
 
     # -- mutations (fenced) --------------------------------------------------------------
 
-    def write_buffered_nowait(self, extent_id: str, offset: int, data: bytes,
+    def write_buffered_nowait(self, extent_id: str, offset: int, data: Data,
                               epoch: int) -> int | None:
         """`write` without fua, if nothing has to wait: no gate held exclusive, the
         epoch is the node's and the agent is valid; else None (then call `write` from a
@@ -251,7 +252,7 @@ class BlockStore:
         finally:
             self.fence.release()
 
-    def write(self, extent_id: str, offset: int, data: bytes, fua: bool, epoch: int) -> int:
+    def write(self, extent_id: str, offset: int, data: Data, fua: bool, epoch: int) -> int:
         """Writes `data` at `offset`; with `fua` it is on stable storage before returning."""
         ext = self._get(extent_id)
         check_write(ext.geometry, offset, len(data))

@@ -1,9 +1,11 @@
 """The agent's data port: read, write, flush and zero over the block data protocol.
 
 `volkin.blockwire` is the protocol (frames, no sockets); this module serves it on
-one TCP port. Each connection reads requests one after another and serves each
-in a task of its own, so many are in flight and complete out of order, as the
-controller's many blocks do; the answers are written whole, one at a time. The
+one TCP port. Each connection reads requests one after another. A read the page
+cache holds, or a buffered write nothing holds up, is answered at once, in the
+connection's own loop; every other request is served in a task of its own, so
+many are in flight and complete out of order, as the controller's many blocks
+do. Answers are written whole, one at a time. The
 I/O itself is the same as the gRPC service's (`agent.dispatch`: page-cache reads
 and buffered writes on the event loop, the rest in worker threads), fenced the
 same way: a mutation older than the node's epoch is refused, one that the agent
@@ -25,6 +27,7 @@ from agent.blockstore import BlockStore
 from agent.metrics import AgentMetrics
 from agent.validation import CopyRange
 from volkin import blockwire as w
+from volkin import streams
 from volkin.coalesce import CoalescingWriter
 from volkin.errors import FencedOut, InvalidArgument, VolkinError
 from volkin.log import event
@@ -51,7 +54,7 @@ class DataPort:
         self._connections: set[asyncio.Task[None]] = set()
 
     async def start(self, host: str, port: int) -> int:
-        self._server = await asyncio.start_server(self._serve, host, port)
+        self._server = await streams.start_server(self._serve, host, port)
         return int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
@@ -63,22 +66,25 @@ class DataPort:
         if self._server is not None:
             await self._server.wait_closed()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, reader: streams.Stream) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
         slots = asyncio.Semaphore(IN_FLIGHT)
         running: set[asyncio.Task[None]] = set()
-        peer = writer.get_extra_info("peername")
-        out = CoalescingWriter(writer)
+        peer = reader.get_extra_info("peername")
+        out = CoalescingWriter(reader)
         try:
             while True:
                 header = await reader.readexactly(w.REQUEST_HEADER)
                 request, name_length = w.decode_request_header(header)
                 extent_id = (await reader.readexactly(name_length)).decode("utf-8", "replace")
-                data = b""
+                data: w.Received = b""
                 if request.op in (w.Op.WRITE, w.Op.COPY):
-                    data = await reader.readexactly(request.length)
+                    data = await reader.read_payload(request.length)
+                if self._answer_now(request, extent_id, data, out):
+                    await out.drain()
+                    continue
                 await slots.acquire()
                 one = asyncio.create_task(self._answer(request, extent_id, data, out, slots))
                 running.add(one)
@@ -93,39 +99,76 @@ class DataPort:
             for one in running:
                 one.cancel()
             self._connections.discard(task)
-            writer.close()
+            reader.close()
 
-    async def _answer(self, request: w.Request, extent_id: str, data: bytes,
-                      writer: CoalescingWriter, slots: asyncio.Semaphore) -> None:
-        op = _OPS[request.op]
+    def _answer_now(self, request: w.Request, extent_id: str, data: w.Received,
+                    out: CoalescingWriter) -> bool:
+        """Answers a read the page cache holds, or a buffered write that nothing holds
+        up, right here in the connection's loop (no task); False if it must wait."""
+        start = time.perf_counter()
+        payload: w.Received | None
+        try:
+            if request.op == w.Op.READ and request.length <= w.MAX_DATA:
+                payload = self._store.read_nowait(extent_id, request.offset, request.length)
+                if payload is None:
+                    return False
+                self._metrics.read_bytes.inc(len(payload))
+            elif request.op == w.Op.WRITE and not request.flags & w.Flag.FUA:
+                n = self._store.write_buffered_nowait(extent_id, request.offset, data,
+                                                      request.epoch)
+                if n is None:
+                    return False
+                self._metrics.written_bytes.inc(n)
+                payload = b""
+            else:
+                return False
+        except VolkinError as exc:
+            self._reply(request, None, exc, out, start)
+        else:
+            self._reply(request, payload, None, out, start)
+        return True
+
+    async def _answer(self, request: w.Request, extent_id: str, data: w.Received,
+                      out: CoalescingWriter, slots: asyncio.Semaphore) -> None:
         start = time.perf_counter()
         try:
             payload = await self._execute(request, extent_id, data)
         except VolkinError as exc:
-            code = status_of(exc)
-            self._metrics.operations.labels(op, code.name).inc()
-            if isinstance(exc, FencedOut):
-                self._metrics.epoch_refusals.inc()
-            event(_log, "agent.refused", logging.INFO, op=op, code=code.name, error=exc.message)
-            reply = w.encode_response(request.id, code.value[0], exc.message)
-            payload = b""
+            self._reply(request, None, exc, out, start)
         else:
+            self._reply(request, payload, None, out, start)
+        finally:
+            slots.release()
+        with contextlib.suppress(ConnectionError):
+            await out.drain()  # the controller reads its answers: don't buffer without end
+
+    def _reply(self, request: w.Request, payload: w.Received | None, error: VolkinError | None,
+               out: CoalescingWriter, start: float) -> None:
+        """Counts and writes one answer: `payload`, or the domain error that refused it."""
+        self._latency[request.op].observe(time.perf_counter() - start)
+        if error is not None:
+            op = _OPS[request.op]
+            code = status_of(error)
+            self._metrics.operations.labels(op, code.name).inc()
+            if isinstance(error, FencedOut):
+                self._metrics.epoch_refusals.inc()
+            event(_log, "agent.refused", logging.INFO, op=op, code=code.name,
+                  error=error.message)
+            reply, payload = w.encode_response(request.id, code.value[0], error.message), b""
+        else:
+            assert payload is not None
             self._ok[request.op].inc()
             reply = w.encode_response(request.id, length=len(payload))
-        finally:
-            self._latency[request.op].observe(time.perf_counter() - start)
-            slots.release()
-        if writer.is_closing():
+        if out.is_closing():
             return
         # One answer is written whole, with no await in between: answers never interleave;
         # those of one turn of the event loop leave in one send.
-        writer.write(reply)
+        out.write(reply)
         if payload:
-            writer.write(payload)
-        with contextlib.suppress(ConnectionError):
-            await writer.drain()  # the controller reads its answers: don't buffer without end
+            out.write(payload)
 
-    async def _execute(self, request: w.Request, extent_id: str, data: bytes) -> bytes:
+    async def _execute(self, request: w.Request, extent_id: str,
+                       data: w.Received) -> w.Received:
         store = self._store
         if request.op == w.Op.READ:
             if request.length > w.MAX_DATA:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
 from agent.blockstore import BlockStore
+from volkin.blockwire import Data, Received
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -31,7 +32,7 @@ async def mutate(store: BlockStore, epoch: int, call: Callable[P, T], *args: P.a
     return await asyncio.to_thread(call, *args, **kwargs)
 
 
-async def write(store: BlockStore, extent_id: str, offset: int, data: bytes, fua: bool,
+async def write(store: BlockStore, extent_id: str, offset: int, data: Data, fua: bool,
                 epoch: int) -> int:
     if not fua:
         n = store.write_buffered_nowait(extent_id, offset, data, epoch)
@@ -40,7 +41,7 @@ async def write(store: BlockStore, extent_id: str, offset: int, data: bytes, fua
     return await mutate(store, epoch, store.write, extent_id, offset, data, fua, epoch)
 
 
-async def read(store: BlockStore, extent_id: str, offset: int, length: int) -> bytes:
+async def read(store: BlockStore, extent_id: str, offset: int, length: int) -> Received:
     data = store.read_nowait(extent_id, offset, length)
     if data is not None:
         return data

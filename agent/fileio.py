@@ -58,9 +58,10 @@ def pread_exact(fd: int, length: int, offset: int) -> bytes:
     return b"".join(parts)
 
 
-def pread_cached(fd: int, length: int, offset: int) -> bytes | None:
+def pread_cached(fd: int, length: int, offset: int) -> bytearray | None:
     """Reads the range only if it is all in the page cache (preadv RWF_NOWAIT): it never
-    waits for the device. None means: read it with pread_exact in a worker thread."""
+    waits for the device. None means: read it with pread_exact in a worker thread. The
+    buffer the kernel filled is returned as it is (not copied into a bytes)."""
     buffer = bytearray(length)
     try:
         n = os.preadv(fd, [buffer], offset, os.RWF_NOWAIT)
@@ -70,10 +71,10 @@ def pread_cached(fd: int, length: int, offset: int) -> bytes | None:
         if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
             return None
         raise
-    return bytes(buffer) if n == length else None
+    return buffer if n == length else None
 
 
-def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
     """Writes all of `data` at `offset`, continuing after short writes."""
     view = memoryview(data)
     while view:

@@ -28,7 +28,7 @@ from agent.blockstore import BlockStore
 from agent.validation import MAX_IO_BYTES, CopyRange, coalesce, split
 from volkin import blockwire as w
 from volkin.api.v1 import agent_pb2, agent_pb2_grpc
-from volkin.blockclient import DataConnection
+from volkin.blockclient import AgentConnections
 from volkin.errors import InvalidArgument, OutOfRange, StorageIOError, Unavailable, VolkinError
 from volkin.log import event
 from volkin.rpc_status import error_from_rpc
@@ -75,38 +75,16 @@ class PeerCopy:
     source_data_address: str = ""  # the peer's block data port, if it has one
 
 
-class PeerChannels:
-    """One channel per peer address, reused by every copy; one block data connection per
-    peer data port; and what each source extent looked like (size, block size)."""
+class PeerChannels(AgentConnections):
+    """The connections to peers (`volkin.blockclient.AgentConnections`), and what each
+    source extent looked like (size, block size)."""
 
     def __init__(self) -> None:
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        self._data: dict[str, DataConnection] = {}
+        super().__init__(CHANNEL_OPTIONS)
         # (peer, extent) -> (size, block size). An extent never shrinks and its block
         # size never changes, so a range valid once stays valid; one that looks past
         # the end is checked again against the peer before it is refused.
         self.extents: dict[tuple[str, str], tuple[int, int]] = {}
-
-    def data(self, address: str) -> DataConnection:
-        connection = self._data.get(address)
-        if connection is None:
-            connection = self._data[address] = DataConnection(address)
-        return connection
-
-    def stub(self, address: str) -> agent_pb2_grpc.BlockStoreStub:
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-            self._channels[address] = channel
-        return agent_pb2_grpc.BlockStoreStub(channel)  # type: ignore[no-untyped-call]
-
-    async def close(self) -> None:
-        channels, self._channels = list(self._channels.values()), {}
-        for channel in channels:
-            await channel.close(None)
-        connections, self._data = list(self._data.values()), {}
-        for connection in connections:
-            await connection.close()
 
 
 def _pieces(ranges: Sequence[CopyRange]) -> list[CopyRange]:

@@ -127,7 +127,7 @@ class BlockStoreService(agent_pb2_grpc.BlockStoreServicer):
                     n = min(chunk, end - pos)
                     data = await dispatch.read(store, extent_id, pos, n)
                     self._metrics.read_bytes.inc(n)
-                    yield agent_pb2.ReadChunk(offset=pos, data=data)
+                    yield agent_pb2.ReadChunk(offset=pos, data=bytes(data))
                     pos += n
         except VolkinError as exc:
             await _abort(context, exc)

@@ -2,6 +2,7 @@
 
     python3 -m bench.datapath [--size 1GiB] [--copy-size 1GiB] [--runtime 10] [--rounds 2]
                               [--skip fio|copy|first-write|foreground ...] [--profile DIR]
+                              [--job TEXT ...]
 
 Starts a real etcd, two agents and a controller on loopback (`bench.loopback`), and
 qemu-nbd (`-f raw --shared=8 --cache=writeback`) on raw files beside them. Every
@@ -92,7 +93,12 @@ JOBS = (
     Job("4 KiB random r/w 50/50, 4 conns x qd4",
         ("--rw=randrw", "--bs=4k", "--iodepth=4", "--numjobs=4"), False, None),
 )
-PROFILED = JOBS[1]  # the job py-spy watches
+PROFILED = JOBS[1]  # the job py-spy watches unless --job names others
+
+
+def chosen_jobs(names: Sequence[str]) -> tuple[Job, ...]:
+    """The jobs whose label contains one of `names` (all of them if none is given)."""
+    return tuple(j for j in JOBS if not names or any(n in j.label for n in names))
 
 
 def cpu_seconds(pid: int) -> float:
@@ -513,7 +519,7 @@ def measure_fio(run: Run) -> str:
     lines = ["| job | qemu-nbd | volkin | volkin ÷ qemu-nbd | goal | met | volkin p99 "
              "| qemu-nbd p99 | CPU s/GiB: controller | agents | qemu-nbd |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for job in JOBS:
+    for job in chosen_jobs(run.args.job):
         options = (*job.options, f"--size={run.args.size}", run.runtime, "--time_based")
         unit = "MB/s" if job.throughput else "IOPS"
         theirs: list[Sample] = []
@@ -545,12 +551,14 @@ def profile_fio(run: Run, directory: Path) -> None:
     """One more volkin run of the profiled job, with py-spy on the controller and F's agent."""
     pids = {"controller": run.volkin["controller"][0],
             f"agent-{run.f_agent}": run.agent_pids[run.f_agent]}
-    options = (*PROFILED.options, f"--size={run.args.size}", run.runtime, "--time_based")
+    job = chosen_jobs(run.args.job)[0] if run.args.job else PROFILED
+    options = (*job.options, f"--size={run.args.size}", run.runtime, "--time_based")
     begin = time.monotonic()
     with cpu_used({name: [pid] for name, pid in pids.items()}) as cpu, \
             profiled(pids, directory) as files:
         sample = run_fio(run.uri("F"), run.volkin, *options)
-    run.say(f"profiled run of {PROFILED.label}: {sample.result.iops:,.0f} IOPS")
+    run.say(f"profiled run of {job.label}: {sample.result.iops:,.0f} IOPS, "
+            f"{sample.result.bandwidth / MB:,.0f} MB/s")
     run.profiles += [Profile(name, raw, time.monotonic() - begin, cpu[name])
                      for name, raw in files.items()]
 
@@ -729,7 +737,10 @@ def main() -> None:
     parser.add_argument("--skip", action="append", choices=PARTS, default=[],
                         help="leave a part out (repeatable)")
     parser.add_argument("--profile", type=Path, metavar="DIR",
-                        help="py-spy the controller and an agent during 4 KiB randwrite qd16")
+                        help="py-spy the controller and an agent during one more run of the "
+                             "first --job (default 4 KiB randwrite qd16)")
+    parser.add_argument("--job", action="append", default=[], metavar="TEXT",
+                        help="run only the fio jobs whose label contains TEXT (repeatable)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the cluster's directory (logs) afterwards")
     args = parser.parse_args()

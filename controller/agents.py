@@ -34,7 +34,7 @@ import grpc
 from controller.fence import Deposed, Fence
 from volkin import blockwire as w
 from volkin.api.v1 import agent_pb2, agent_pb2_grpc
-from volkin.blockclient import DataConnection
+from volkin.blockclient import AgentConnections
 from volkin.errors import FencedOut, NotFound, Unavailable, VolkinError
 from volkin.etcd import Etcd, EtcdUnavailable
 from volkin.keys import Keys
@@ -122,43 +122,31 @@ class AgentClient:
         self.directory = directory
         self.fence = fence
         self.io_wait = io_wait
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        self._data: dict[str, DataConnection] = {}
+        self._connections = AgentConnections(CHANNEL_OPTIONS)
         # node id -> (what went wrong, since when): cleared by the next success.
         self.troubles: dict[str, tuple[str, float]] = {}
 
     async def close(self) -> None:
-        channels, self._channels = list(self._channels.values()), {}
-        for channel in channels:
-            await channel.close(None)
-        connections, self._data = list(self._data.values()), {}
-        for connection in connections:
-            await connection.close()
-
-    def _data_connection(self, address: str) -> DataConnection:
-        connection = self._data.get(address)
-        if connection is None:
-            connection = self._data[address] = DataConnection(address)
-        return connection
+        await self._connections.close()
 
     async def _data_call(self, node: str, what: str, op: w.Op, extent_id: str,
                          offset: int = 0, length: int = 0, flags: w.Flag = w.NO_FLAGS,
-                         data: bytes = b"") -> bytes:
+                         data: w.Data = b"") -> w.Received:
         """One request on the agent's block data port (its gRPC twin for an agent that
         registered no data port)."""
-        async def attempt(record: dict[str, object], timeout: float) -> bytes:
+        async def attempt(record: dict[str, object], timeout: float) -> w.Received:
             address = str(record.get("data_address") or "")
             if not address:
                 return await self._grpc_data(record, op, extent_id, offset, length, flags,
                                              data, timeout)
-            return await self._data_connection(address).call(
+            return await self._connections.data(address).call(
                 op, extent_id, offset, length, self.fence.epoch, flags, data, timeout)
         return await self._call(node, what, attempt)
 
     async def _grpc_data(self, record: dict[str, object], op: w.Op, extent_id: str,
-                         offset: int, length: int, flags: w.Flag, data: bytes,
-                         timeout: float) -> bytes:
-        stub = self._stub(str(record["address"]))
+                         offset: int, length: int, flags: w.Flag, data: w.Data,
+                         timeout: float) -> w.Received:
+        stub = self._grpc(record)
         epoch = self.fence.epoch
         if op == w.Op.READ:
             out = bytearray()
@@ -168,7 +156,7 @@ class AgentClient:
             return bytes(out)
         if op == w.Op.WRITE:
             await stub.Write(agent_pb2.WriteRequest(
-                extent_id=extent_id, offset=offset, data=data, fua=bool(flags & w.Flag.FUA),
+                extent_id=extent_id, offset=offset, data=bytes(data), fua=bool(flags & w.Flag.FUA),
                 epoch=epoch), timeout=timeout)
         elif op == w.Op.FLUSH:
             await stub.Flush(agent_pb2.FlushRequest(extent_id=extent_id, epoch=epoch),
@@ -176,14 +164,7 @@ class AgentClient:
         return b""
 
     def _grpc(self, record: dict[str, object]) -> agent_pb2_grpc.BlockStoreStub:
-        return self._stub(str(record["address"]))
-
-    def _stub(self, address: str) -> agent_pb2_grpc.BlockStoreStub:
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-            self._channels[address] = channel
-        return agent_pb2_grpc.BlockStoreStub(channel)  # type: ignore[no-untyped-call]
+        return self._connections.stub(str(record["address"]))
 
     # -- the calls -------------------------------------------------------------------
     async def create_extent(self, node: str, extent_id: str, size_bytes: int,
@@ -200,7 +181,7 @@ class AgentClient:
             await self._call(node, "delete an extent", lambda record, timeout: self._grpc(
                 record).DeleteExtent(request, timeout=timeout))
 
-    async def write(self, node: str, extent_id: str, offset: int, data: bytes,
+    async def write(self, node: str, extent_id: str, offset: int, data: w.Data,
                     fua: bool) -> None:
         for start in range(0, len(data), w.MAX_DATA):
             await self._data_call(node, "write", w.Op.WRITE, extent_id, offset + start,
@@ -224,7 +205,7 @@ class AgentClient:
             if data_address:  # the block data port: no gRPC round trip
                 spec = w.CopySpec(source_extent, source_agent, source_data, tuple(
                     (r.source_offset, r.target_offset, r.length) for r in ranges))
-                return await self._data_connection(data_address).call(
+                return await self._connections.data(data_address).call(
                     w.Op.COPY, target_extent, epoch=self.fence.epoch,
                     data=w.encode_copy(spec), timeout=timeout)
             return await self._grpc(record).Copy(agent_pb2.CopyRequest(
@@ -233,16 +214,18 @@ class AgentClient:
                 epoch=self.fence.epoch, source_data_address=source_data), timeout=timeout)
         await self._call(node, "copy", call)
 
-    async def read(self, node: str, extent_id: str, offset: int, length: int) -> bytes:
-        parts = []
-        for start in range(0, length, w.MAX_DATA):
-            n = min(w.MAX_DATA, length - start)
-            part = await self._data_call(node, "read", w.Op.READ, extent_id, offset + start, n)
-            if len(part) != n:
-                raise Unavailable(f"agent {node} answered a read of {n} bytes with "
-                                  f"{len(part)}")
-            parts.append(part)
-        return b"".join(parts)
+    async def read(self, node: str, extent_id: str, offset: int, length: int) -> w.Received:
+        if length <= w.MAX_DATA:  # one request: its payload as it came
+            return await self._read_part(node, extent_id, offset, length)
+        return b"".join([await self._read_part(node, extent_id, offset + start,
+                                               min(w.MAX_DATA, length - start))
+                         for start in range(0, length, w.MAX_DATA)])
+
+    async def _read_part(self, node: str, extent_id: str, offset: int, n: int) -> w.Received:
+        part = await self._data_call(node, "read", w.Op.READ, extent_id, offset, n)
+        if len(part) != n:
+            raise Unavailable(f"agent {node} answered a read of {n} bytes with {len(part)}")
+        return part
 
     async def fence_node(self, node: str) -> int:
         """Raises `node`'s epoch to this term's; returns the agent's epoch."""

@@ -34,6 +34,7 @@ from controller.fence import Deposed
 from controller.locks import FamilyLocks
 from controller.mapstore import GroupCommit, MapStore, Pending
 from controller.placement import ExtentRef, Placement
+from volkin import blockwire as w
 from volkin.engine import Loc, MapEngine, Read, RefreshStarted, VolumeInfo
 from volkin.errors import InvalidArgument, NotFound, OutOfRange
 from volkin.etcd import EtcdUnavailable
@@ -211,39 +212,43 @@ class Core:
             position += take
         return spans
 
-    async def read(self, name: str, offset: int, length: int) -> bytes:
+    async def read(self, name: str, offset: int, length: int) -> w.Data:
         spans = self._spans(name, offset, length)
         block_size = self.engine.volume(name).block_size
-        out = []
+        out: list[w.Data] = []
         async with self.locks.plan(name, (block for block, _, _ in spans)):
-            # Blocks that resolve to consecutive blocks of one memory are read in one call.
+            # Blocks that resolve to consecutive blocks of one memory are read in one call;
+            # its answer is passed on as it came (a view of it if the request starts or
+            # ends inside a block), not copied block by block.
             locations = [self._read_location(name, block) for block, _, _ in spans]
             for run, (memory, first) in _runs(locations):
                 data = await self.executor.read_blocks(memory, first, len(run))
-                for i, index in enumerate(run):
-                    _, inside, take = spans[index]
-                    out.append(data[i * block_size + inside:i * block_size + inside + take])
-        return b"".join(out)
+                _, begin, _ = spans[run[0]]
+                _, inside, take = spans[run[-1]]
+                end = (len(run) - 1) * block_size + inside + take
+                out.append(data if (begin, end) == (0, len(data))
+                           else memoryview(data)[begin:end])
+        return out[0] if len(out) == 1 else b"".join(out)  # none: a read of 0 bytes
 
     def _read_location(self, name: str, block: int) -> Loc:
         step = self.engine.plan_read(name, block).steps[0]
         assert isinstance(step, Read)
         return step.source
 
-    async def write(self, name: str, offset: int, data: bytes, fua: bool = False) -> None:
+    async def write(self, name: str, offset: int, data: w.Data, fua: bool = False) -> None:
         spans = self._spans(name, offset, len(data))
         block_size = self.engine.volume(name).block_size
+        view = memoryview(data)  # pieces are views: the payload is not copied on its way
         async with self.locks.plan(name, (block for block, _, _ in spans)):
-            plain: list[tuple[Loc, bytes]] = []  # whole blocks whose plan is only the write
+            plain: list[tuple[Loc, int]] = []  # whole blocks whose plan is only the write
             position = 0
             for block, inside, take in spans:
-                piece = data[position:position + take]
-                position += take
+                piece = view[position:position + take]
                 if take == block_size:
                     plan = self.engine.plan_write(name, block, whole_block=True)
                     target = plan.plain_write
                     if target is not None:
-                        plain.append((target, piece))
+                        plain.append((target, position))
                     else:
                         await self.executor.run(plan, piece, 0, fua)
                 elif inside % EXTENT_BLOCK == 0 and take % EXTENT_BLOCK == 0:
@@ -252,14 +257,22 @@ class Core:
                 else:
                     current = await self.executor.run(self.engine.plan_read(name, block))
                     assert current is not None
-                    merged = current[:inside] + piece + current[inside + take:]
+                    merged = bytearray(current)
+                    merged[inside:inside + take] = piece
                     plan = self.engine.plan_write(name, block, whole_block=True)
                     await self.executor.run(plan, merged, 0, fua)
+                position += take
             # The fast path, blocks already this volume's and already marked modified:
-            # consecutive ones go to the agent in one call.
+            # consecutive ones go to the agent in one call, as one view of the payload
+            # when they are consecutive in it too (they are, unless a block between
+            # them needed a plan of its own).
             for run, (memory, first) in _runs([target for target, _ in plain]):
-                await self.executor.write_blocks(
-                    memory, first, b"".join(plain[i][1] for i in run), fua)
+                starts = [plain[i][1] for i in run]
+                if starts[-1] - starts[0] == (len(run) - 1) * block_size:
+                    payload: w.Data = view[starts[0]:starts[-1] + block_size]
+                else:
+                    payload = b"".join(view[s:s + block_size] for s in starts)
+                await self.executor.write_blocks(memory, first, payload, fua)
 
     async def flush(self, name: str) -> None:
         """Every write acknowledged so far reaches stable storage (copies already did)."""

@@ -30,6 +30,7 @@ from controller.agents import AgentClient
 from controller.batching import Batcher
 from controller.mapstore import GroupCommit
 from controller.placement import ExtentRef, Placement
+from volkin import blockwire as w
 from volkin.api.v1 import agent_pb2
 from volkin.engine import Commit, Copy, MapEngine, Plan, Read, Write
 from volkin.errors import InvalidArgument, NotFound
@@ -87,8 +88,8 @@ class PlanExecutor:
             self._placement.forget(memory)
         self._created.discard(memory)
 
-    async def run(self, plan: Plan, data: bytes = b"", offset: int = 0,
-                  fua: bool = False) -> bytes | None:
+    async def run(self, plan: Plan, data: w.Data = b"", offset: int = 0,
+                  fua: bool = False) -> w.Received | None:
         """Carries out `plan`; returns the block a Read step read. With `fua` the
         caller's write is durable before this returns."""
         result = None
@@ -130,7 +131,7 @@ class PlanExecutor:
         with contextlib.suppress(NotFound):  # placed but never created: nothing written
             await self.agents.flush(ref.node_id, ref.extent_id)
 
-    async def _write(self, step: Write, data: bytes, offset: int, fua: bool) -> None:
+    async def _write(self, step: Write, data: w.Data, offset: int, fua: bool) -> None:
         block_size, size = self._volume_geometry(step.target.memory)
         if offset % EXTENT_BLOCK or len(data) % EXTENT_BLOCK or offset + len(data) > block_size:
             raise InvalidArgument(
@@ -141,10 +142,10 @@ class PlanExecutor:
                                 step.target.block * block_size + offset, data,
                                 fua or step.durable)
 
-    async def _read(self, step: Read) -> bytes:
+    async def _read(self, step: Read) -> w.Received:
         return await self.read_blocks(step.source.memory, step.source.block, 1)
 
-    async def read_blocks(self, memory: str, block: int, count: int) -> bytes:
+    async def read_blocks(self, memory: str, block: int, count: int) -> w.Received:
         """`count` blocks of `memory` from `block` on, in one agent call (no plan: the
         caller holds the blocks' locks and knows they resolve here). A memory that was
         never placed was never written: it reads as zeros."""
@@ -155,7 +156,7 @@ class PlanExecutor:
         return await self.agents.read(ref.node_id, ref.extent_id, block * block_size,
                                       count * block_size)
 
-    async def write_blocks(self, memory: str, block: int, data: bytes, fua: bool) -> None:
+    async def write_blocks(self, memory: str, block: int, data: w.Data, fua: bool) -> None:
         """Whole blocks of `memory` from `block` on, in one agent call (no plan: the caller
         holds the blocks' locks and their plans were a plain write each)."""
         block_size, size = self._volume_geometry(memory)

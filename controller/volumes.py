@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping
 
 from controller.core import Core
 from controller.nbd.protocol import ExportInfo
+from volkin.blockwire import Data
 
 
 class Exports(Mapping[str, ExportInfo]):
@@ -48,11 +49,11 @@ class CoreVolume:
     def check(self) -> None:
         self._core.require(self._export.name, self._uid)
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int) -> Data:
         self._core.foreground_at = time.monotonic()
         return await self._core.read(self._export.name, offset, length)
 
-    async def write(self, offset: int, data: bytes, fua: bool) -> None:
+    async def write(self, offset: int, data: Data, fua: bool) -> None:
         self._core.foreground_at = time.monotonic()
         await self._core.write(self._export.name, offset, data, fua)
 

@@ -1,4 +1,4 @@
-"""One long-lived connection to an agent's data port (`volkin.blockwire`).
+"""Long-lived connections to agents: the block data port (`volkin.blockwire`) and gRPC.
 
 The controller reads and writes through it, and an agent pulls a peer copy's data
 through it. Requests carry ids and complete out of order: any number of callers
@@ -15,8 +15,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+from collections.abc import Sequence
+
+import grpc
 
 from volkin import blockwire as w
+from volkin import streams
+from volkin.api.v1 import agent_pb2_grpc
 from volkin.coalesce import CoalescingWriter
 from volkin.errors import Unavailable, VolkinError
 from volkin.rpc_status import error_from_code
@@ -27,11 +32,10 @@ CONNECT_TIMEOUT = 3.0
 class DataConnection:
     def __init__(self, address: str) -> None:
         self.address = address
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._stream: streams.Stream | None = None
         self._out: CoalescingWriter | None = None
         self._reading: asyncio.Task[None] | None = None
-        self._pending: dict[int, asyncio.Future[bytes]] = {}
+        self._pending: dict[int, asyncio.Future[w.Received]] = {}
         self._ids = itertools.count(1)
         self._connecting: asyncio.Lock | None = None
 
@@ -46,23 +50,23 @@ class DataConnection:
             host, _, port = self.address.rpartition(":")
             try:
                 async with asyncio.timeout(CONNECT_TIMEOUT):
-                    reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+                    stream = await streams.open_connection(host.strip("[]"), int(port))
             except (OSError, TimeoutError) as exc:
                 raise Unavailable(f"data port {self.address}: {exc or 'connect timed out'}") \
                     from exc
-            self._reader, self._writer = reader, writer
-            self._out = CoalescingWriter(writer)
-            self._reading = asyncio.create_task(self._read_answers(reader, writer))
+            self._stream = stream
+            self._out = CoalescingWriter(stream)
+            self._reading = asyncio.create_task(self._read_answers(stream))
             return self._out
 
     async def call(self, op: w.Op, extent_id: str, offset: int = 0, length: int = 0,
-                   epoch: int = 0, flags: w.Flag = w.NO_FLAGS, data: bytes = b"",
-                   timeout: float | None = None) -> bytes:
+                   epoch: int = 0, flags: w.Flag = w.NO_FLAGS, data: w.Data = b"",
+                   timeout: float | None = None) -> w.Received:
         """Sends one request and returns its answer's data (a READ's bytes); raises the
         domain error the agent answered, or `Unavailable` if the answer never came."""
         writer = await self._connected()
         request_id = next(self._ids)
-        answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        answer: asyncio.Future[w.Received] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = answer
         try:
             header = w.encode_request(op, request_id, extent_id, offset,
@@ -83,15 +87,14 @@ class DataConnection:
         finally:
             self._pending.pop(request_id, None)
 
-    async def _read_answers(self, reader: asyncio.StreamReader,
-                            writer: asyncio.StreamWriter) -> None:
+    async def _read_answers(self, reader: streams.Stream) -> None:
         error: VolkinError = Unavailable(f"data port {self.address}: connection closed")
         try:
             while True:
                 header = await reader.readexactly(w.RESPONSE_HEADER)
                 response, message_length = w.decode_response_header(header)
                 message = (await reader.readexactly(message_length)).decode("utf-8", "replace")
-                data = await reader.readexactly(response.length) if response.length else b""
+                data = await reader.read_payload(response.length) if response.length else b""
                 answer = self._pending.get(response.id)
                 if answer is None or answer.done():
                     continue  # its caller gave up (timeout): the answer is dropped
@@ -104,20 +107,52 @@ class DataConnection:
         except w.WireError as exc:
             error = Unavailable(f"data port {self.address}: protocol error ({exc})")
         finally:
-            writer.close()
-            if self._writer is writer:
-                self._writer = None
+            reader.close()
+            if self._stream is reader:
+                self._stream = None
                 self._out = None
             for answer in self._pending.values():
                 if not answer.done():
                     answer.set_exception(error)
 
     async def close(self) -> None:
-        writer, self._writer = self._writer, None
+        stream, self._stream = self._stream, None
         self._out = None
-        if writer is not None:
-            writer.close()
+        if stream is not None:
+            stream.close()
         if self._reading is not None:
             self._reading.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._reading
+
+
+class AgentConnections:
+    """One gRPC channel per agent address (control calls) and one block data connection
+    per data port, each opened on first use and kept: the controller's agent client and
+    an agent's peer copies both hold one."""
+
+    def __init__(self, channel_options: Sequence[tuple[str, int]]) -> None:
+        self._options = list(channel_options)
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._data: dict[str, DataConnection] = {}
+
+    def stub(self, address: str) -> agent_pb2_grpc.BlockStoreStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address, options=self._options)
+            self._channels[address] = channel
+        return agent_pb2_grpc.BlockStoreStub(channel)  # type: ignore[no-untyped-call]
+
+    def data(self, address: str) -> DataConnection:
+        connection = self._data.get(address)
+        if connection is None:
+            connection = self._data[address] = DataConnection(address)
+        return connection
+
+    async def close(self) -> None:
+        channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            await channel.close(None)
+        connections, self._data = list(self._data.values()), {}
+        for connection in connections:
+            await connection.close()

@@ -38,6 +38,12 @@ MAX_EXTENT_ID = 128
 MAX_MESSAGE = 1024
 MAX_DATA = 4 << 20  # as one gRPC Write: larger ranges are several requests
 
+# A payload to send: bytes, a bytearray, or a view of either passed on uncopied.
+Data = bytes | bytearray | memoryview
+# A payload that arrived: bytes, or the bytearray the socket filled in place
+# (`volkin.streams.Stream.read_payload`).
+Received = bytes | bytearray
+
 
 class Op(IntEnum):
     READ = 1
@@ -146,7 +152,7 @@ def encode_copy(spec: CopySpec) -> bytes:
     return b"".join(parts)
 
 
-def decode_copy(payload: bytes) -> CopySpec:
+def decode_copy(payload: Received) -> CopySpec:
     try:
         position = 0
         texts = []

@@ -11,18 +11,31 @@ without being copied into the joined buffer.
 from __future__ import annotations
 
 import asyncio
+from typing import Protocol
+
+from volkin.blockwire import Data
 
 # Payloads at least this large are written on their own rather than joined.
 JOIN_BELOW = 64 << 10
 
 
+class Sink(Protocol):
+    """What is written to: a `volkin.streams.Stream` (or an `asyncio.StreamWriter`)."""
+
+    def write(self, data: Data) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    def is_closing(self) -> bool: ...
+
+
 class CoalescingWriter:
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, writer: Sink) -> None:
         self.writer = writer
-        self._parts: list[bytes] = []
+        self._parts: list[Data] = []
         self._scheduled = False
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: Data) -> None:
         self._parts.append(data)
         if not self._scheduled:
             self._scheduled = True
@@ -33,7 +46,7 @@ class CoalescingWriter:
         parts, self._parts = self._parts, []
         if self.writer.is_closing():
             return
-        small: list[bytes] = []
+        small: list[Data] = []
         for part in parts:
             if len(part) < JOIN_BELOW:
                 small.append(part)

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Protocol
 
 from controller.nbd.protocol import ExportInfo
+from volkin.blockwire import Data
 
 
 class Volume(Protocol):
@@ -27,11 +28,11 @@ class Volume(Protocol):
         been deleted, and another created under its name)."""
         ...
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int) -> Data:
         """The bytes of [offset, offset + length)."""
         ...
 
-    async def write(self, offset: int, data: bytes, fua: bool) -> None:
+    async def write(self, offset: int, data: Data, fua: bool) -> None:
         """Writes; with `fua` the data is durable before this returns."""
         ...
 

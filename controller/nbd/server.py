@@ -32,6 +32,8 @@ from controller.fence import Deposed
 from controller.nbd import protocol as p
 from controller.nbd.device import Device, Volume
 from controller.nbd.ordering import Entry, InFlight
+from volkin import streams
+from volkin.blockwire import Data, Received
 from volkin.coalesce import CoalescingWriter
 from volkin.errors import NotFound, OutOfRange, StorageFull, Unavailable, VolkinError
 from volkin.log import event
@@ -43,16 +45,14 @@ IN_FLIGHT = 64
 
 
 class _Connection:
-    def __init__(self, task: asyncio.Task[None], writer: asyncio.StreamWriter) -> None:
+    def __init__(self, task: asyncio.Task[None], stream: streams.Stream) -> None:
         self.task = task
-        self.writer = writer
+        self.stream = stream
         self.volume = ""  # set once the client chose an export
 
     def close(self) -> None:
         self.task.cancel()
-        transport = self.writer.transport
-        if transport is not None:
-            transport.abort()
+        self.stream.abort()
 
 
 class _Stop(Exception):
@@ -68,7 +68,7 @@ class NbdServer:
         self._by_volume: dict[str, set[_Connection]] = {}
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
-        self._server = await asyncio.start_server(self._serve, host, port)
+        self._server = await streams.start_server(self._serve, host, port)
         sockname = self._server.sockets[0].getsockname()
         return str(sockname[0]), int(sockname[1])
 
@@ -100,19 +100,19 @@ class NbdServer:
         return len(closing)
 
     # -- one connection -----------------------------------------------------------------
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
+    async def _serve(self, stream: streams.Stream) -> None:
+        peer = stream.get_extra_info("peername")
         task = asyncio.current_task()
         assert task is not None
-        connection = _Connection(task, writer)
+        connection = _Connection(task, stream)
         self._connections.add(connection)
         try:
-            opened = await self._negotiate(reader, writer)
+            opened = await self._negotiate(stream)
             if opened is not None:
                 device, volume = opened
                 connection.volume = volume.export.name
                 self._by_volume.setdefault(connection.volume, set()).add(connection)
-                await self._transmit(device, volume, reader, writer)
+                await self._transmit(device, volume, stream)
         except (p.ProtocolError, asyncio.IncompleteReadError, ConnectionError) as exc:
             event(log, "nbd.disconnected", peer=peer, reason=str(exc))
         except (_Stop, Deposed, Unavailable) as exc:
@@ -129,10 +129,10 @@ class NbdServer:
                 sharing.discard(connection)
                 if not sharing:
                     self._by_volume.pop(connection.volume, None)
-            writer.close()
+            stream.close()
 
-    async def _negotiate(self, reader: asyncio.StreamReader,
-                         writer: asyncio.StreamWriter) -> tuple[Device, Volume] | None:
+    async def _negotiate(self, stream: streams.Stream) -> tuple[Device, Volume] | None:
+        reader = writer = stream
         writer.write(p.greeting())
         await writer.drain()
         flags = p.parse_client_flags(await reader.readexactly(4))
@@ -156,21 +156,20 @@ class NbdServer:
             if outcome.export is not None and device is not None:
                 return device, device.open(outcome.export.name)
 
-    async def _transmit(self, device: Device, volume: Volume, reader: asyncio.StreamReader,
-                        writer: asyncio.StreamWriter) -> None:
+    async def _transmit(self, device: Device, volume: Volume, stream: streams.Stream) -> None:
         in_flight = InFlight()
         slots = asyncio.Semaphore(IN_FLIGHT)
         running: set[asyncio.Task[None]] = set()
         stopped: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        out = CoalescingWriter(writer)  # the answers of one turn leave in one send
+        out = CoalescingWriter(stream)  # the answers of one turn leave in one send
         try:
             while not stopped.done():
-                request = p.parse_request(await reader.readexactly(p.REQUEST_SIZE))
-                payload = b""
+                request = p.parse_request(await stream.readexactly(p.REQUEST_SIZE))
+                payload: Received = b""
                 if request.command == p.Cmd.WRITE:
                     if request.length > p.MAX_REQUEST_LENGTH:
                         raise p.ProtocolError(f"write of {request.length} bytes is too large")
-                    payload = await reader.readexactly(request.length)
+                    payload = await stream.read_payload(request.length)
                 if request.command == p.Cmd.DISC:
                     await in_flight.drain()
                     return
@@ -188,7 +187,8 @@ class NbdServer:
                     entry = in_flight.register(request.offset, request.length,
                                                writes=request.command != p.Cmd.READ)
                 one = asyncio.create_task(self._serve_one(
-                    device, volume, request, payload, entry, in_flight, slots, out, stopped))
+                    device, volume, request, payload, entry, in_flight, slots, out, stream,
+                    stopped))
                 running.add(one)
                 one.add_done_callback(running.discard)
         finally:
@@ -200,9 +200,9 @@ class NbdServer:
                     raise reason
 
     async def _serve_one(self, device: Device, volume: Volume, request: p.Request,
-                         payload: bytes, entry: Entry, in_flight: InFlight,
+                         payload: Received, entry: Entry, in_flight: InFlight,
                          slots: asyncio.Semaphore, out: CoalescingWriter,
-                         stopped: asyncio.Future[None]) -> None:
+                         stream: streams.Stream, stopped: asyncio.Future[None]) -> None:
         flush = request.command == p.Cmd.FLUSH
         try:
             await in_flight.wait(entry, flush)
@@ -218,15 +218,13 @@ class NbdServer:
         except (_Stop, Deposed, Unavailable) as exc:
             if not stopped.done():
                 stopped.set_exception(exc)
-            transport = out.writer.transport
-            if transport is not None:
-                transport.abort()  # wakes the reader, which ends the connection
+            stream.abort()  # wakes the reader, which ends the connection
         finally:
             in_flight.finish(entry)
             slots.release()
 
     async def _execute(self, volume: Volume, request: p.Request,
-                       payload: bytes) -> tuple[int, bytes]:
+                       payload: Received) -> tuple[int, Data]:
         """The error to answer (0: none) and the data of a READ."""
         try:
             volume.check()
@@ -255,7 +253,7 @@ class NbdServer:
             return p.Errno.EIO, b""
 
     @staticmethod
-    async def _call(volume: Volume, request: p.Request, payload: bytes) -> bytes:
+    async def _call(volume: Volume, request: p.Request, payload: Received) -> Data:
         fua = bool(request.flags & p.CmdFlag.FUA)
         if request.command == p.Cmd.READ:
             return await volume.read(request.offset, request.length)

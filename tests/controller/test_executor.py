@@ -40,7 +40,7 @@ async def read_all(executor: PlanExecutor, engine: MapEngine, name: str) -> list
     for n in range(BLOCKS):
         data = await executor.run(engine.plan_read(name, n))
         assert data is not None
-        out.append(data)
+        out.append(bytes(data))
     return out
 
 

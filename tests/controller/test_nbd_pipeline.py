@@ -18,6 +18,7 @@ import pytest
 from controller.nbd.protocol import ExportInfo
 from controller.nbd.server import NbdServer
 from tests.support.libnbd import load
+from volkin.blockwire import Data
 
 nbd: Any = load()
 
@@ -46,7 +47,7 @@ class MemoryVolume:
         self.events.append(f"read {offset}")
         return bytes(self.data[offset:offset + length])
 
-    async def write(self, offset: int, data: bytes, fua: bool) -> None:
+    async def write(self, offset: int, data: Data, fua: bool) -> None:
         await self._delay("write", offset)
         self.data[offset:offset + len(data)] = data
         self.events.append(f"write {offset} {data[:1].hex()}")

@@ -12,12 +12,11 @@ import json
 import subprocess
 import threading
 import time
-from collections.abc import Callable
 
 import grpc
 import pytest
 
-from tests.agent.conftest import Agent, AgentFactory
+from tests.agent.conftest import Agent, AgentFactory, wait_until
 from tests.controller.conftest import Controller, ControllerFactory, wait_for_log
 from tests.controller.test_daemon import qemu_io, status_of, wait_job
 from volkin import etcd
@@ -93,15 +92,6 @@ def placement(c: Controller) -> dict[str, object]:
         finally:
             await client.close()
     return asyncio.run(read())
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting until {what}")
 
 
 # -- fencing -----------------------------------------------------------------------
