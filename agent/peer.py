@@ -137,8 +137,11 @@ async def _pull_piece_data(channels: PeerChannels, store: BlockStore, copy: Peer
         if len(data) != length:
             raise StorageIOError(f"peer agent {copy.source_data_address} answered a read of "
                                  f"{length} bytes with {len(data)}")
-        await dispatch.write(store, copy.target_extent_id, piece.target_offset + offset, data,
-                             False, copy.epoch)
+        # In a worker thread: a write of megabytes into the page cache takes long enough
+        # (more when the kernel throttles dirty pages) that the event loop should go on
+        # receiving the next piece meanwhile.
+        await dispatch.mutate(store, copy.epoch, store.write, copy.target_extent_id,
+                              piece.target_offset + offset, data, False, copy.epoch)
         on_bytes(length)
 
     async with asyncio.TaskGroup() as group:

@@ -33,7 +33,9 @@ and the agents leave their writes dirty in the page cache, and the write-back of
 run must not land in the next (the other side's, since they alternate).
 
 `--profile DIR` records the controller and the agent holding F with py-spy during one
-more, uncounted, volkin run of 4 KiB random write qd16 and prints their top functions.
+more, uncounted, volkin run of 4 KiB random write qd16 (or of the first `--job`), and
+the controller and both agents during one more refresh copy, and prints their top
+functions.
 `--keep` leaves the cluster's directory (every process's log) behind.
 """
 
@@ -613,6 +615,23 @@ def measure_copy(run: Run) -> str:
             f"{med([c for _, c in theirs]) / gib:.2f} |")
 
 
+def profile_copy(run: Run, directory: Path) -> None:
+    """One more, uncounted, refresh copy with py-spy on the controller and both agents."""
+    pids = {"controller": run.volkin["controller"][0],
+            **{f"agent-{node}": pid for node, pid in run.agent_pids.items()}}
+    create_volume(run.admin, "copyp", run.args.copy_size, avoid=run.v1_agent)
+    os.sync()
+    begin = time.monotonic()
+    with cpu_used({name: [pid] for name, pid in pids.items()}) as cpu, \
+            profiled(pids, directory / "copy") as files:
+        job = run.admin.StartRefresh(admin_pb2.StartRefreshRequest(target="copyp", source="V1"))
+        watch(run.admin, job.id)
+    delete_volumes(run.admin, "copyp")
+    run.say(f"profiled refresh copy: {time.monotonic() - begin:.1f} s")
+    run.profiles += [Profile(f"{name} (refresh copy)", raw, time.monotonic() - begin,
+                             cpu[name]) for name, raw in files.items()]
+
+
 def measure_first_writes(run: Run) -> str:
     """3. First writes to blocks of a refresh target against plain writes, interleaved."""
     admin, copy_size, block_size = run.admin, run.args.copy_size, run.block_size
@@ -764,6 +783,8 @@ def main() -> None:
                 profile_fio(run, args.profile)
         if "copy" in parts:
             tables.append(measure_copy(run))
+            if args.profile is not None:
+                profile_copy(run, args.profile)
         if "first-write" in parts:
             tables.append(measure_first_writes(run))
         if "foreground" in parts:

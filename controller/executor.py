@@ -44,6 +44,11 @@ MAX_WRITE = 4 << 20  # the agent's largest Write message
 BACKGROUND: contextvars.ContextVar[bool] = contextvars.ContextVar("background", default=False)
 # target node, target extent, source extent, source node, background
 _CopyKey = tuple[str, str, str, str, bool]
+# Copies between two extents: at most COPY_BATCH blocks share one agent call (one
+# fsync), and up to COPY_SENDS such calls are in flight, so that a job's next blocks
+# cross the network while the ones before them are synced and committed.
+COPY_BATCH = 128
+COPY_SENDS = 8
 
 
 class PlanExecutor:
@@ -60,7 +65,8 @@ class PlanExecutor:
         self._persist_placement = persist_placement
         self._created: set[str] = set()
         # Concurrent copies between the same two extents share one agent call and one fsync.
-        self._copies: Batcher[_CopyKey, agent_pb2.CopyRange] = Batcher(self._send_copy)
+        self._copies: Batcher[_CopyKey, agent_pb2.CopyRange] = Batcher(
+            self._send_copy, in_flight=COPY_SENDS, max_items=COPY_BATCH)
 
     async def close(self) -> None:
         await self.agents.close()

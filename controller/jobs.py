@@ -50,7 +50,7 @@ from volkin.log import event
 _log = logging.getLogger("controller.jobs")
 JOB_FORMAT = 1
 # Blocks of one job copied at the same time.
-JOB_WORKERS = 64
+JOB_WORKERS = 512
 # While a client did I/O in the last FOREGROUND_WINDOW seconds, all jobs together keep
 # at most BUSY_BLOCKS blocks in flight, checking again every YIELD_PAUSE seconds.
 FOREGROUND_WINDOW = 0.05

@@ -156,6 +156,38 @@ def test_concurrent_copies_between_the_same_extents_share_agent_calls() -> None:
     asyncio.run(scenario())
 
 
+def test_a_batcher_with_several_sends_in_flight_caps_each_and_sends_every_item_once() -> None:
+    from controller.batching import Batcher
+
+    sent: list[list[int]] = []
+    in_flight = most = 0
+
+    async def send(key: str, items: list[int]) -> None:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        sent.append(items)
+        await asyncio.sleep(0.01)
+        in_flight -= 1
+        if 13 in items:
+            raise RuntimeError("agent down")
+
+    async def scenario() -> None:
+        batcher: Batcher[str, int] = Batcher(send, in_flight=3, max_items=4)
+        results = await asyncio.gather(*(batcher.submit("k", n) for n in range(40)),
+                                       return_exceptions=True)
+        assert sorted(n for items in sent for n in items) == list(range(40))
+        assert all(len(items) <= 4 for items in sent)
+        assert most == 3
+        # Only the items that rode with 13 failed.
+        with_13 = next(items for items in sent if 13 in items)
+        failed = {n for n, r in enumerate(results) if isinstance(r, RuntimeError)}
+        assert failed == set(with_13)
+        assert batcher._queues == {} and batcher._sending == {}  # nothing left behind
+
+    asyncio.run(scenario())
+
+
 def test_family_locks_serialise_per_block_and_leave_nothing_behind() -> None:
     async def scenario() -> None:
         engine = MapEngine()
