@@ -35,7 +35,7 @@ from controller.locks import FamilyLocks
 from controller.mapstore import GroupCommit, MapStore, Pending
 from controller.placement import ExtentRef, Placement
 from volkin import blockwire as w
-from volkin.engine import Loc, MapEngine, Read, RefreshStarted, VolumeInfo
+from volkin.engine import Loc, MapEngine, RefreshStarted, VolumeInfo
 from volkin.errors import InvalidArgument, NotFound, OutOfRange
 from volkin.etcd import EtcdUnavailable
 from volkin.keys import Keys
@@ -220,7 +220,7 @@ class Core:
             # Blocks that resolve to consecutive blocks of one memory are read in one call;
             # its answer is passed on as it came (a view of it if the request starts or
             # ends inside a block), not copied block by block.
-            locations = [self._read_location(name, block) for block, _, _ in spans]
+            locations = [self.engine.locate(name, block) for block, _, _ in spans]
             for run, (memory, first) in _runs(locations):
                 data = await self.executor.read_blocks(memory, first, len(run))
                 _, begin, _ = spans[run[0]]
@@ -229,11 +229,6 @@ class Core:
                 out.append(data if (begin, end) == (0, len(data))
                            else memoryview(data)[begin:end])
         return out[0] if len(out) == 1 else b"".join(out)  # none: a read of 0 bytes
-
-    def _read_location(self, name: str, block: int) -> Loc:
-        step = self.engine.plan_read(name, block).steps[0]
-        assert isinstance(step, Read)
-        return step.source
 
     async def write(self, name: str, offset: int, data: w.Data, fua: bool = False) -> None:
         spans = self._spans(name, offset, len(data))

@@ -35,6 +35,7 @@ from controller.executor import BACKGROUND
 from controller.fence import Deposed
 from controller.guarded import GuardedEtcd
 from controller.mapstore import LayoutError
+from controller.yielding import Yield
 from volkin.engine import RefreshStarted
 from volkin.errors import (
     FailedPrecondition,
@@ -52,10 +53,9 @@ JOB_FORMAT = 1
 # Blocks of one job copied at the same time.
 JOB_WORKERS = 512
 # While a client did I/O in the last FOREGROUND_WINDOW seconds, all jobs together keep
-# at most BUSY_BLOCKS blocks in flight, checking again every YIELD_PAUSE seconds.
+# at most BUSY_BLOCKS blocks in flight (`controller.yielding`).
 FOREGROUND_WINDOW = 0.05
 BUSY_BLOCKS = 2
-YIELD_PAUSE = 0.002
 # Seconds one agent call of a job may retry before the job reports `waiting`.
 JOB_CALL_BUDGET = 3.0
 # Seconds one block's copy may take (agent calls and the map commit) before the job
@@ -170,7 +170,8 @@ class Jobs:
         self._in_flight: dict[str, int] = {}  # blocks of a job being copied right now
         self._idle: dict[str, asyncio.Event] = {}  # set when a job's in-flight count hits 0
         self._waiting: dict[str, _Waiting] = {}
-        self._copying = 0  # blocks of every job being copied right now
+        # Blocks of every job being copied right now, fewer while clients do I/O.
+        self._yield = Yield(lambda: core.foreground_at, FOREGROUND_WINDOW, BUSY_BLOCKS)
 
     async def load(self) -> None:
         """Reads every job from etcd and resumes those that were running or paused."""
@@ -356,38 +357,39 @@ class Jobs:
                     throttle: _Throttle) -> None:
         """Copies one block, waiting and retrying while its agent or etcd is away."""
         async def copy() -> None:
-            await self._yield_to_foreground()
             self._in_flight[job_id] += 1
-            self._copying += 1
             try:
                 await self._core.copy_block(target, block)
             finally:
-                self._copying -= 1
                 self._in_flight[job_id] -= 1
                 if not self._in_flight[job_id]:
                     self._idle[job_id].set()
-        await self._until_done(job_id, copy, resume, throttle)
-
-    async def _yield_to_foreground(self) -> None:
-        """While clients do I/O, background copies keep to a few blocks in flight: a
-        job's copies and map commits share the agents, etcd and the controller's one
-        event loop with the clients' requests, and must not crowd them out."""
-        while (self._copying >= BUSY_BLOCKS
-               and time.monotonic() - self._core.foreground_at < FOREGROUND_WINDOW):
-            await asyncio.sleep(YIELD_PAUSE)
+        await self._until_done(job_id, copy, resume, throttle, self._yield)
 
     async def _until_done(self, job_id: str, step: Callable[[], Awaitable[None]],
-                          resume: asyncio.Event, throttle: _Throttle) -> None:
+                          resume: asyncio.Event, throttle: _Throttle,
+                          admission: Yield | None = None) -> None:
+        """Runs `step` until it succeeds; with `admission`, each attempt first waits its
+        turn behind clients' I/O (not counted against JOB_STEP_TIMEOUT)."""
         waiting = self._waiting[job_id]
         while True:
             if not resume.is_set():  # paused: `pause` waits for in-flight blocks
                 await resume.wait()
                 throttle.reset()
+            if admission is not None:
+                await admission.enter()
             try:
                 async with asyncio.timeout(JOB_STEP_TIMEOUT):
                     await step()
             except (Unavailable, StorageFull, TimeoutError) as exc:
-                reason = (exc.message if isinstance(exc, VolkinError)
+                failure: Exception | None = exc
+            else:
+                failure = None
+            finally:
+                if admission is not None:
+                    admission.leave()
+            if failure is not None:
+                reason = (failure.message if isinstance(failure, VolkinError)
                           else self._trouble() or
                           f"a block copy did not finish within {JOB_STEP_TIMEOUT:g} s")
                 first = not waiting.reason
@@ -396,7 +398,7 @@ class Jobs:
                     event(_log, "job.waiting", logging.WARNING, job=job_id, reason=reason)
                 if waiting.seconds() >= self._fail_after:
                     raise Unavailable(f"gave up after waiting {waiting.seconds():.0f} s: "
-                                      f"{reason}") from exc
+                                      f"{reason}") from failure
                 await asyncio.sleep(backoff(waiting.failures))
                 continue
             if waiting.reason:

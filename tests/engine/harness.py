@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
-from volkin.engine import Conflict, MapEngine, Plan
+from volkin.engine import Conflict, MapEngine, Plan, Read
 from volkin.engine import records as rec
 from volkin.engine.memstore import MemoryStore
 from volkin.engine.reference import ReferenceModel
@@ -124,7 +124,10 @@ class Harness:
 
     # -- block operations ---------------------------------------------------------
     def read(self, name: str, block: int) -> bytes:
-        data = self.store.run(self.engine, self.engine.plan_read(name, block))
+        plan = self.engine.plan_read(name, block)
+        # The shortcut the data path takes agrees with the plan, at every read of the model.
+        assert plan.steps == (Read(self.engine.locate(name, block)),), plan
+        data = self.store.run(self.engine, plan)
         assert data is not None
         return data
 

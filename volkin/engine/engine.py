@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from volkin.engine.bitmap import SegmentedBitmap
 from volkin.engine.errors import Conflict, InvalidRequest, VolumeExists, VolumeNotFound
 from volkin.engine.graph import Graph, Kind, Link, Node, Volume
-from volkin.engine.plan import Commit, Plan
+from volkin.engine.plan import Commit, Loc, Plan
 from volkin.engine.planner import PlanBuilder
 from volkin.engine.records import Changes, changes
 
@@ -256,6 +256,11 @@ class MapEngine:
     def plan_read(self, name: str, block: int) -> Plan:
         node = self._node_for_block(name, block)
         return PlanBuilder(self.graph, block).read(node)
+
+    def locate(self, name: str, block: int) -> Loc:
+        """Where block `block` of `name` is read from now: the source of `plan_read`'s one
+        Read step, without building the plan (the data path's fast path for reads)."""
+        return PlanBuilder(self.graph, block).resolve(self._node_for_block(name, block))
 
     def plan_write(self, name: str, block: int, whole_block: bool = False) -> Plan:
         node = self._node_for_block(name, block)
