@@ -247,10 +247,13 @@ class AgentClient:
         attempt = 0
         fresh = False
         while True:
-            await self.fence.ready(max(0.0, end - time.monotonic()))
+            if not self.fence.valid():  # (an await only when there is something to wait for)
+                await self.fence.ready(max(0.0, end - time.monotonic()))
             address = "?"
             try:
-                record = await self.directory.record(node, fresh)
+                record = None if fresh else self.directory.records.get(node)
+                if record is None:
+                    record = await self.directory.record(node, fresh)
                 address = str(record.get("address", "?"))
                 result = await call(record, max(0.05, end - time.monotonic()))
             except FencedOut as exc:  # from the data port: a newer controller took over
