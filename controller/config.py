@@ -35,6 +35,9 @@ class ControllerConfig:
     # Seconds a background job keeps retrying an unreachable agent or etcd before it
     # fails (`volkin job resume` retries a failed job).
     job_fail_after: float = 3600.0
+    # Background block copies started per second, all jobs together, while clients do
+    # I/O (0: no such limit; at most two are in flight then either way).
+    busy_copy_blocks: int = 100
     # Seconds between compactions of etcd's history by the active controller (0: never,
     # for an etcd that something else compacts).
     compact_every: float = 60.0
@@ -53,6 +56,8 @@ _HELP = {
     "io_wait": "seconds an NBD request waits for a restarting agent or etcd before EIO",
     "job_fail_after": "seconds a background job retries an unreachable agent or etcd "
                       "before it fails",
+    "busy_copy_blocks": "background block copies started per second, all jobs together, "
+                        "while clients do I/O (0: no limit)",
     "compact_every": "seconds between compactions of etcd's history while this controller "
                      "leads (0: never)",
     "shutdown_grace": "seconds in-flight calls get to finish on SIGTERM",
@@ -65,6 +70,11 @@ def _convert(name: str, raw: Any) -> Any:
         return config.endpoints(raw)
     if name in ("lease_ttl", "block_size"):
         return config.positive_int(raw)
+    if name == "busy_copy_blocks":
+        blocks = int(raw)
+        if blocks < 0:
+            raise ValueError("must be 0 (no limit) or a positive number of blocks a second")
+        return blocks
     if name == "compact_every":
         value = float(raw)
         if not value >= 0:

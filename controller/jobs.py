@@ -53,7 +53,8 @@ JOB_FORMAT = 1
 # Blocks of one job copied at the same time.
 JOB_WORKERS = 512
 # While a client did I/O in the last FOREGROUND_WINDOW seconds, all jobs together keep
-# at most BUSY_BLOCKS blocks in flight (`controller.yielding`).
+# at most BUSY_BLOCKS blocks in flight, and start at most `busy_copy_blocks` a second
+# (`controller.yielding`).
 FOREGROUND_WINDOW = 0.05
 BUSY_BLOCKS = 2
 # Seconds one agent call of a job may retry before the job reports `waiting`.
@@ -159,7 +160,7 @@ class _Throttle:
 
 class Jobs:
     def __init__(self, core: Core, etcd: GuardedEtcd, keys: Keys,
-                 fail_after: float = 3600.0) -> None:
+                 fail_after: float = 3600.0, busy_copy_blocks: int = 100) -> None:
         self._core = core
         self._etcd = etcd
         self._keys = keys
@@ -171,7 +172,8 @@ class Jobs:
         self._idle: dict[str, asyncio.Event] = {}  # set when a job's in-flight count hits 0
         self._waiting: dict[str, _Waiting] = {}
         # Blocks of every job being copied right now, fewer while clients do I/O.
-        self._yield = Yield(lambda: core.foreground_at, FOREGROUND_WINDOW, BUSY_BLOCKS)
+        self._yield = Yield(lambda: core.foreground_at, FOREGROUND_WINDOW, BUSY_BLOCKS,
+                            1 / busy_copy_blocks if busy_copy_blocks else 0.0)
 
     async def load(self) -> None:
         """Reads every job from etcd and resumes those that were running or paused."""

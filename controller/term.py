@@ -68,7 +68,7 @@ class Term:
         placement.load_records({key[len(keys.extents):]: raw for key, raw in
                                 (await client.get_prefix(keys.extents)).items()})
         core = Core(engine, store, placement, agents, keys)
-        jobs = Jobs(core, guarded, keys, config.job_fail_after)
+        jobs = Jobs(core, guarded, keys, config.job_fail_after, config.busy_copy_blocks)
         await jobs.load()
         try:
             await core.free_released()

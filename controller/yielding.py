@@ -1,7 +1,9 @@
 """Background copies give way to clients, without polling.
 
 While a client did I/O in the last `window` seconds, at most `busy_slots` background
-block copies (of every job together) run at once: a job's copies and map commits
+block copies (of every job together) run at once, and they start at least `busy_gap`
+seconds apart (a trickle, so that a refresh under a steady load still moves on): a
+job's copies and map commits
 share the agents, etcd and the controller's one event loop with the clients'
 requests and must not crowd them out. The other copies wait in line and are let
 in one at a time as running ones finish, or all at once when clients have been
@@ -21,10 +23,12 @@ from collections.abc import Callable
 
 class Yield:
     def __init__(self, last_foreground: Callable[[], float], window: float,
-                 busy_slots: int) -> None:
+                 busy_slots: int, busy_gap: float = 0.0) -> None:
         self._last_foreground = last_foreground  # time.monotonic() of the last client I/O
         self._window = window
         self._slots = busy_slots
+        self._gap = busy_gap
+        self._last_start = -busy_gap  # when the last copy started while clients were busy
         self.running = 0  # background copies admitted and not yet done
         self._line: collections.deque[asyncio.Future[None]] = collections.deque()
         self._changed = asyncio.Event()
@@ -36,7 +40,7 @@ class Yield:
 
     async def enter(self) -> None:
         """Returns when a background copy may start; `leave()` when it is done."""
-        if not self._line and (self.running < self._slots or not self._busy_for()):
+        if not self._line and (not self._busy_for() or self._may_start_now()):
             self.running += 1
             return
         admitted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -62,15 +66,26 @@ class Yield:
                     while self._line:
                         self._admit(self._line.popleft())
                     break
-                if self.running < self._slots:
+                if self._may_start_now():
                     self._admit(self._line.popleft())
                     continue
+                if self.running < self._slots:  # a slot is free, the gap is not over
+                    wait = min(wait, self._last_start + self._gap - time.monotonic())
                 self._changed.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait):
                         await self._changed.wait()
         finally:
             self._watcher = None
+
+    def _may_start_now(self) -> bool:
+        """While clients are busy: a slot is free and the gap since the last start is over
+        (which then starts now)."""
+        now = time.monotonic()
+        if self.running >= self._slots or now - self._last_start < self._gap:
+            return False
+        self._last_start = now
+        return True
 
     def _admit(self, admitted: asyncio.Future[None]) -> None:
         if not admitted.done():  # a cancelled waiter is skipped

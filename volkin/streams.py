@@ -136,10 +136,7 @@ class Stream(asyncio.BufferedProtocol):
         if n >= DIRECT:
             return bytes(await self.read_payload(n))
         await self._staged(n)
-        start = self._start
-        data = bytes(memoryview(self._buffer)[start:start + n])
-        self._consumed(start + n)
-        return data
+        return bytes(self._take(n))
 
     async def read_payload(self, n: int) -> bytearray:
         """Exactly `n` bytes in a buffer of their own: for `n` >= `DIRECT` one the socket
@@ -147,10 +144,13 @@ class Stream(asyncio.BufferedProtocol):
         if n >= DIRECT and self._end - self._start < n:
             return await self._read_in_place(n)
         await self._staged(n)
+        return bytearray(self._take(n))
+
+    def _take(self, n: int) -> memoryview:
+        """The next `n` staged bytes, consumed; copy them before the next await."""
         start = self._start
-        data = bytearray(memoryview(self._buffer)[start:start + n])
         self._consumed(start + n)
-        return data
+        return memoryview(self._buffer)[start:start + n]
 
     async def _staged(self, n: int) -> None:
         while self._end - self._start < n:

@@ -15,3 +15,12 @@ def test_history_is_compacted_every_minute_unless_told_otherwise() -> None:
     assert config.load(["--node-id", "c1"], environ).compact_every == 300.0
     with pytest.raises(InvalidArgument, match="compact_every"):
         config.load(["--node-id", "c1", "--compact-every", "-1"], {})
+
+
+def test_background_copies_start_at_most_100_blocks_a_second_while_clients_are_busy() -> None:
+    assert config.load(["--node-id", "c1"], {}).busy_copy_blocks == 100
+    assert config.load(["--node-id", "c1", "--busy-copy-blocks", "0"], {}).busy_copy_blocks == 0
+    environ = {"VOLKIN_CONTROLLER_BUSY_COPY_BLOCKS": "400"}
+    assert config.load(["--node-id", "c1"], environ).busy_copy_blocks == 400
+    with pytest.raises(InvalidArgument, match="busy_copy_blocks"):
+        config.load(["--node-id", "c1", "--busy-copy-blocks", "-5"], {})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 from controller.yielding import Yield
@@ -72,5 +73,24 @@ def test_when_clients_go_quiet_everyone_in_line_goes_within_the_window() -> None
         assert time.monotonic() - started < 0.2
         assert gate.running == 21
         assert gate._watcher is None  # nothing left watching
+
+    asyncio.run(scenario())
+
+
+def test_while_clients_are_busy_copies_start_no_closer_than_the_gap() -> None:
+    async def scenario() -> None:
+        clients = Clients()
+        clients.busy()
+        gate = Yield(lambda: clients.at, window=0.05, busy_slots=2, busy_gap=0.03)
+        starts: list[float] = []
+
+        async def copy() -> None:
+            await gate.enter()
+            starts.append(time.monotonic())
+            gate.leave()  # done at once: only the gap holds the next one back
+
+        await asyncio.wait_for(asyncio.gather(*(copy() for _ in range(6))), 2)
+        gaps = [b - a for a, b in itertools.pairwise(starts)]
+        assert len(starts) == 6 and min(gaps) >= 0.029, gaps
 
     asyncio.run(scenario())
