@@ -161,6 +161,13 @@ class AgentClient:
         elif op == w.Op.FLUSH:
             await stub.Flush(agent_pb2.FlushRequest(extent_id=extent_id, epoch=epoch),
                              timeout=timeout)
+        elif op == w.Op.ZERO:
+            await stub.Zero(agent_pb2.ZeroRequest(
+                extent_id=extent_id, offset=offset, length=length,
+                punch_hole=bool(flags & w.Flag.PUNCH_HOLE), fua=bool(flags & w.Flag.FUA),
+                epoch=epoch), timeout=timeout)
+        else:
+            raise ValueError(f"no gRPC twin for data operation {op!r}")
         return b""
 
     def _grpc(self, record: dict[str, object]) -> agent_pb2_grpc.BlockStoreStub:
@@ -190,6 +197,12 @@ class AgentClient:
 
     async def flush(self, node: str, extent_id: str) -> None:
         await self._data_call(node, "flush", w.Op.FLUSH, extent_id)
+
+    async def zero(self, node: str, extent_id: str, offset: int, length: int,
+                   fua: bool) -> None:
+        """Makes the range read as zeros on the agent (fallocate: no payload moves)."""
+        await self._data_call(node, "zero", w.Op.ZERO, extent_id, offset, length,
+                              flags=w.Flag.FUA if fua else w.NO_FLAGS)
 
     async def copy(self, node: str, target_extent: str, source_extent: str, source_node: str,
                    ranges: Sequence[agent_pb2.CopyRange]) -> None:

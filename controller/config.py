@@ -51,7 +51,7 @@ _HELP = {
     "etcd_prefix": "etcd key prefix",
     "listen": "host:port of the admin gRPC API; port 0 picks a free port",
     "nbd_listen": "host:port of the NBD server; port 0 picks a free port",
-    "block_size": "block size of new volumes in bytes (a multiple of 512)",
+    "block_size": "block size of new volumes in bytes (a power of two, 4KiB to 16MiB)",
     "lease_ttl": "seconds before another controller may take over after this one stops",
     "io_wait": "seconds an NBD request waits for a restarting agent or etcd before EIO",
     "job_fail_after": "seconds a background job retries an unreachable agent or etcd "
@@ -98,8 +98,10 @@ def load(argv: Sequence[str], environ: Mapping[str, str]) -> ControllerConfig:
     settings = ControllerConfig(**chosen)
     config.check_address("listen", settings.listen)
     config.check_address("nbd_listen", settings.nbd_listen)
-    if settings.block_size % 512:
-        raise InvalidArgument(f"setting block_size={settings.block_size} is not a multiple of 512")
+    try:
+        config.check_block_size(settings.block_size)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"setting block_size: {exc.message}") from None
     if not settings.node_id or "/" in settings.node_id:
         raise InvalidArgument(f"node_id {settings.node_id!r} must be non-empty without '/'")
     return settings

@@ -35,6 +35,7 @@ from controller.locks import FamilyLocks
 from controller.mapstore import GroupCommit, MapStore, Pending
 from controller.placement import ExtentRef, Placement
 from volkin import blockwire as w
+from volkin.config import check_block_size
 from volkin.engine import Loc, MapEngine, RefreshStarted, VolumeInfo
 from volkin.errors import InvalidArgument, NotFound, OutOfRange
 from volkin.etcd import EtcdUnavailable
@@ -42,6 +43,9 @@ from volkin.keys import Keys
 
 # Given the refresh as the engine started it: other keys to store with it (a job).
 RefreshRecords = Callable[[RefreshStarted], Mapping[str, bytes]]
+# A zero of many blocks holds the locks of this many at a time (32 MiB of 64 KiB
+# blocks), so that a client's zero of gigabytes does not hold them all for its length.
+ZERO_LOCK_BLOCKS = 512
 
 
 class Core:
@@ -97,10 +101,10 @@ class Core:
 
     # -- topology ------------------------------------------------------------------
     async def create_volume(self, name: str, size_bytes: int, block_size: int) -> VolumeInfo:
-        if block_size % EXTENT_BLOCK or size_bytes % block_size:
+        check_block_size(block_size)
+        if size_bytes % block_size:
             raise InvalidArgument(
-                f"size {size_bytes} must be a multiple of the block size {block_size}, "
-                f"itself a multiple of {EXTENT_BLOCK}")
+                f"size {size_bytes} must be a multiple of the block size {block_size}")
         await self.refresh_agents()
         await self._room_in_etcd()
         info = self.engine.create_volume(name, size_bytes // block_size, block_size)
@@ -246,16 +250,8 @@ class Core:
                         plain.append((target, position))
                     else:
                         await self.executor.run(plan, piece, 0, fua)
-                elif inside % EXTENT_BLOCK == 0 and take % EXTENT_BLOCK == 0:
-                    plan = self.engine.plan_write(name, block)
-                    await self.executor.run(plan, piece, inside, fua)
                 else:
-                    current = await self.executor.run(self.engine.plan_read(name, block))
-                    assert current is not None
-                    merged = bytearray(current)
-                    merged[inside:inside + take] = piece
-                    plan = self.engine.plan_write(name, block, whole_block=True)
-                    await self.executor.run(plan, merged, 0, fua)
+                    await self._write_part(name, block, inside, piece, fua)
                 position += take
             # The fast path, blocks already this volume's and already marked modified:
             # consecutive ones go to the agent in one call, as one view of the payload
@@ -268,6 +264,49 @@ class Core:
                 else:
                     payload = b"".join(view[s:s + block_size] for s in starts)
                 await self.executor.write_blocks(memory, first, payload, fua)
+
+    async def _write_part(self, name: str, block: int, inside: int, piece: w.Data,
+                          fua: bool) -> None:
+        """Writes `piece` at `inside` of one block (the caller holds its lock): in 512-byte
+        units as it is, else merged with what the block holds."""
+        if inside % EXTENT_BLOCK == 0 and len(piece) % EXTENT_BLOCK == 0:
+            plan = self.engine.plan_write(name, block)
+            await self.executor.run(plan, piece, inside, fua)
+            return
+        current = await self.executor.run(self.engine.plan_read(name, block))
+        assert current is not None
+        merged = bytearray(current)
+        merged[inside:inside + len(piece)] = piece
+        plan = self.engine.plan_write(name, block, whole_block=True)
+        await self.executor.run(plan, merged, 0, fua)
+
+    async def zero(self, name: str, offset: int, length: int, fua: bool = False,
+                   fast: bool = False) -> bool:
+        """Makes a range of any length read as zeros. Whole blocks are zeroed on their
+        agents (no payload: fallocate), each after its copy-before-write like any write;
+        the parts of blocks at either end are written. With `fast`, a range with such
+        parts is refused (False) before anything changes: zeroing them is no faster than
+        writing zeros. Blocks are locked ZERO_LOCK_BLOCKS at a time."""
+        spans = self._spans(name, offset, length)
+        block_size = self.engine.volume(name).block_size
+        if fast and any(take != block_size for _, _, take in spans):
+            return False
+        for start in range(0, len(spans), ZERO_LOCK_BLOCKS):
+            some = spans[start:start + ZERO_LOCK_BLOCKS]
+            async with self.locks.plan(name, (block for block, _, _ in some)):
+                plain: list[Loc] = []
+                for block, inside, take in some:
+                    if take != block_size:
+                        await self._write_part(name, block, inside, bytes(take), fua)
+                        continue
+                    plan = self.engine.plan_write(name, block, whole_block=True)
+                    if plan.plain_write is not None:
+                        plain.append(plan.plain_write)
+                    else:
+                        await self.executor.run(plan, fua=fua, zeros=block_size)
+                for run, (memory, first) in _runs(plain):
+                    await self.executor.zero_blocks(memory, first, len(run), fua)
+        return True
 
     async def flush(self, name: str) -> None:
         """Every write acknowledged so far reaches stable storage (copies already did)."""

@@ -57,9 +57,9 @@ class CoreVolume:
         self._core.foreground_at = time.monotonic()
         await self._core.write(self._export.name, offset, data, fua)
 
-    async def zero(self, offset: int, length: int, fua: bool) -> None:
+    async def zero(self, offset: int, length: int, fua: bool, fast: bool = False) -> bool:
         self._core.foreground_at = time.monotonic()
-        await self._core.write(self._export.name, offset, bytes(length), fua)
+        return await self._core.zero(self._export.name, offset, length, fua, fast)
 
     async def flush(self) -> None:
         self._core.foreground_at = time.monotonic()

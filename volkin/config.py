@@ -64,6 +64,21 @@ def endpoints(raw: Any) -> tuple[str, ...]:
     return found
 
 
+# A volume's block size: the unit of maps, copies and locks. Smaller blocks make maps
+# and per-block work grow (a 1 TiB volume of 512-byte blocks has 2^31 of them); a larger
+# one makes the first write after a snapshot copy that much.
+MIN_BLOCK_SIZE = 4 << 10
+MAX_BLOCK_SIZE = 16 << 20
+
+
+def check_block_size(block_size: int) -> None:
+    """Raises InvalidArgument unless `block_size` is a power of two from 4 KiB to 16 MiB."""
+    if not (MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE
+            and block_size & (block_size - 1) == 0):
+        raise InvalidArgument(f"block size {block_size} must be a power of two from 4KiB to "
+                              f"16MiB, for example 64KiB")
+
+
 def positive_int(raw: Any) -> int:
     value = int(raw)
     if value < 1:

@@ -36,8 +36,9 @@ class Volume(Protocol):
         """Writes; with `fua` the data is durable before this returns."""
         ...
 
-    async def zero(self, offset: int, length: int, fua: bool) -> None:
-        """Makes the range read as zeros."""
+    async def zero(self, offset: int, length: int, fua: bool, fast: bool = False) -> bool:
+        """Makes the range read as zeros, of any length inside the volume. With `fast`,
+        only if that is quicker than writing zeros: False (and nothing changed) if not."""
         ...
 
     async def flush(self) -> None:

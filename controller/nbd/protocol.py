@@ -2,7 +2,8 @@
 
 Fixed newstyle negotiation (NBD_OPT_GO, NBD_OPT_INFO, NBD_OPT_LIST,
 NBD_OPT_EXPORT_NAME, NBD_OPT_ABORT; every other option is answered
-NBD_REP_ERR_UNSUP) and simple replies in the transmission phase. The server in
+NBD_REP_ERR_UNSUP), the older non-fixed newstyle (NBD_OPT_EXPORT_NAME only, as
+the protocol allows), and simple replies in the transmission phase. The server in
 `controller.nbd.server` reads exact byte counts from its socket and hands them
 here, so everything a client can send is parsed by pure functions that tests
 (and fuzzers) call directly. Numbers are from the NBD protocol document
@@ -28,7 +29,11 @@ CLIENT_FLAGS_KNOWN = HANDSHAKE_FIXED_NEWSTYLE | HANDSHAKE_NO_ZEROES
 
 MAX_OPTION_LENGTH = 64 * 1024  # options are names and short lists; anything longer is abuse
 MAX_NAME_LENGTH = 4096
-MAX_REQUEST_LENGTH = 32 * 1024 * 1024
+MAX_REQUEST_LENGTH = 32 * 1024 * 1024  # of a READ or a WRITE: the payload
+# Block size constraints (NBD_INFO_BLOCK_SIZE): any byte range works, a volume block is
+# the preferred unit up to this (the protocol wants it a power of two <= the maximum).
+MIN_BLOCK = 1
+MAX_PREFERRED_BLOCK = MAX_REQUEST_LENGTH
 
 
 class Option(IntEnum):
@@ -63,6 +68,8 @@ class TxFlag(IntEnum):
     SEND_TRIM = 1 << 5
     SEND_WRITE_ZEROES = 1 << 6
     CAN_MULTI_CONN = 1 << 8
+    SEND_CACHE = 1 << 10
+    SEND_FAST_ZERO = 1 << 11
 
 
 class Cmd(IntEnum):
@@ -71,12 +78,14 @@ class Cmd(IntEnum):
     DISC = 2
     FLUSH = 3
     TRIM = 4
+    CACHE = 5
     WRITE_ZEROES = 6
 
 
 class CmdFlag(IntEnum):
     FUA = 1 << 0
     NO_HOLE = 1 << 1
+    FAST_ZERO = 1 << 4
 
 
 class Errno(IntEnum):
@@ -91,17 +100,26 @@ class Errno(IntEnum):
 
 # Multi-conn: every connection sees every acknowledged write, and a FLUSH on any one
 # makes durable what all of them completed (controller.nbd.server).
+# CACHE is accepted and needs nothing (reads come from the agents' page cache);
+# FAST_ZERO is answered ENOTSUP where zeroing would be no faster than writing zeros.
 TRANSMISSION_FLAGS = (TxFlag.HAS_FLAGS | TxFlag.SEND_FLUSH | TxFlag.SEND_FUA
-                      | TxFlag.SEND_TRIM | TxFlag.SEND_WRITE_ZEROES | TxFlag.CAN_MULTI_CONN)
-# Flags each command may carry; anything else is EINVAL.
+                      | TxFlag.SEND_TRIM | TxFlag.SEND_WRITE_ZEROES | TxFlag.CAN_MULTI_CONN
+                      | TxFlag.SEND_CACHE | TxFlag.SEND_FAST_ZERO)
+# Flags each command may carry; anything else is EINVAL. FUA is accepted on every
+# command (the protocol demands it once SEND_FUA is advertised) and means nothing where
+# nothing is written.
 ALLOWED_FLAGS: dict[int, int] = {
-    Cmd.READ: 0,
+    Cmd.READ: CmdFlag.FUA,
     Cmd.WRITE: CmdFlag.FUA,
-    Cmd.DISC: 0,
-    Cmd.FLUSH: 0,
+    Cmd.DISC: CmdFlag.FUA,
+    Cmd.FLUSH: CmdFlag.FUA,
     Cmd.TRIM: CmdFlag.FUA,
-    Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE,
+    Cmd.CACHE: CmdFlag.FUA,
+    Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
 }
+# Commands that carry or return a payload: their length is limited to
+# MAX_REQUEST_LENGTH; the others (TRIM, WRITE_ZEROES, CACHE) may span the export.
+_PAYLOAD = (Cmd.READ, Cmd.WRITE)
 
 
 class ProtocolError(Exception):
@@ -139,12 +157,19 @@ def greeting() -> bytes:
 
 
 def parse_client_flags(data: bytes) -> int:
+    """The client's flags. Without HANDSHAKE_FIXED_NEWSTYLE the client speaks the older
+    newstyle: its only option is NBD_OPT_EXPORT_NAME, and no option gets a reply."""
     (flags,) = struct.unpack(">I", data)
     if flags & ~CLIENT_FLAGS_KNOWN:
         raise ProtocolError(f"unknown client flags {flags:#x}")
-    if not flags & HANDSHAKE_FIXED_NEWSTYLE:
-        raise ProtocolError("client does not speak fixed newstyle negotiation")
     return int(flags)
+
+
+def preferred_block(volume_block: int) -> int:
+    """The preferred block size to advertise for a volume's block size: the largest power
+    of two that divides it, at most MAX_PREFERRED_BLOCK (and at least 512)."""
+    largest = volume_block & -volume_block if volume_block > 0 else 512
+    return max(512, min(largest, MAX_PREFERRED_BLOCK))
 
 
 def parse_option_header(data: bytes) -> tuple[int, int]:
@@ -205,7 +230,8 @@ def _info_or_go(option: int, data: bytes, exports: Mapping[str, ExportInfo]) -> 
         # Any byte range works (sub-block writes are read-modify-write); whole
         # volume blocks are what avoids that.
         replies += option_reply(option, Rep.INFO, struct.pack(
-            ">HIII", Info.BLOCK_SIZE, 1, export.preferred_block, MAX_REQUEST_LENGTH))
+            ">HIII", Info.BLOCK_SIZE, MIN_BLOCK, preferred_block(export.preferred_block),
+            MAX_REQUEST_LENGTH))
     replies += option_reply(option, Rep.ACK)
     return OptionOutcome(replies, export=export if option == Option.GO else None)
 
@@ -232,7 +258,7 @@ def check_request(request: Request, size: int) -> int:
         return Errno.EINVAL
     if request.command in (Cmd.DISC, Cmd.FLUSH):
         return 0
-    if request.length > MAX_REQUEST_LENGTH:
+    if request.command in _PAYLOAD and request.length > MAX_REQUEST_LENGTH:
         return Errno.EOVERFLOW if request.command == Cmd.READ else Errno.EINVAL
     if request.offset + request.length > size:
         return Errno.ENOSPC if request.command == Cmd.WRITE else Errno.EINVAL

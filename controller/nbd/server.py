@@ -59,6 +59,10 @@ class _Stop(Exception):
     """Ends a connection without another answer (deposed, or the volume is gone)."""
 
 
+class _NotFast(Exception):
+    """A WRITE_ZEROES with FAST_ZERO that would be no faster than writing zeros."""
+
+
 class NbdServer:
     def __init__(self, device: Device | None = None, io_wait: float = 30.0) -> None:
         self.device = device
@@ -140,6 +144,10 @@ class NbdServer:
         while True:
             option, length = p.parse_option_header(await reader.readexactly(16))
             data = await reader.readexactly(length)
+            if not flags & p.HANDSHAKE_FIXED_NEWSTYLE and option != p.Option.EXPORT_NAME:
+                # The older newstyle has no option replies: nothing to answer it with.
+                raise p.ProtocolError(f"option {option} from a client without fixed newstyle "
+                                      f"negotiation, which allows only NBD_OPT_EXPORT_NAME")
             device = self.device
             if device is None and option != p.Option.ABORT:
                 if option == p.Option.EXPORT_NAME:
@@ -238,6 +246,8 @@ class NbdServer:
             return p.Errno.ESHUTDOWN, b""
         except OutOfRange:
             return p.Errno.EINVAL, b""
+        except _NotFast:
+            return p.Errno.ENOTSUP, b""
         except StorageFull as exc:
             # e.g. etcd's database is full (NOSPACE): a write that needs a map commit
             # cannot be made durable; say so, not EIO.
@@ -260,9 +270,12 @@ class NbdServer:
         if request.command == p.Cmd.WRITE:
             await volume.write(request.offset, payload, fua)
         elif request.command == p.Cmd.WRITE_ZEROES:
-            await volume.zero(request.offset, request.length, fua)
+            fast = bool(request.flags & p.CmdFlag.FAST_ZERO)
+            if not await volume.zero(request.offset, request.length, fua, fast):
+                raise _NotFast()
         elif request.command == p.Cmd.FLUSH:
             await volume.flush()
         # TRIM is a hint (the protocol lets a server ignore it); space is not reclaimed yet.
+        # CACHE asks for nothing that reads would not already get from the agents' caches.
         return b""
 

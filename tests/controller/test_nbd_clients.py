@@ -171,3 +171,78 @@ def test_refresh_is_instant_over_nbd_and_all_three_volumes_stay_writable(
             assert image.read_bytes() == b"\x01" * 3 * MiB + b"\x22" * MiB + b"\x01" * 4 * MiB
 
     serve(etcd_server, start_agent, scenario)
+
+
+def test_zeroes_and_trims_of_any_length_and_block_sizes_clients_accept(
+        etcd_server: EtcdServer, start_agent: AgentFactory) -> None:
+    async def scenario(core: Core, jobs: Jobs, base: str) -> None:
+        size = 96 * MiB
+        await core.create_volume("v", size, BLOCK)
+        await core.create_volume("big", 32 * MiB, 16 * MiB)
+        url = f"{base}/v"
+        await qemu_io(url, f"write -P 0x44 0 {size}")
+        await core.create_snapshot("v", "s")  # each zeroed block is copied to s first
+        # 64 MiB in one request each: more than any READ or WRITE may carry (32 MiB).
+        await qemu_io(url, "write -z 1000 64M", "discard 0 64M", "flush")
+        await qemu_io(url, "read -P 0x44 0 1000", "read -P 0 1000 64M",
+                      f"read -P 0x44 {64 * MiB + 1000} {32 * MiB - 1000}")
+        await qemu_io(f"{base}/s", f"read -P 0x44 0 {size}")
+        for name, preferred in (("v", BLOCK), ("big", 16 * MiB)):
+            info = json.loads(await tool("nbdinfo", "--json", f"{base}/{name}"))
+            export = info["exports"][0]
+            assert (export["block_size_minimum"], export["block_size_preferred"],
+                    export["block_size_maximum"]) == (1, preferred, 32 * MiB)
+            assert export["can_cache"] and export["can_fast_zero"] and export["can_multi_conn"]
+
+    serve(etcd_server, start_agent, scenario)
+
+
+def test_a_sparse_image_is_copied_in_by_nbdcopy(
+        etcd_server: EtcdServer, start_agent: AgentFactory) -> None:
+    async def scenario(core: Core, jobs: Jobs, base: str) -> None:
+        size = 80 * MiB
+        await core.create_volume("v", size, BLOCK)
+        await qemu_io(f"{base}/v", f"write -P 0x55 0 {size}")
+        with tempfile.TemporaryDirectory() as work:
+            image = pathlib.Path(work) / "sparse.raw"
+            with open(image, "wb") as f:  # data, a hole of 70 MiB, data
+                f.write(b"\x66" * MiB)
+                f.seek(71 * MiB)
+                f.write(b"\x77" * (9 * MiB))
+            # nbdcopy zeroes the hole with requests larger than 32 MiB.
+            await tool("nbdcopy", "--flush", str(image), f"{base}/v")
+            await tool("nbdcopy", f"{base}/v", str(pathlib.Path(work) / "back.raw"))
+            assert (pathlib.Path(work) / "back.raw").read_bytes() == image.read_bytes()
+
+    serve(etcd_server, start_agent, scenario)
+
+
+def test_fast_zero_cache_fua_and_the_older_newstyle_handshake_with_libnbd(
+        etcd_server: EtcdServer, start_agent: AgentFactory) -> None:
+    async def scenario(core: Core, jobs: Jobs, base: str) -> None:
+        await core.create_volume("v", 4 * MiB, BLOCK)
+        url = f"{base}/v"
+        await qemu_io(url, "write -P 0x11 0 4M")
+        script = (
+            "import sys, nbd\n"
+            "h = nbd.NBD()\n"
+            "h.set_handshake_flags(0)\n"  # no FIXED_NEWSTYLE: NBD_OPT_EXPORT_NAME only
+            "h.connect_uri(sys.argv[1])\n"
+            "print('fixed' if h.get_handshake_flags() & 1 else 'older')\n"
+            "h.cache(1 << 20, 0)\n"
+            "h.zero(1 << 20, 1 << 20, nbd.CMD_FLAG_FAST_ZERO)\n"
+            "try:\n"
+            "    h.zero(1000, 3 << 20, nbd.CMD_FLAG_FAST_ZERO)\n"
+            "    print('unaligned fast zero accepted')\n"
+            "except nbd.Error as e:\n"
+            "    print('unaligned fast zero', e.errno)\n"
+            "h.set_strict_mode(0)\n"
+            "h.pread(4096, 0, nbd.CMD_FLAG_FUA)\n"
+            "print('read with fua')\n"
+            "h.shutdown()\n")
+        out = await tool("/usr/bin/python3", "-c", script, url)
+        assert out.split("\n")[:3] == ["older", "unaligned fast zero ENOTSUP",
+                                       "read with fua"], out
+        await qemu_io(url, "read -P 0x11 0 1M", "read -P 0 1M 1M", "read -P 0x11 2M 2M")
+
+    serve(etcd_server, start_agent, scenario)

@@ -52,8 +52,9 @@ class MemoryVolume:
         self.data[offset:offset + len(data)] = data
         self.events.append(f"write {offset} {data[:1].hex()}")
 
-    async def zero(self, offset: int, length: int, fua: bool) -> None:
+    async def zero(self, offset: int, length: int, fua: bool, fast: bool = False) -> bool:
         await self.write(offset, bytes(length), fua)
+        return True
 
     async def flush(self) -> None:
         self.flushed_at.append(sum(e.startswith("write") for e in self.events))

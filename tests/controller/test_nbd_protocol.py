@@ -34,9 +34,8 @@ def test_the_greeting_offers_fixed_newstyle_without_zeroes() -> None:
     assert struct.unpack(">QH", greeting[8:]) == (p.IHAVEOPT, 3)
 
 
-def test_a_client_that_does_not_speak_fixed_newstyle_is_refused() -> None:
-    with pytest.raises(p.ProtocolError):
-        p.parse_client_flags(struct.pack(">I", 0))
+def test_client_flags_are_parsed_and_unknown_ones_refused() -> None:
+    assert p.parse_client_flags(struct.pack(">I", 0)) == 0  # the older newstyle: served
     with pytest.raises(p.ProtocolError):
         p.parse_client_flags(struct.pack(">I", 1 | 1 << 7))
     assert p.parse_client_flags(struct.pack(">I", 3)) == 3
@@ -51,6 +50,17 @@ def test_go_describes_the_export_and_enters_transmission() -> None:
     assert struct.unpack(">HQH", export) == (p.Info.EXPORT, 1 << 20, p.TRANSMISSION_FLAGS)
     assert struct.unpack(">HIII", sizes) == (p.Info.BLOCK_SIZE, 1, 65536, p.MAX_REQUEST_LENGTH)
     assert (r2, r3) == (p.Rep.INFO, p.Rep.ACK)
+
+
+@pytest.mark.parametrize(("volume_block", "preferred"), [
+    (4096, 4096), (65536, 65536), (16 << 20, 16 << 20), (64 << 20, 32 << 20),
+    (1536, 512), (3000, 512), (0, 512)])
+def test_the_preferred_block_size_is_a_power_of_two_within_the_limits(
+        volume_block: int, preferred: int) -> None:
+    # Volumes made before block sizes were checked at create (1536, 64 MiB) still get
+    # constraints that clients accept: a power of two, at most the maximum.
+    assert p.preferred_block(volume_block) == preferred
+    assert preferred & (preferred - 1) == 0 and 512 <= preferred <= p.MAX_REQUEST_LENGTH
 
 
 def test_info_describes_without_entering_transmission() -> None:
@@ -93,9 +103,27 @@ def test_requests_out_of_range_or_with_unknown_flags_get_errors() -> None:
     assert check(p.Cmd.READ, 1, 4096) == p.Errno.EINVAL
     assert check(p.Cmd.WRITE, 4095, 2) == p.Errno.ENOSPC
     assert check(p.Cmd.WRITE, 0, 512, p.CmdFlag.FUA) == 0
-    assert check(p.Cmd.READ, 0, 512, p.CmdFlag.FUA) == p.Errno.EINVAL
+    assert check(p.Cmd.READ, 0, 512, p.CmdFlag.FUA) == 0  # FUA is valid on every command
+    assert check(p.Cmd.READ, 0, 512, p.CmdFlag.NO_HOLE) == p.Errno.EINVAL
+    assert check(p.Cmd.WRITE_ZEROES, 0, 512, p.CmdFlag.FAST_ZERO | p.CmdFlag.NO_HOLE) == 0
+    assert check(p.Cmd.CACHE, 0, 4096) == 0
     assert check(99, 0, 0) == p.Errno.EINVAL
     assert check(p.Cmd.FLUSH, 0, 0) == 0
+
+
+def test_zeroes_trims_and_caches_may_span_the_export_reads_and_writes_not() -> None:
+    size = 1 << 40
+
+    def check(command: int, length: int) -> int:
+        return p.check_request(p.Request(0, command, 7, 0, length), size)
+
+    big = 2**32 - 1  # the largest length a request can carry
+    assert check(p.Cmd.WRITE_ZEROES, big) == 0
+    assert check(p.Cmd.TRIM, big) == 0
+    assert check(p.Cmd.CACHE, big) == 0
+    assert check(p.Cmd.READ, p.MAX_REQUEST_LENGTH + 1) == p.Errno.EOVERFLOW
+    assert check(p.Cmd.WRITE, p.MAX_REQUEST_LENGTH + 1) == p.Errno.EINVAL
+    assert p.check_request(p.Request(0, p.Cmd.TRIM, 7, size - 4096, 8192), size) == p.Errno.EINVAL
 
 
 def test_a_request_is_parsed_and_a_reply_is_built() -> None:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from volkin.cli.sizes import parse_rate, parse_size
+from volkin.config import check_block_size
 from volkin.errors import InvalidArgument
 
 DEFAULT_AGENTS = 3
@@ -39,6 +40,12 @@ def _typed(parse: Callable[[str], int]) -> Callable[[str], int]:
 
     convert.__name__ = parse.__name__
     return convert
+
+
+def _block_size(text: str) -> int:
+    size = parse_size(text, "block size")
+    check_block_size(size)
+    return size
 
 
 def _positive(text: str) -> int:
@@ -105,8 +112,9 @@ def build() -> _Parser:
     p.add_argument("name")
     p.add_argument("--size", required=True, type=_typed(parse_size),
                    help="size, e.g. 64MiB or 1GiB; a multiple of the block size")
-    p.add_argument("--block-size", type=_typed(parse_size), default=0,
-                   help="block size, e.g. 64KiB (default: the controller's)")
+    p.add_argument("--block-size", type=_typed(_block_size), default=0,
+                   help="block size, a power of two from 4KiB to 16MiB, e.g. 64KiB "
+                        "(default: the controller's)")
     leaf(volume, "list", "volume.list", "list every volume", admin)
     p = leaf(volume, "show", "volume.show", "show one volume", admin)
     p.add_argument("name")
