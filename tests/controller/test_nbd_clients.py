@@ -51,6 +51,13 @@ async def qemu_io(url: str, *commands: str) -> str:
     return text
 
 
+async def libnbd(url: str, body: str, before: str = "") -> list[str]:
+    """The lines printed by `body`, run with libnbd's handle `h` connected to `url` after
+    `before` ran (Debian's python3-libnbd, hence Debian's python)."""
+    script = f"import sys, nbd\nh = nbd.NBD()\n{before}h.connect_uri(sys.argv[1])\n{body}"
+    return (await tool("/usr/bin/python3", "-c", script, url)).split("\n")
+
+
 def serve(etcd_server: EtcdServer, start_agent: AgentFactory,
           scenario: Callable[[Core, Jobs, str], Awaitable[None]]) -> None:
     a1, a2 = start_agent("a1"), start_agent("a2")
@@ -111,22 +118,16 @@ def test_a_request_past_the_end_is_an_error_and_changes_nothing(
         await core.create_volume("v", 1 * MiB, BLOCK)
         url = f"{base}/v"
         await qemu_io(url, "write -P 0x33 0 1M")
-        # libnbd (Debian's python3-libnbd, hence Debian's python) with its own range
-        # checks off, so that the request really reaches the server.
-        script = (
-            "import sys, nbd\n"
-            "h = nbd.NBD()\n"
-            "h.set_strict_mode(0)\n"
-            "h.connect_uri(sys.argv[1])\n"
+        # libnbd with its own range checks off, so that the request reaches the server.
+        out = await libnbd(url, before="h.set_strict_mode(0)\n", body=(
             "for call in (lambda: h.pwrite(b'x' * 4096, (1 << 20) - 2048),\n"
             "             lambda: h.pread(4096, (1 << 20) - 2048)):\n"
             "    try:\n"
             "        call()\n"
             "        print('accepted')\n"
             "    except nbd.Error as e:\n"
-            "        print('refused', e.errno)\n")
-        out = await tool("/usr/bin/python3", "-c", script, url)
-        assert out.split("\n")[:2] == ["refused ENOSPC", "refused EINVAL"], out
+            "        print('refused', e.errno)\n"))
+        assert out[:2] == ["refused ENOSPC", "refused EINVAL"], out
         await qemu_io(url, "read -P 0x33 0 1M")
 
     serve(etcd_server, start_agent, scenario)
@@ -223,11 +224,8 @@ def test_fast_zero_cache_fua_and_the_older_newstyle_handshake_with_libnbd(
         await core.create_volume("v", 4 * MiB, BLOCK)
         url = f"{base}/v"
         await qemu_io(url, "write -P 0x11 0 4M")
-        script = (
-            "import sys, nbd\n"
-            "h = nbd.NBD()\n"
-            "h.set_handshake_flags(0)\n"  # no FIXED_NEWSTYLE: NBD_OPT_EXPORT_NAME only
-            "h.connect_uri(sys.argv[1])\n"
+        # No FIXED_NEWSTYLE: the client may send NBD_OPT_EXPORT_NAME only.
+        out = await libnbd(url, before="h.set_handshake_flags(0)\n", body=(
             "print('fixed' if h.get_handshake_flags() & 1 else 'older')\n"
             "h.cache(1 << 20, 0)\n"
             "h.zero(1 << 20, 1 << 20, nbd.CMD_FLAG_FAST_ZERO)\n"
@@ -239,10 +237,8 @@ def test_fast_zero_cache_fua_and_the_older_newstyle_handshake_with_libnbd(
             "h.set_strict_mode(0)\n"
             "h.pread(4096, 0, nbd.CMD_FLAG_FUA)\n"
             "print('read with fua')\n"
-            "h.shutdown()\n")
-        out = await tool("/usr/bin/python3", "-c", script, url)
-        assert out.split("\n")[:3] == ["older", "unaligned fast zero ENOTSUP",
-                                       "read with fua"], out
+            "h.shutdown()\n"))
+        assert out[:3] == ["older", "unaligned fast zero ENOTSUP", "read with fua"], out
         await qemu_io(url, "read -P 0x11 0 1M", "read -P 0 1M 1M", "read -P 0x11 2M 2M")
 
     serve(etcd_server, start_agent, scenario)
