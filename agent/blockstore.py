@@ -212,6 +212,14 @@ class BlockStore:
         with ext.in_use(), fileio.storage_errors(f"read of extent {extent_id}"):
             return fileio.pread_exact(ext.fd, length, offset)
 
+    def data_ranges(self, extent_id: str, offset: int, length: int,
+                    limit: int) -> Sequence[tuple[int, int]]:
+        """Where [offset, offset + length) of the extent holds data (holes read as zeros)."""
+        ext = self._get(extent_id)
+        check_range(ext.geometry, offset, length, "map")
+        with ext.in_use(), fileio.storage_errors(f"map of extent {extent_id}"):
+            return fileio.data_ranges(ext.fd, offset, length, limit)
+
     def read_nowait(self, extent_id: str, offset: int, length: int) -> bytearray | None:
         """`read`, but only if it needs no waiting (data in the page cache); else None."""
         ext = self._get(extent_id)

@@ -37,7 +37,7 @@ _log = logging.getLogger("agent.dataport")
 # Requests of one connection being served at once; more wait in the socket.
 IN_FLIGHT = 256
 _OPS = {w.Op.READ: "read", w.Op.WRITE: "write", w.Op.FLUSH: "flush", w.Op.ZERO: "zero",
-        w.Op.COPY: "copy"}
+        w.Op.COPY: "copy", w.Op.MAP: "map"}
 
 
 class DataPort:
@@ -192,6 +192,10 @@ class DataPort:
                                spec.source_extent_id, spec.source_agent,
                                spec.source_data_address,
                                [CopyRange(*r) for r in spec.ranges], True, request.epoch)
+        elif request.op == w.Op.MAP:
+            ranges = await asyncio.to_thread(self._store.data_ranges, extent_id, request.offset,
+                                             request.length, w.MAX_MAP_RANGES)
+            return w.encode_map(list(ranges))
         elif request.op == w.Op.ZERO:
             await dispatch.mutate(store, request.epoch, store.zero, extent_id, request.offset,
                                   request.length, bool(request.flags & w.Flag.PUNCH_HOLE),

@@ -83,6 +83,34 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
         offset += n
 
 
+def data_ranges(fd: int, offset: int, length: int,
+                limit: int) -> list[tuple[int, int]]:
+    """The (offset, length) ranges of [offset, offset + length) that hold data, by
+    SEEK_DATA/SEEK_HOLE: the rest are holes and read as zeros. At most `limit` ranges;
+    a file system that cannot tell says all data."""
+    end = offset + length
+    found: list[tuple[int, int]] = []
+    position = offset
+    try:
+        while position < end and len(found) < limit:
+            try:
+                start = os.lseek(fd, position, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only holes from here to the end of the file
+                    break
+                raise
+            if start >= end:
+                break
+            stop = min(os.lseek(fd, start, os.SEEK_HOLE), end)
+            found.append((start, stop - start))
+            position = stop
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return [(offset, length)]
+        raise
+    return found
+
+
 def copy_range(src_fd: int, dst_fd: int, length: int, src_offset: int, dst_offset: int) -> None:
     """Copies in the kernel (`copy_file_range`): no bytes pass through user space."""
     while length > 0:

@@ -166,6 +166,8 @@ class AgentClient:
                 extent_id=extent_id, offset=offset, length=length,
                 punch_hole=bool(flags & w.Flag.PUNCH_HOLE), fua=bool(flags & w.Flag.FUA),
                 epoch=epoch), timeout=timeout)
+        elif op == w.Op.MAP:  # no gRPC twin: everything counts as data, which is safe
+            return w.encode_map([(offset, length)])
         else:
             raise ValueError(f"no gRPC twin for data operation {op!r}")
         return b""
@@ -197,6 +199,16 @@ class AgentClient:
 
     async def flush(self, node: str, extent_id: str) -> None:
         await self._data_call(node, "flush", w.Op.FLUSH, extent_id)
+
+    async def data_ranges(self, node: str, extent_id: str, offset: int,
+                          length: int) -> list[tuple[int, int]]:
+        """Where [offset, offset + length) of the extent holds data; the rest reads as
+        zeros (holes of the agent's file)."""
+        answer = await self._data_call(node, "map", w.Op.MAP, extent_id, offset, length)
+        try:
+            return w.decode_map(answer)
+        except w.WireError as exc:
+            raise Unavailable(f"agent {node} answered a map with {exc}") from exc
 
     async def zero(self, node: str, extent_id: str, offset: int, length: int,
                    fua: bool) -> None:

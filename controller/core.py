@@ -46,6 +46,8 @@ RefreshRecords = Callable[[RefreshStarted], Mapping[str, bytes]]
 # A zero of many blocks holds the locks of this many at a time (32 MiB of 64 KiB
 # blocks), so that a client's zero of gigabytes does not hold them all for its length.
 ZERO_LOCK_BLOCKS = 512
+# Blocks one base:allocation answer looks at (NBD_CMD_BLOCK_STATUS may answer less).
+ALLOCATION_BLOCKS = 8192
 
 
 class Core:
@@ -307,6 +309,51 @@ class Core:
                 for run, (memory, first) in _runs(plain):
                     await self.executor.zero_blocks(memory, first, len(run), fua)
         return True
+
+    async def allocation(self, name: str, offset: int,
+                         length: int) -> list[tuple[int, bool]]:
+        """What of a byte range holds data, as (length, hole) runs from `offset`: where
+        each block resolves, a memory never placed on an agent, or a hole of its extent,
+        reads as zeros and holds no space (a hole); the rest is data. At most
+        ALLOCATION_BLOCKS blocks are looked at: the runs may end short of the range."""
+        volume = self.engine.volume(name)
+        block_size = volume.block_size
+        if offset < 0 or length <= 0 or offset + length > self.size(name):
+            raise OutOfRange(f"{length} bytes at {offset} are not inside {name!r}")
+        first = offset // block_size
+        last = min((offset + length - 1) // block_size, first + ALLOCATION_BLOCKS - 1)
+        end = min(offset + length, (last + 1) * block_size)
+        hole = True
+        marks: list[tuple[int, int, bool]] = []  # (start, end, hole) in volume bytes
+        async with self.locks.plan(name, range(first, last + 1)):
+            locations = [self.engine.locate(name, b) for b in range(first, last + 1)]
+            for run, (memory, start_block) in _runs(locations):
+                base = (first + run[0]) * block_size  # where the run starts in the volume
+                size = len(run) * block_size
+                ref = self.placement.extent_of(memory)
+                if ref is None:
+                    marks.append((base, base + size, hole))
+                    continue
+                at = base
+                for data_start, data_length in await self.agents.data_ranges(
+                        ref.node_id, ref.extent_id, start_block * block_size, size):
+                    begin = base + data_start - start_block * block_size
+                    if begin > at:
+                        marks.append((at, begin, hole))
+                    marks.append((begin, begin + data_length, False))
+                    at = begin + data_length
+                if at < base + size:
+                    marks.append((at, base + size, hole))
+        runs: list[tuple[int, bool]] = []
+        for start, stop, flags in marks:
+            start, stop = max(start, offset), min(stop, end)
+            if stop <= start:
+                continue
+            if runs and runs[-1][1] == flags:
+                runs[-1] = (runs[-1][0] + stop - start, flags)
+            else:
+                runs.append((stop - start, flags))
+        return runs
 
     async def flush(self, name: str) -> None:
         """Every write acknowledged so far reaches stable storage (copies already did)."""

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator, Mapping
 
 from controller.core import Core
+from controller.nbd import protocol as p
 from controller.nbd.protocol import ExportInfo
 from volkin.blockwire import Data
 
@@ -64,6 +65,10 @@ class CoreVolume:
     async def flush(self) -> None:
         self._core.foreground_at = time.monotonic()
         await self._core.flush(self._export.name)
+
+    async def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        return [(n, p.STATE_HOLE | p.STATE_ZERO if hole else 0)
+                for n, hole in await self._core.allocation(self._export.name, offset, length)]
 
 
 class CoreDevice:

@@ -11,10 +11,11 @@ re-encoded on the way.
     request   magic "VKRQ" · op u8 · flags u8 · extent id length u16 · id u64 ·
               offset u64 · length u32 · epoch u64  (36 bytes), extent id, then
               `length` bytes of data for a WRITE, or of a copy's description
-              (`encode_copy`) for a COPY into the extent
+              (`encode_copy`) for a COPY into the extent; a MAP asks where
+              [offset, offset + length) holds data
     response  magic "VKRS" · status u8 · 0 u8 · message length u16 · id u64 ·
               length u32  (20 bytes), the message (UTF-8), then `length` bytes of
-              data for a READ
+              data for a READ, or of data ranges (`encode_map`) for a MAP
 
 `status` is 0, or the gRPC status code of the domain error (`volkin.rpc_status`
 is the one table that maps both ways), and the message says why. Every mutation
@@ -51,6 +52,7 @@ class Op(IntEnum):
     FLUSH = 3
     ZERO = 4
     COPY = 5  # into the request's extent, from a local extent or a peer's; always durable
+    MAP = 6  # where the range holds data: `encode_map` ranges (the rest are holes)
 
 
 class Flag(IntFlag):
@@ -126,6 +128,22 @@ def decode_response_header(data: bytes) -> tuple[Response, int]:
     if length > MAX_DATA:
         raise WireError(f"response of {length} bytes; at most {MAX_DATA}")
     return Response(request_id, status, "", length), message_length
+
+
+_MAP_RANGE = struct.Struct(">QQ")
+MAX_MAP_RANGES = MAX_DATA // _MAP_RANGE.size
+
+
+def encode_map(ranges: list[tuple[int, int]]) -> bytes:
+    """A MAP answer: the (offset, length) ranges that hold data, in order."""
+    return b"".join(_MAP_RANGE.pack(*r) for r in ranges)
+
+
+def decode_map(payload: Received) -> list[tuple[int, int]]:
+    if len(payload) % _MAP_RANGE.size:
+        raise WireError(f"a map of {len(payload)} bytes")
+    return [_MAP_RANGE.unpack_from(payload, i) for i in range(0, len(payload),
+                                                                _MAP_RANGE.size)]
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,12 @@ class Volume(Protocol):
         """Every write completed before this call is durable when it returns."""
         ...
 
+    async def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """base:allocation of [offset, offset + length): (length, flags) runs from `offset`
+        on, flags of `controller.nbd.protocol` STATE_HOLE and STATE_ZERO; they may cover
+        less than `length` (the client asks again for the rest)."""
+        ...
+
 
 class Device(Protocol):
     """The volumes a server exports, and the gate every acknowledgement passes."""

@@ -1,9 +1,11 @@
 """The NBD protocol, server side, without sockets: bytes in, bytes and decisions out.
 
 Fixed newstyle negotiation (NBD_OPT_GO, NBD_OPT_INFO, NBD_OPT_LIST,
-NBD_OPT_EXPORT_NAME, NBD_OPT_ABORT; every other option is answered
+NBD_OPT_EXPORT_NAME, NBD_OPT_ABORT, NBD_OPT_STRUCTURED_REPLY and the meta
+context options for `base:allocation`; every other option is answered
 NBD_REP_ERR_UNSUP), the older non-fixed newstyle (NBD_OPT_EXPORT_NAME only, as
-the protocol allows), and simple replies in the transmission phase. The server in
+the protocol allows), and simple or structured replies in the transmission
+phase, with NBD_CMD_BLOCK_STATUS once a meta context is chosen. The server in
 `controller.nbd.server` reads exact byte counts from its socket and hands them
 here, so everything a client can send is parsed by pure functions that tests
 (and fuzzers) call directly. Numbers are from the NBD protocol document
@@ -22,6 +24,9 @@ IHAVEOPT = 0x49484156454F5054
 OPTION_REPLY_MAGIC = 0x3E889045565A9
 REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
+STRUCTURED_REPLY_MAGIC = 0x668E33EF
+BASE_ALLOCATION = "base:allocation"
+BASE_ALLOCATION_ID = 1  # the one meta context: its id in NBD_REP_META_CONTEXT replies
 
 HANDSHAKE_FIXED_NEWSTYLE = 1 << 0
 HANDSHAKE_NO_ZEROES = 1 << 1
@@ -42,12 +47,16 @@ class Option(IntEnum):
     LIST = 3
     INFO = 6
     GO = 7
+    STRUCTURED_REPLY = 8
+    LIST_META_CONTEXT = 9
+    SET_META_CONTEXT = 10
 
 
 class Rep(IntEnum):
     ACK = 1
     SERVER = 2
     INFO = 3
+    META_CONTEXT = 4
     ERR_UNSUP = (1 << 31) + 1
     ERR_POLICY = (1 << 31) + 2
     ERR_INVALID = (1 << 31) + 3
@@ -67,6 +76,7 @@ class TxFlag(IntEnum):
     SEND_FUA = 1 << 3
     SEND_TRIM = 1 << 5
     SEND_WRITE_ZEROES = 1 << 6
+    SEND_DF = 1 << 7
     CAN_MULTI_CONN = 1 << 8
     SEND_CACHE = 1 << 10
     SEND_FAST_ZERO = 1 << 11
@@ -80,12 +90,27 @@ class Cmd(IntEnum):
     TRIM = 4
     CACHE = 5
     WRITE_ZEROES = 6
+    BLOCK_STATUS = 7
 
 
 class CmdFlag(IntEnum):
     FUA = 1 << 0
     NO_HOLE = 1 << 1
+    DF = 1 << 2
+    REQ_ONE = 1 << 3
     FAST_ZERO = 1 << 4
+
+
+class ReplyType(IntEnum):
+    NONE = 0
+    OFFSET_DATA = 1
+    BLOCK_STATUS = 5
+    ERROR = (1 << 15) + 1
+
+
+REPLY_FLAG_DONE = 1
+STATE_HOLE = 1  # base:allocation: not allocated
+STATE_ZERO = 2  # base:allocation: reads as zeros
 
 
 class Errno(IntEnum):
@@ -116,7 +141,10 @@ ALLOWED_FLAGS: dict[int, int] = {
     Cmd.TRIM: CmdFlag.FUA,
     Cmd.CACHE: CmdFlag.FUA,
     Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
+    Cmd.BLOCK_STATUS: CmdFlag.FUA | CmdFlag.REQ_ONE,
 }
+# With structured replies a READ also takes DF: it is always answered in one chunk.
+STRUCTURED_FLAGS: dict[int, int] = {Cmd.READ: CmdFlag.FUA | CmdFlag.DF}
 # Commands that carry or return a payload: their length is limited to
 # MAX_REQUEST_LENGTH; the others (TRIM, WRITE_ZEROES, CACHE) may span the export.
 _PAYLOAD = (Cmd.READ, Cmd.WRITE)
@@ -131,6 +159,18 @@ class ExportInfo:
     name: str
     size: int
     preferred_block: int
+
+
+@dataclass
+class Session:
+    """What a connection negotiated so far."""
+
+    no_zeroes: bool = False
+    structured: bool = False  # NBD_OPT_STRUCTURED_REPLY was acknowledged
+    allocation: bool = False  # base:allocation was chosen (NBD_OPT_SET_META_CONTEXT)
+
+    def transmission_flags(self) -> int:
+        return TRANSMISSION_FLAGS | (TxFlag.SEND_DF if self.structured else 0)
 
 
 @dataclass(frozen=True)
@@ -187,8 +227,9 @@ def option_reply(option: int, rep: int, data: bytes = b"") -> bytes:
 
 
 def handle_option(option: int, data: bytes, exports: Mapping[str, ExportInfo],
-                  no_zeroes: bool) -> OptionOutcome:
-    """The answer to one option; never raises for bad option data (it answers an error)."""
+                  session: Session) -> OptionOutcome:
+    """The answer to one option (changing `session` where the option negotiates
+    something); never raises for bad option data (it answers an error)."""
     if option == Option.ABORT:
         return OptionOutcome(option_reply(option, Rep.ACK), close=True)
     if option == Option.LIST:
@@ -203,14 +244,58 @@ def handle_option(option: int, data: bytes, exports: Mapping[str, ExportInfo],
         if export is None:
             # No error reply exists for NBD_OPT_EXPORT_NAME: the server closes.
             return OptionOutcome(b"", close=True)
-        reply = struct.pack(">QH", export.size, TRANSMISSION_FLAGS)
-        return OptionOutcome(reply + (b"" if no_zeroes else bytes(124)), export=export)
+        reply = struct.pack(">QH", export.size, session.transmission_flags())
+        return OptionOutcome(reply + (b"" if session.no_zeroes else bytes(124)), export=export)
     if option in (Option.INFO, Option.GO):
-        return _info_or_go(option, data, exports)
+        return _info_or_go(option, data, exports, session)
+    if option == Option.STRUCTURED_REPLY:
+        if data:
+            return _error(option, Rep.ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
+        session.structured = True
+        return OptionOutcome(option_reply(option, Rep.ACK))
+    if option in (Option.LIST_META_CONTEXT, Option.SET_META_CONTEXT):
+        return _meta_context(option, data, exports, session)
     return _error(option, Rep.ERR_UNSUP, f"option {option} is not supported by volkin")
 
 
-def _info_or_go(option: int, data: bytes, exports: Mapping[str, ExportInfo]) -> OptionOutcome:
+def _meta_context(option: int, data: bytes, exports: Mapping[str, ExportInfo],
+                  session: Session) -> OptionOutcome:
+    """LIST or SET of meta contexts: volkin has one, base:allocation."""
+    if not session.structured:
+        return _error(option, Rep.ERR_INVALID, "meta contexts need structured replies first")
+    try:
+        (name_length,) = struct.unpack_from(">I", data)
+        if name_length > MAX_NAME_LENGTH:
+            raise ValueError("export name too long")
+        name = data[4:4 + name_length].decode("utf-8", "replace")
+        position = 4 + name_length
+        (count,) = struct.unpack_from(">I", data, position)
+        position += 4
+        queries = []
+        for _ in range(count):
+            (length,) = struct.unpack_from(">I", data, position)
+            queries.append(data[position + 4:position + 4 + length].decode("utf-8", "replace"))
+            position += 4 + length
+        if position != len(data):
+            raise ValueError("trailing bytes")
+    except (struct.error, ValueError):
+        return _error(option, Rep.ERR_INVALID, "meta context request does not fit its length")
+    if name not in exports:
+        return _error(option, Rep.ERR_UNKNOWN, f"no volume named {name!r}")
+    if option == Option.LIST_META_CONTEXT:
+        chosen = not queries or any(q in ("base:", BASE_ALLOCATION) for q in queries)
+    else:
+        chosen = BASE_ALLOCATION in queries
+        session.allocation = chosen
+    reply = b""
+    if chosen:
+        reply = option_reply(option, Rep.META_CONTEXT, struct.pack(">I", BASE_ALLOCATION_ID)
+                             + BASE_ALLOCATION.encode())
+    return OptionOutcome(reply + option_reply(option, Rep.ACK))
+
+
+def _info_or_go(option: int, data: bytes, exports: Mapping[str, ExportInfo],
+                session: Session) -> OptionOutcome:
     if len(data) < 6:
         return _error(option, Rep.ERR_INVALID, "option data too short")
     (name_length,) = struct.unpack_from(">I", data)
@@ -224,8 +309,8 @@ def _info_or_go(option: int, data: bytes, exports: Mapping[str, ExportInfo]) -> 
     export = exports.get(name)
     if export is None:
         return _error(option, Rep.ERR_UNKNOWN, f"no volume named {name!r}")
-    replies = option_reply(option, Rep.INFO,
-                           struct.pack(">HQH", Info.EXPORT, export.size, TRANSMISSION_FLAGS))
+    replies = option_reply(option, Rep.INFO, struct.pack(
+        ">HQH", Info.EXPORT, export.size, session.transmission_flags()))
     if Info.BLOCK_SIZE in requested:
         # Any byte range works (sub-block writes are read-modify-write); whole
         # volume blocks are what avoids that.
@@ -251,11 +336,15 @@ def parse_request(data: bytes) -> Request:
     return Request(int(flags), int(command), int(handle), int(offset), int(length))
 
 
-def check_request(request: Request, size: int) -> int:
+def check_request(request: Request, size: int, session: Session | None = None) -> int:
     """0 if the request may be served, else the NBD error to answer it with."""
     allowed = ALLOWED_FLAGS.get(request.command)  # IntEnum keys: plain ints find them
+    if session is not None and session.structured:
+        allowed = STRUCTURED_FLAGS.get(request.command, allowed)
     if allowed is None or request.flags & ~allowed:
         return Errno.EINVAL
+    if request.command == Cmd.BLOCK_STATUS and not (session and session.allocation):
+        return Errno.EINVAL  # no meta context was chosen
     if request.command in (Cmd.DISC, Cmd.FLUSH):
         return 0
     if request.command in _PAYLOAD and request.length > MAX_REQUEST_LENGTH:
@@ -267,3 +356,27 @@ def check_request(request: Request, size: int) -> int:
 
 def simple_reply(handle: int, error: int = 0, data: bytes = b"") -> bytes:
     return struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, error, handle) + data
+
+
+def chunk_header(handle: int, kind: int, length: int, done: bool = True) -> bytes:
+    """The header of a structured reply chunk whose payload (`length` bytes) follows."""
+    return struct.pack(">IHHQI", STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE if done else 0,
+                       kind, handle, length)
+
+
+def read_chunk_header(handle: int, offset: int, length: int) -> bytes:
+    """A READ's one NBD_REPLY_TYPE_OFFSET_DATA chunk, up to its data (`length` bytes)."""
+    return chunk_header(handle, ReplyType.OFFSET_DATA, 8 + length) + struct.pack(">Q", offset)
+
+
+def error_chunk(handle: int, error: int, message: str = "") -> bytes:
+    text = message.encode()[:MAX_NAME_LENGTH]
+    return (chunk_header(handle, ReplyType.ERROR, 6 + len(text))
+            + struct.pack(">IH", error, len(text)) + text)
+
+
+def block_status_chunk(handle: int, extents: list[tuple[int, int]]) -> bytes:
+    """base:allocation's extents (length, flags) as one NBD_REPLY_TYPE_BLOCK_STATUS chunk."""
+    body = struct.pack(">I", BASE_ALLOCATION_ID) + b"".join(
+        struct.pack(">II", length, flags) for length, flags in extents)
+    return chunk_header(handle, ReplyType.BLOCK_STATUS, len(body)) + body

@@ -55,6 +55,27 @@ class _Connection:
         self.stream.abort()
 
 
+# Commands that change the volume: they keep their order with overlapping requests.
+_WRITES = (p.Cmd.WRITE, p.Cmd.WRITE_ZEROES, p.Cmd.TRIM)
+
+
+def _reply(out: CoalescingWriter, session: p.Session, request: p.Request, error: int,
+           data: Data) -> None:
+    """Writes the answer to `request`: with structured replies, a READ's data or any
+    error as a chunk (a BLOCK_STATUS answer is one already); else a simple reply."""
+    if session.structured and error:
+        out.write(p.error_chunk(request.handle, error))
+    elif request.command == p.Cmd.BLOCK_STATUS:
+        out.write(data)
+    elif session.structured and request.command == p.Cmd.READ:
+        out.write(p.read_chunk_header(request.handle, request.offset, len(data)))
+        out.write(data)
+    else:
+        out.write(p.simple_reply(request.handle, error))
+        if data:
+            out.write(data)
+
+
 class _Stop(Exception):
     """Ends a connection without another answer (deposed, or the volume is gone)."""
 
@@ -113,10 +134,10 @@ class NbdServer:
         try:
             opened = await self._negotiate(stream)
             if opened is not None:
-                device, volume = opened
+                device, volume, session = opened
                 connection.volume = volume.export.name
                 self._by_volume.setdefault(connection.volume, set()).add(connection)
-                await self._transmit(device, volume, stream)
+                await self._transmit(device, volume, stream, session)
         except (p.ProtocolError, asyncio.IncompleteReadError, ConnectionError) as exc:
             event(log, "nbd.disconnected", peer=peer, reason=str(exc))
         except (_Stop, Deposed, Unavailable) as exc:
@@ -135,12 +156,13 @@ class NbdServer:
                     self._by_volume.pop(connection.volume, None)
             stream.close()
 
-    async def _negotiate(self, stream: streams.Stream) -> tuple[Device, Volume] | None:
+    async def _negotiate(self, stream: streams.Stream
+                         ) -> tuple[Device, Volume, p.Session] | None:
         reader = writer = stream
         writer.write(p.greeting())
         await writer.drain()
         flags = p.parse_client_flags(await reader.readexactly(4))
-        no_zeroes = bool(flags & p.HANDSHAKE_NO_ZEROES)
+        session = p.Session(no_zeroes=bool(flags & p.HANDSHAKE_NO_ZEROES))
         while True:
             option, length = p.parse_option_header(await reader.readexactly(16))
             data = await reader.readexactly(length)
@@ -156,15 +178,16 @@ class NbdServer:
                 await writer.drain()
                 continue
             outcome = p.handle_option(option, data, device.exports() if device else {},
-                                      no_zeroes)
+                                      session)
             writer.write(outcome.reply)
             await writer.drain()
             if outcome.close:
                 return None
             if outcome.export is not None and device is not None:
-                return device, device.open(outcome.export.name)
+                return device, device.open(outcome.export.name), session
 
-    async def _transmit(self, device: Device, volume: Volume, stream: streams.Stream) -> None:
+    async def _transmit(self, device: Device, volume: Volume, stream: streams.Stream,
+                        session: p.Session) -> None:
         in_flight = InFlight()
         slots = asyncio.Semaphore(IN_FLIGHT)
         running: set[asyncio.Task[None]] = set()
@@ -183,20 +206,20 @@ class NbdServer:
                     return
                 if self.device is not device:
                     raise _Stop("this controller stepped down")
-                error = p.check_request(request, volume.export.size)
+                error = p.check_request(request, volume.export.size, session)
                 if error:
                     await device.acknowledge(self.io_wait)
-                    out.write(p.simple_reply(request.handle, error))
+                    _reply(out, session, request, error, b"")
                     continue
                 await slots.acquire()
                 if request.command == p.Cmd.FLUSH:
                     entry = in_flight.register_flush()
                 else:
                     entry = in_flight.register(request.offset, request.length,
-                                               writes=request.command != p.Cmd.READ)
+                                               writes=request.command in _WRITES)
                 one = asyncio.create_task(self._serve_one(
-                    device, volume, request, payload, entry, in_flight, slots, out, stream,
-                    stopped))
+                    device, volume, session, request, payload, entry, in_flight, slots, out,
+                    stream, stopped))
                 running.add(one)
                 one.add_done_callback(running.discard)
         finally:
@@ -207,8 +230,9 @@ class NbdServer:
                 if reason is not None:
                     raise reason
 
-    async def _serve_one(self, device: Device, volume: Volume, request: p.Request,
-                         payload: Received, entry: Entry, in_flight: InFlight,
+    async def _serve_one(self, device: Device, volume: Volume, session: p.Session,
+                         request: p.Request, payload: Received, entry: Entry,
+                         in_flight: InFlight,
                          slots: asyncio.Semaphore, out: CoalescingWriter,
                          stream: streams.Stream, stopped: asyncio.Future[None]) -> None:
         flush = request.command == p.Cmd.FLUSH
@@ -217,12 +241,9 @@ class NbdServer:
             error, data = await self._execute(volume, request, payload)
             # The acknowledgement: only while this term can prove it still leads.
             await device.acknowledge(self.io_wait)
+            _reply(out, session, request, error, data)
             if error == p.Errno.ESHUTDOWN:
-                out.write(p.simple_reply(request.handle, error))
                 raise _Stop(f"volume {volume.export.name} is gone")
-            out.write(p.simple_reply(request.handle, error))
-            if data:
-                out.write(data)
         except (_Stop, Deposed, Unavailable) as exc:
             if not stopped.done():
                 stopped.set_exception(exc)
@@ -275,6 +296,11 @@ class NbdServer:
                 raise _NotFast()
         elif request.command == p.Cmd.FLUSH:
             await volume.flush()
+        elif request.command == p.Cmd.BLOCK_STATUS:
+            extents = await volume.extents(request.offset, request.length)
+            if request.flags & p.CmdFlag.REQ_ONE:
+                extents = extents[:1]
+            return p.block_status_chunk(request.handle, extents)
         # TRIM is a hint (the protocol lets a server ignore it); space is not reclaimed yet.
         # CACHE asks for nothing that reads would not already get from the agents' caches.
         return b""

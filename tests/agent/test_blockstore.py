@@ -250,3 +250,27 @@ def test_no_older_write_to_any_extent_lands_after_a_newer_epoch_was_accepted(
     final = store.read("v1", 0, BS)
     assert final in {bytes([n + 1]) * BS for n in range(4)}
     assert store.stat("v1").epoch == 2
+
+
+def test_data_ranges_are_where_the_file_holds_data_and_the_rest_reads_as_zeros(
+        tmp_path: Path) -> None:
+    from agent import fileio
+
+    path = tmp_path / "sparse"
+    with open(path, "wb") as f:
+        f.truncate(8 << 20)
+        f.seek(1 << 20)
+        f.write(b"\x11" * (1 << 20))
+        f.seek(5 << 20)
+        f.write(b"\x22" * (64 << 10))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert fileio.data_ranges(fd, 0, 8 << 20, 100) == [(1 << 20, 1 << 20),
+                                                            (5 << 20, 64 << 10)]
+        # From inside the data, and clipped to the range asked.
+        assert fileio.data_ranges(fd, (1 << 20) + 4096, 8192, 100) == [
+            ((1 << 20) + 4096, 8192)]
+        assert fileio.data_ranges(fd, 6 << 20, 2 << 20, 100) == []  # holes to the end
+        assert fileio.data_ranges(fd, 0, 8 << 20, 1) == [(1 << 20, 1 << 20)]  # limited
+    finally:
+        os.close(fd)

@@ -242,3 +242,49 @@ def test_fast_zero_cache_fua_and_the_older_newstyle_handshake_with_libnbd(
         await qemu_io(url, "read -P 0x11 0 1M", "read -P 0 1M 1M", "read -P 0x11 2M 2M")
 
     serve(etcd_server, start_agent, scenario)
+
+
+def test_block_status_shows_holes_to_nbdinfo_and_qemu_img_keeps_them(
+        etcd_server: EtcdServer, start_agent: AgentFactory) -> None:
+    async def scenario(core: Core, jobs: Jobs, base: str) -> None:
+        await core.create_volume("v", 8 * MiB, BLOCK)
+        url = f"{base}/v"
+        await qemu_io(url, "write -P 0x11 1M 1M", "write -P 0x22 5M 64k")
+        await core.create_snapshot("v", "s")  # reads through v: the same map
+        for name in ("v", "s"):
+            mapped = json.loads(await tool("nbdinfo", "--map", "--json", f"{base}/{name}"))
+            runs = [(m["offset"], m["length"], m["type"]) for m in mapped]
+            assert runs == [(0, MiB, 3), (MiB, MiB, 0), (2 * MiB, 3 * MiB, 3),
+                            (5 * MiB, 64 * 1024, 0), (5 * MiB + 64 * 1024,
+                                                      3 * MiB - 64 * 1024, 3)], (name, runs)
+        with tempfile.TemporaryDirectory() as work:
+            out = pathlib.Path(work) / "out.raw"
+            await tool("qemu-img", "convert", "-f", "raw", "-O", "raw", url, str(out))
+            assert out.stat().st_size == 8 * MiB
+            assert out.stat().st_blocks * 512 <= 2 * MiB  # only the data was written
+            data = out.read_bytes()
+            assert data[MiB:2 * MiB] == b"\x11" * MiB and data[:MiB] == bytes(MiB)
+            assert data[5 * MiB:5 * MiB + 65536] == b"\x22" * 65536
+
+    serve(etcd_server, start_agent, scenario)
+
+
+def test_reads_and_errors_with_structured_replies_on_and_off(
+        etcd_server: EtcdServer, start_agent: AgentFactory) -> None:
+    async def scenario(core: Core, jobs: Jobs, base: str) -> None:
+        await core.create_volume("v", 4 * MiB, BLOCK)
+        url = f"{base}/v"
+        await qemu_io(url, "write -P 0x33 0 4M")
+        for structured in ("True", "False"):
+            out = await libnbd(url, before=f"h.set_request_structured_replies({structured})\n",
+                               body=(
+                "print(h.get_structured_replies_negotiated())\n"
+                "print(h.pread(65536, 4096) == b'\\x33' * 65536)\n"
+                "h.set_strict_mode(0)\n"
+                "try:\n"
+                "    h.pread(4096, (4 << 20) - 2048)\n"
+                "except nbd.Error as e:\n"
+                "    print('refused', e.errno)\n"))
+            assert out[:3] == [structured, "True", "refused EINVAL"], out
+
+    serve(etcd_server, start_agent, scenario)

@@ -42,7 +42,8 @@ def test_client_flags_are_parsed_and_unknown_ones_refused() -> None:
 
 
 def test_go_describes_the_export_and_enters_transmission() -> None:
-    outcome = p.handle_option(p.Option.GO, go_data("v1", p.Info.BLOCK_SIZE), EXPORTS, True)
+    outcome = p.handle_option(p.Option.GO, go_data("v1", p.Info.BLOCK_SIZE), EXPORTS,
+                              p.Session(no_zeroes=True))
     assert outcome.export == EXPORTS["v1"]
     (o1, r1, export), (o2, r2, sizes), (o3, r3, _) = replies(outcome.reply)
     assert o1 == o2 == o3 == p.Option.GO
@@ -64,35 +65,99 @@ def test_the_preferred_block_size_is_a_power_of_two_within_the_limits(
 
 
 def test_info_describes_without_entering_transmission() -> None:
-    outcome = p.handle_option(p.Option.INFO, go_data("v2"), EXPORTS, True)
+    outcome = p.handle_option(p.Option.INFO, go_data("v2"), EXPORTS, p.Session(no_zeroes=True))
     assert outcome.export is None and not outcome.close
     assert [r for _, r, _ in replies(outcome.reply)] == [p.Rep.INFO, p.Rep.ACK]
 
 
 def test_an_unknown_export_is_an_error_reply_not_a_disconnect() -> None:
-    outcome = p.handle_option(p.Option.GO, go_data("nope"), EXPORTS, True)
+    outcome = p.handle_option(p.Option.GO, go_data("nope"), EXPORTS, p.Session(no_zeroes=True))
     assert outcome.export is None and not outcome.close
     [(_, rep, message)] = replies(outcome.reply)
     assert rep == p.Rep.ERR_UNKNOWN and b"nope" in message
 
 
 def test_list_names_every_export_then_acks() -> None:
-    outcome = p.handle_option(p.Option.LIST, b"", EXPORTS, True)
+    outcome = p.handle_option(p.Option.LIST, b"", EXPORTS, p.Session(no_zeroes=True))
     listed = [(rep, data[4:]) for _, rep, data in replies(outcome.reply)]
     assert listed == [(p.Rep.SERVER, b"v1"), (p.Rep.SERVER, b"v2"), (p.Rep.ACK, b"")]
 
 
 def test_unsupported_options_are_answered_unsup() -> None:
-    for option in (5, 8, 9, 10, 11, 12345):
-        [(_, rep, _)] = replies(p.handle_option(option, b"", EXPORTS, True).reply)
+    for option in (5, 11, 12345):  # STARTTLS, EXTENDED_HEADERS and nonsense
+        [(_, rep, _)] = replies(p.handle_option(option, b"", EXPORTS, p.Session()).reply)
         assert rep == p.Rep.ERR_UNSUP
 
 
+def meta_data(export: str, *queries: str) -> bytes:
+    out = struct.pack(">I", len(export)) + export.encode() + struct.pack(">I", len(queries))
+    return out + b"".join(struct.pack(">I", len(q)) + q.encode() for q in queries)
+
+
+def test_structured_replies_then_base_allocation_are_negotiated() -> None:
+    session = p.Session()
+    chosen = p.handle_option(p.Option.SET_META_CONTEXT, meta_data("v1", "base:allocation"),
+                             EXPORTS, session)
+    [(_, rep, _)] = replies(chosen.reply)
+    assert rep == p.Rep.ERR_INVALID and not session.allocation  # structured replies first
+    [(_, rep, _)] = replies(p.handle_option(p.Option.STRUCTURED_REPLY, b"", EXPORTS,
+                                            session).reply)
+    assert rep == p.Rep.ACK and session.structured
+    assert session.transmission_flags() & p.TxFlag.SEND_DF
+    listed = replies(p.handle_option(p.Option.LIST_META_CONTEXT, meta_data("v1"), EXPORTS,
+                                     session).reply)
+    assert [(r, d[4:]) for _, r, d in listed] == [
+        (p.Rep.META_CONTEXT, b"base:allocation"), (p.Rep.ACK, b"")]
+    none = replies(p.handle_option(p.Option.SET_META_CONTEXT, meta_data("v1", "x-other:y"),
+                                   EXPORTS, session).reply)
+    assert [r for _, r, _ in none] == [p.Rep.ACK] and not session.allocation
+    chosen = p.handle_option(p.Option.SET_META_CONTEXT,
+                             meta_data("v1", "x-other:y", "base:allocation"), EXPORTS, session)
+    (_, r1, context), (_, r2, _) = replies(chosen.reply)
+    assert (r1, r2) == (p.Rep.META_CONTEXT, p.Rep.ACK)
+    assert context == struct.pack(">I", p.BASE_ALLOCATION_ID) + b"base:allocation"
+    assert session.allocation
+    [(_, rep, _)] = replies(p.handle_option(p.Option.SET_META_CONTEXT, meta_data("nope"),
+                                            EXPORTS, session).reply)
+    assert rep == p.Rep.ERR_UNKNOWN
+    short = struct.pack(">I", 9) + b"v"  # a name of 9 bytes that has 1
+    [(_, rep, _)] = replies(p.handle_option(p.Option.SET_META_CONTEXT, short, EXPORTS,
+                                            session).reply)
+    assert rep == p.Rep.ERR_INVALID
+
+
+def test_block_status_needs_a_meta_context_and_df_needs_structured_replies() -> None:
+    def check(session: p.Session, command: int, flags: int = 0) -> int:
+        return p.check_request(p.Request(flags, command, 7, 0, 4096), 8192, session)
+
+    plain, structured = p.Session(), p.Session(structured=True)
+    chosen = p.Session(structured=True, allocation=True)
+    assert check(plain, p.Cmd.BLOCK_STATUS) == p.Errno.EINVAL
+    assert check(structured, p.Cmd.BLOCK_STATUS) == p.Errno.EINVAL
+    assert check(chosen, p.Cmd.BLOCK_STATUS, p.CmdFlag.REQ_ONE) == 0
+    assert check(plain, p.Cmd.READ, p.CmdFlag.DF) == p.Errno.EINVAL
+    assert check(structured, p.Cmd.READ, p.CmdFlag.DF) == 0
+
+
+def test_structured_chunks_are_built_as_the_protocol_says() -> None:
+    head = p.read_chunk_header(42, 8192, 4)
+    assert struct.unpack(">IHHQIQ", head) == (
+        p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE, p.ReplyType.OFFSET_DATA, 42, 12, 8192)
+    error = p.error_chunk(43, p.Errno.EIO, "agent away")
+    assert struct.unpack(">IHHQIIH", error[:26]) == (
+        p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE, p.ReplyType.ERROR, 43, 16, p.Errno.EIO, 10)
+    assert error[26:] == b"agent away"
+    status = p.block_status_chunk(44, [(65536, p.STATE_HOLE | p.STATE_ZERO), (4096, 0)])
+    assert struct.unpack(">IHHQIIIIII", status) == (
+        p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE, p.ReplyType.BLOCK_STATUS, 44, 20,
+        p.BASE_ALLOCATION_ID, 65536, 3, 4096, 0)
+
+
 def test_export_name_answers_size_and_flags_with_or_without_zeroes() -> None:
-    outcome = p.handle_option(p.Option.EXPORT_NAME, b"v2", EXPORTS, no_zeroes=False)
+    outcome = p.handle_option(p.Option.EXPORT_NAME, b"v2", EXPORTS, p.Session())
     assert outcome.export == EXPORTS["v2"]
     assert outcome.reply == struct.pack(">QH", 4096, p.TRANSMISSION_FLAGS) + bytes(124)
-    assert p.handle_option(p.Option.EXPORT_NAME, b"x", EXPORTS, True).close
+    assert p.handle_option(p.Option.EXPORT_NAME, b"x", EXPORTS, p.Session(no_zeroes=True)).close
 
 
 def test_requests_out_of_range_or_with_unknown_flags_get_errors() -> None:
@@ -137,7 +202,7 @@ def test_a_request_is_parsed_and_a_reply_is_built() -> None:
 @settings(deadline=None)
 @given(option=st.integers(0, 2**32 - 1), data=st.binary(max_size=300))
 def test_any_option_data_gets_a_well_formed_answer(option: int, data: bytes) -> None:
-    outcome = p.handle_option(option, data, EXPORTS, True)
+    outcome = p.handle_option(option, data, EXPORTS, p.Session(no_zeroes=True))
     if option == p.Option.EXPORT_NAME:
         return  # answered with export data or a close, not option replies
     for answered, rep, _ in replies(outcome.reply):
