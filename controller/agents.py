@@ -211,10 +211,13 @@ class AgentClient:
             raise Unavailable(f"agent {node} answered a map with {exc}") from exc
 
     async def zero(self, node: str, extent_id: str, offset: int, length: int,
-                   fua: bool) -> None:
-        """Makes the range read as zeros on the agent (fallocate: no payload moves)."""
+                   fua: bool, punch: bool = False) -> None:
+        """Makes the range read as zeros on the agent (fallocate: no payload moves);
+        with `punch` its space is freed too."""
+        flags = (w.Flag.FUA if fua else w.NO_FLAGS) | (w.Flag.PUNCH_HOLE if punch
+                                                       else w.NO_FLAGS)
         await self._data_call(node, "zero", w.Op.ZERO, extent_id, offset, length,
-                              flags=w.Flag.FUA if fua else w.NO_FLAGS)
+                              flags=flags)
 
     async def copy(self, node: str, target_extent: str, source_extent: str, source_node: str,
                    ranges: Sequence[agent_pb2.CopyRange]) -> None:

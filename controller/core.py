@@ -283,12 +283,14 @@ class Core:
         await self.executor.run(plan, merged, 0, fua)
 
     async def zero(self, name: str, offset: int, length: int, fua: bool = False,
-                   fast: bool = False) -> bool:
+                   fast: bool = False, punch: bool = False) -> bool:
         """Makes a range of any length read as zeros. Whole blocks are zeroed on their
         agents (no payload: fallocate), each after its copy-before-write like any write;
         the parts of blocks at either end are written. With `fast`, a range with such
         parts is refused (False) before anything changes: zeroing them is no faster than
-        writing zeros. Blocks are locked ZERO_LOCK_BLOCKS at a time."""
+        writing zeros. With `punch` (a trim), whole blocks also give their space back
+        and the parts at either end are left as they are. Blocks are locked
+        ZERO_LOCK_BLOCKS at a time."""
         spans = self._spans(name, offset, length)
         block_size = self.engine.volume(name).block_size
         if fast and any(take != block_size for _, _, take in spans):
@@ -299,15 +301,16 @@ class Core:
                 plain: list[Loc] = []
                 for block, inside, take in some:
                     if take != block_size:
-                        await self._write_part(name, block, inside, bytes(take), fua)
+                        if not punch:
+                            await self._write_part(name, block, inside, bytes(take), fua)
                         continue
                     plan = self.engine.plan_write(name, block, whole_block=True)
                     if plan.plain_write is not None:
                         plain.append(plan.plain_write)
                     else:
-                        await self.executor.run(plan, fua=fua, zeros=block_size)
+                        await self.executor.run(plan, fua=fua, zeros=block_size, punch=punch)
                 for run, (memory, first) in _runs(plain):
-                    await self.executor.zero_blocks(memory, first, len(run), fua)
+                    await self.executor.zero_blocks(memory, first, len(run), fua, punch)
         return True
 
     async def allocation(self, name: str, offset: int,

@@ -95,10 +95,12 @@ class PlanExecutor:
         self._created.discard(memory)
 
     async def run(self, plan: Plan, data: w.Data = b"", offset: int = 0,
-                  fua: bool = False, zeros: int = 0) -> w.Received | None:
+                  fua: bool = False, zeros: int = 0, punch: bool = False
+                  ) -> w.Received | None:
         """Carries out `plan`; returns the block a Read step read. With `fua` the
         caller's write is durable before this returns. With `zeros`, the Write step
-        zeroes that many bytes at `offset` on the agent instead of writing `data`."""
+        zeroes that many bytes at `offset` on the agent instead of writing `data` (and
+        frees their space with `punch`)."""
         result = None
         for step in plan.steps:
             if isinstance(step, Copy):
@@ -106,7 +108,7 @@ class PlanExecutor:
             elif isinstance(step, Commit):
                 await self._group.commit(step)
             elif isinstance(step, Write) and zeros:
-                await self._zero(step, offset, zeros, fua)
+                await self._zero(step, offset, zeros, fua, punch)
             elif isinstance(step, Write):
                 await self._write(step, data, offset, fua)
             elif isinstance(step, Read):
@@ -151,20 +153,23 @@ class PlanExecutor:
                                 step.target.block * block_size + offset, data,
                                 fua or step.durable)
 
-    async def _zero(self, step: Write, offset: int, length: int, fua: bool) -> None:
+    async def _zero(self, step: Write, offset: int, length: int, fua: bool,
+                    punch: bool) -> None:
         block_size, size = self._volume_geometry(step.target.memory)
         ref = await self.create_memory(step.target.memory, size)
         await self.agents.zero(ref.node_id, ref.extent_id,
                                step.target.block * block_size + offset, length,
-                               fua or step.durable)
+                               fua or step.durable, punch)
 
-    async def zero_blocks(self, memory: str, block: int, count: int, fua: bool) -> None:
+    async def zero_blocks(self, memory: str, block: int, count: int, fua: bool,
+                          punch: bool = False) -> None:
         """Zeroes whole blocks of `memory` from `block` on, in one agent call (no plan:
-        the caller holds the blocks' locks and their plans were a plain write each)."""
+        the caller holds the blocks' locks and their plans were a plain write each);
+        with `punch` their space is freed."""
         block_size, size = self._volume_geometry(memory)
         ref = await self.create_memory(memory, size)
         await self.agents.zero(ref.node_id, ref.extent_id, block * block_size,
-                               count * block_size, fua)
+                               count * block_size, fua, punch)
 
     async def _read(self, step: Read) -> w.Received:
         return await self.read_blocks(step.source.memory, step.source.block, 1)

@@ -62,6 +62,10 @@ class CoreVolume:
         self._core.foreground_at = time.monotonic()
         return await self._core.zero(self._export.name, offset, length, fua, fast)
 
+    async def trim(self, offset: int, length: int, fua: bool) -> None:
+        self._core.foreground_at = time.monotonic()
+        await self._core.zero(self._export.name, offset, length, fua, punch=True)
+
     async def flush(self) -> None:
         self._core.foreground_at = time.monotonic()
         await self._core.flush(self._export.name)

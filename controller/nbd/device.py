@@ -41,6 +41,12 @@ class Volume(Protocol):
         only if that is quicker than writing zeros: False (and nothing changed) if not."""
         ...
 
+    async def trim(self, offset: int, length: int, fua: bool) -> None:
+        """Gives back the space of whole blocks inside the range, which then read as
+        zeros (a block a snapshot still reads through is preserved first); the rest of
+        the range is left as it is, as the protocol allows of a trim."""
+        ...
+
     async def flush(self) -> None:
         """Every write completed before this call is durable when it returns."""
         ...

@@ -301,7 +301,8 @@ class NbdServer:
             if request.flags & p.CmdFlag.REQ_ONE:
                 extents = extents[:1]
             return p.block_status_chunk(request.handle, extents)
-        # TRIM is a hint (the protocol lets a server ignore it); space is not reclaimed yet.
+        elif request.command == p.Cmd.TRIM:
+            await volume.trim(request.offset, request.length, fua)
         # CACHE asks for nothing that reads would not already get from the agents' caches.
         return b""
 

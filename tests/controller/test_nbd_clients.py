@@ -184,7 +184,7 @@ def test_zeroes_and_trims_of_any_length_and_block_sizes_clients_accept(
         await qemu_io(url, f"write -P 0x44 0 {size}")
         await core.create_snapshot("v", "s")  # each zeroed block is copied to s first
         # 64 MiB in one request each: more than any READ or WRITE may carry (32 MiB).
-        await qemu_io(url, "write -z 1000 64M", "discard 0 64M", "flush")
+        await qemu_io(url, "write -z 1000 64M", "discard 1000 64M", "flush")
         await qemu_io(url, "read -P 0x44 0 1000", "read -P 0 1000 64M",
                       f"read -P 0x44 {64 * MiB + 1000} {32 * MiB - 1000}")
         await qemu_io(f"{base}/s", f"read -P 0x44 0 {size}")
@@ -286,5 +286,24 @@ def test_reads_and_errors_with_structured_replies_on_and_off(
                 "except nbd.Error as e:\n"
                 "    print('refused', e.errno)\n"))
             assert out[:3] == [structured, "True", "refused EINVAL"], out
+
+    serve(etcd_server, start_agent, scenario)
+
+
+def test_trim_gives_back_whole_blocks_after_preserving_them_for_a_snapshot(
+        etcd_server: EtcdServer, start_agent: AgentFactory) -> None:
+    async def scenario(core: Core, jobs: Jobs, base: str) -> None:
+        await core.create_volume("v", 4 * MiB, BLOCK)
+        url = f"{base}/v"
+        await qemu_io(url, "write -P 0x44 0 4M")
+        await core.create_snapshot("v", "s")
+        # 100000..300000 covers blocks 2 and 3 whole; the parts of blocks 1 and 4 stay.
+        await qemu_io(url, "discard 1M 2M", "discard 100000 200000")
+        await qemu_io(url, "read -P 0x44 0 131072", "read -P 0 131072 131072",
+                      "read -P 0x44 262144 786432", "read -P 0 1M 2M", "read -P 0x44 3M 1M")
+        await qemu_io(f"{base}/s", "read -P 0x44 0 4M")  # preserved before the trim
+        mapped = json.loads(await tool("nbdinfo", "--map", "--json", url))
+        holes = [(m["offset"], m["length"]) for m in mapped if m["type"] == 3]
+        assert holes == [(131072, 131072), (MiB, 2 * MiB)], mapped
 
     serve(etcd_server, start_agent, scenario)

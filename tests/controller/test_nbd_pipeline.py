@@ -59,6 +59,9 @@ class MemoryVolume:
     async def flush(self) -> None:
         self.flushed_at.append(sum(e.startswith("write") for e in self.events))
 
+    async def trim(self, offset: int, length: int, fua: bool) -> None:
+        pass  # a hint: this device keeps its bytes
+
     async def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
         return [(length, 0)]
         self.events.append("flush")
