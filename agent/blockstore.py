@@ -303,8 +303,8 @@ class BlockStore:
             with (self.fence.admitted(epoch), target.in_use(), _in_use_unless(source, target),
                   fileio.storage_errors(f"copy from {source_id} into {target_id}")):
                 for r in batch:
-                    fileio.copy_range(source.fd, target.fd, r.length, r.source_offset,
-                                      r.target_offset)
+                    fileio.copy_thin(source.fd, target.fd, r.length, r.source_offset,
+                                     r.target_offset)
                     total += r.length
         if durable:
             self.flush(target_id, epoch)

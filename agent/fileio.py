@@ -86,13 +86,17 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
 def data_ranges(fd: int, offset: int, length: int,
                 limit: int) -> list[tuple[int, int]]:
     """The (offset, length) ranges of [offset, offset + length) that hold data, by
-    SEEK_DATA/SEEK_HOLE: the rest are holes and read as zeros. At most `limit` ranges;
-    a file system that cannot tell says all data."""
+    SEEK_DATA/SEEK_HOLE: the rest are holes and read as zeros. At most `limit` ranges: if
+    there are more, the last one runs to the end (it may hold holes too, which is safe:
+    they read as zeros). A file system that cannot tell says all data."""
     end = offset + length
     found: list[tuple[int, int]] = []
     position = offset
     try:
-        while position < end and len(found) < limit:
+        while position < end:
+            if len(found) == limit - 1:  # no room left to tell holes apart
+                found.append((position, end - position))
+                break
             try:
                 start = os.lseek(fd, position, os.SEEK_DATA)
             except OSError as exc:
@@ -109,6 +113,20 @@ def data_ranges(fd: int, offset: int, length: int,
             return [(offset, length)]
         raise
     return found
+
+
+def copy_thin(src_fd: int, dst_fd: int, length: int, src_offset: int,
+              dst_offset: int) -> None:
+    """`copy_range`, but a hole of the source stays a hole: its range is punched in the
+    target instead of being copied as zeros (the bytes are the same)."""
+    position = src_offset
+    end = src_offset + length
+    for start, size in [*data_ranges(src_fd, src_offset, length, 1 << 16), (end, 0)]:
+        if start > position:
+            zero_range(dst_fd, dst_offset + position - src_offset, start - position, True)
+        if size:
+            copy_range(src_fd, dst_fd, size, start, dst_offset + start - src_offset)
+        position = start + size
 
 
 def copy_range(src_fd: int, dst_fd: int, length: int, src_offset: int, dst_offset: int) -> None:

@@ -144,9 +144,30 @@ async def _pull_piece_data(channels: PeerChannels, store: BlockStore, copy: Peer
                               piece.target_offset + offset, data, False, copy.epoch)
         on_bytes(length)
 
+    async def hole(offset: int, length: int) -> None:
+        # The source reads zeros there and holds no space: the target neither.
+        await dispatch.mutate(store, copy.epoch, store.zero, copy.target_extent_id,
+                              piece.target_offset + offset, length, True, False, copy.epoch)
+        on_bytes(length)
+
+    async for attempt in _retrying(copy):
+        with attempt:
+            answer = await connection.call(w.Op.MAP, copy.source_extent_id,
+                                           piece.source_offset, piece.length, timeout=60)
+    try:
+        data = w.decode_map(answer)
+    except w.WireError as exc:
+        raise StorageIOError(f"peer agent {copy.source_data_address} answered a map with "
+                             f"{exc}") from exc
     async with asyncio.TaskGroup() as group:
-        for offset in range(0, piece.length, w.MAX_DATA):
-            group.create_task(one(offset, min(w.MAX_DATA, piece.length - offset)))
+        position = 0
+        for start, size in [*data, (piece.source_offset + piece.length, 0)]:
+            begin = start - piece.source_offset
+            if begin > position:
+                group.create_task(hole(position, begin - position))
+            for offset in range(begin, begin + size, w.MAX_DATA):
+                group.create_task(one(offset, min(w.MAX_DATA, begin + size - offset)))
+            position = begin + size
 
 
 async def _pull_piece(stub: agent_pb2_grpc.BlockStoreStub, store: BlockStore, copy: PeerCopy,

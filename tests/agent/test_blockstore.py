@@ -271,6 +271,9 @@ def test_data_ranges_are_where_the_file_holds_data_and_the_rest_reads_as_zeros(
         assert fileio.data_ranges(fd, (1 << 20) + 4096, 8192, 100) == [
             ((1 << 20) + 4096, 8192)]
         assert fileio.data_ranges(fd, 6 << 20, 2 << 20, 100) == []  # holes to the end
-        assert fileio.data_ranges(fd, 0, 8 << 20, 1) == [(1 << 20, 1 << 20)]  # limited
+        # Limited: the last range runs to the end, holes and all (they read as zeros).
+        assert fileio.data_ranges(fd, 0, 8 << 20, 2) == [(1 << 20, 1 << 20),
+                                                          (2 << 20, 6 << 20)]
+        assert fileio.data_ranges(fd, 0, 8 << 20, 1) == [(0, 8 << 20)]
     finally:
         os.close(fd)

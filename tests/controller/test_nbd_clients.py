@@ -307,3 +307,42 @@ def test_trim_gives_back_whole_blocks_after_preserving_them_for_a_snapshot(
         assert holes == [(131072, 131072), (MiB, 2 * MiB)], mapped
 
     serve(etcd_server, start_agent, scenario)
+
+
+async def finished(jobs: Jobs, job_id: str) -> None:
+    while jobs.get(job_id).state is not JobState.DONE:
+        assert jobs.get(job_id).state is JobState.RUNNING, jobs.get(job_id)
+        await asyncio.sleep(0.05)
+
+
+async def holes(url: str) -> list[tuple[int, int]]:
+    mapped = json.loads(await tool("nbdinfo", "--map", "--json", url))
+    return [(m["offset"], m["length"]) for m in mapped if m["type"] == 3]
+
+
+def test_refresh_and_materialize_keep_the_holes_of_their_source(
+        etcd_server: EtcdServer, start_agent: AgentFactory) -> None:
+    async def scenario(core: Core, jobs: Jobs, base: str) -> None:
+        size = 32 * MiB
+        await core.create_volume("thin1", size, BLOCK)
+        await core.create_volume("thin2", size, BLOCK)
+        assert core.placement.extent_of(core.engine.volume("thin1").memory) != \
+            core.placement.extent_of(core.engine.volume("thin2").memory)
+        await qemu_io(f"{base}/thin1", "write -P 0x61 4M 64k")
+        await qemu_io(f"{base}/thin2", f"write -P 0x62 0 {size}")  # all of it allocated
+        everything_but_4m = [(0, 4 * MiB), (4 * MiB + 65536, size - 4 * MiB - 65536)]
+        # Across agents: thin2's blocks where thin1 has holes become holes, not zeros.
+        job = await jobs.start_refresh("thin2", "thin1", rate=0)
+        await finished(jobs, job.id)
+        assert await holes(f"{base}/thin2") == everything_but_4m
+        await qemu_io(f"{base}/thin2", "read -P 0 0 4M", "read -P 0x61 4M 64k")
+        # On one agent (copy_file_range): a snapshot made real keeps thin1's holes too.
+        await core.create_snapshot("thin1", "snap")
+        await qemu_io(f"{base}/thin1", f"write -P 0x63 0 {size}")
+        job = await jobs.start_materialize("snap", rate=0)
+        await finished(jobs, job.id)
+        assert core.engine.info("snap").source is None  # real now: its own memory
+        assert await holes(f"{base}/snap") == everything_but_4m
+        await qemu_io(f"{base}/snap", "read -P 0 0 4M", "read -P 0x61 4M 64k")
+
+    serve(etcd_server, start_agent, scenario)
