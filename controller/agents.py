@@ -183,6 +183,16 @@ class AgentClient:
         await self._call(node, "create an extent", lambda record, timeout: self._grpc(
             record).CreateExtent(request, timeout=timeout))
 
+    async def allocated_bytes(self, node: str, extent_id: str) -> int:
+        """Bytes the extent holds on the agent's disk; 0 if it was never created."""
+        try:
+            extent = await self._call(node, "stat an extent", lambda record, timeout: self._grpc(
+                record).StatExtent(agent_pb2.StatExtentRequest(extent_id=extent_id),
+                                   timeout=timeout))
+        except NotFound:
+            return 0
+        return int(extent.allocated_bytes)
+
     async def delete_extent(self, node: str, extent_id: str) -> None:
         """Deletes an extent; one that does not exist (never created) is fine."""
         with contextlib.suppress(NotFound):

@@ -358,6 +358,13 @@ class Core:
                 runs.append((stop - start, flags))
         return runs
 
+    async def allocated_bytes(self, name: str) -> int:
+        """Bytes the volume's own memory holds on its agent's disk (0 while never placed)."""
+        ref = self.placement.extent_of(self.engine.volume(name).memory)
+        if ref is None:
+            return 0
+        return await self.agents.allocated_bytes(ref.node_id, ref.extent_id)
+
     async def flush(self, name: str) -> None:
         """Every write acknowledged so far reaches stable storage (copies already did)."""
         await self.executor.flush(self.engine.volume(name).memory)

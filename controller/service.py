@@ -106,7 +106,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                         context: Context) -> admin_pb2.Volume:
         async def call() -> admin_pb2.Volume:
             term = self._current()
-            return self._volume(term, term.core.engine.info(request.name))
+            volume = self._volume(term, term.core.engine.info(request.name))
+            volume.allocated_bytes = await term.core.allocated_bytes(request.name)
+            return volume
         return await _answer(context, call)
 
     async def ListVolumes(self, request: admin_pb2.ListVolumesRequest,

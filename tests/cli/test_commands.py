@@ -31,10 +31,13 @@ def test_volume_create_list_show_delete(dev_cluster: DevCluster) -> None:
                                "--block-size", "64KiB")
     assert created == {"name": "vol-a", "kind": "primary", "size_bytes": 8 * MiB,
                        "block_size": 65536, "source": "", "valid_blocks": 128,
-                       "total_blocks": 128, "agents": created["agents"], "connections": 0}
+                       "total_blocks": 128, "agents": created["agents"], "connections": 0,
+                       "allocated_bytes": 0}
     assert len(created["agents"]) == 1
-    assert dev_cluster.json("volume", "show", "vol-a") == created
+    assert dev_cluster.json("volume", "show", "vol-a") == created  # thin: nothing on disk
     assert created in _volumes(dev_cluster)
+    shown = dev_cluster.ok("volume", "show", "vol-a").splitlines()
+    assert shown[0].split()[6] == "ALLOCATED" and shown[1].split()[6] == "0B", shown
 
     table = dev_cluster.ok("volume", "list").splitlines()
     assert table[0].split()[:3] == ["NAME", "KIND", "SIZE"]

@@ -47,7 +47,7 @@ def volume_list(args: argparse.Namespace, c: Controller) -> int:
 def volume_show(args: argparse.Namespace, c: Controller) -> int:
     volume = c.call(f"show volume {args.name}", c.stub.GetVolume,
                     admin_pb2.GetVolumeRequest(name=args.name))
-    _show(args, [output.volume_dict(volume)], output.volume_table, single=True)
+    _show(args, [output.volume_dict(volume)], output.volume_detail, single=True)
     return 0
 
 

@@ -31,6 +31,7 @@ def volume_dict(volume: admin_pb2.Volume) -> dict[str, Any]:
         "total_blocks": volume.total_blocks,
         "agents": list(volume.agents),
         "connections": volume.connections,
+        "allocated_bytes": volume.allocated_bytes,
     }
 
 
@@ -76,6 +77,15 @@ def volume_table(volumes: Sequence[Row]) -> str:
              v["source"] or "-", _percent(v["valid_blocks"], v["total_blocks"]),
              ",".join(v["agents"]) or "-"] for v in volumes]
     return table(["NAME", "KIND", "SIZE", "BLOCK", "SOURCE", "REAL", "AGENTS"], rows)
+
+
+def volume_detail(volumes: Sequence[Row]) -> str:
+    """`volume show`: the table's columns and what the volume holds on disk."""
+    rows = [[v["name"], v["kind"], format_size(v["size_bytes"]), format_size(v["block_size"]),
+             v["source"] or "-", _percent(v["valid_blocks"], v["total_blocks"]),
+             format_size(v["allocated_bytes"]), ",".join(v["agents"]) or "-"] for v in volumes]
+    return table(["NAME", "KIND", "SIZE", "BLOCK", "SOURCE", "REAL", "ALLOCATED", "AGENTS"],
+                 rows)
 
 
 def _blocks(job: Row) -> str:

@@ -93,6 +93,7 @@ class Volume(_message.Message):
     TOTAL_BLOCKS_FIELD_NUMBER: _builtins.int
     AGENTS_FIELD_NUMBER: _builtins.int
     CONNECTIONS_FIELD_NUMBER: _builtins.int
+    ALLOCATED_BYTES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     size_bytes: _builtins.int
     block_size: _builtins.int
@@ -106,6 +107,11 @@ class Volume(_message.Message):
     total_blocks: _builtins.int
     connections: _builtins.int
     """NBD connections open to this volume now."""
+    allocated_bytes: _builtins.int
+    """Bytes the volume's own extents hold on the agents' disks (holes hold none;
+    blocks it reads through another volume are that volume's). Set by GetVolume
+    only: ListVolumes leaves it 0 rather than ask every agent about every volume.
+    """
     @_builtins.property
     def agents(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Agents holding the volume's extents."""
@@ -122,10 +128,11 @@ class Volume(_message.Message):
         total_blocks: _builtins.int = ...,
         agents: _abc.Iterable[_builtins.str] | None = ...,
         connections: _builtins.int = ...,
+        allocated_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "block_size", b"block_size", "connections", b"connections", "kind", b"kind", "name", b"name", "size_bytes", b"size_bytes", "source", b"source", "total_blocks", b"total_blocks", "valid_blocks", b"valid_blocks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "allocated_bytes", b"allocated_bytes", "block_size", b"block_size", "connections", b"connections", "kind", b"kind", "name", b"name", "size_bytes", b"size_bytes", "source", b"source", "total_blocks", b"total_blocks", "valid_blocks", b"valid_blocks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
