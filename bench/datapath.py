@@ -2,7 +2,7 @@
 
     python3 -m bench.datapath [--size 1GiB] [--copy-size 1GiB] [--runtime 10] [--rounds 2]
                               [--skip fio|copy|first-write|foreground ...] [--profile DIR]
-                              [--job TEXT ...]
+                              [--job TEXT ...] [--controller-arg ARG ...]
 
 Starts a real etcd, two agents and a controller on loopback (`bench.loopback`), and
 qemu-nbd (`-f raw --shared=8 --cache=writeback`) on raw files beside them. Every
@@ -758,6 +758,9 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="py-spy the controller and an agent during one more run of the "
                              "first --job (default 4 KiB randwrite qd16)")
+    parser.add_argument("--controller-arg", action="append", default=[], metavar="ARG",
+                        help="pass ARG to the controller (repeatable), e.g. "
+                             "--controller-arg=--busy-copy-blocks=20")
     parser.add_argument("--job", action="append", default=[], metavar="TEXT",
                         help="run only the fio jobs whose label contains TEXT (repeatable)")
     parser.add_argument("--keep", action="store_true",
@@ -767,7 +770,8 @@ def main() -> None:
     started = time.monotonic()
     print(f"machine: {machine()}\ncommit measured: {commit()}\n", flush=True)
     tables: list[str] = []
-    with Loopback(keep=args.keep) as cluster, contextlib.ExitStack() as cleanup:
+    with Loopback(keep=args.keep, controller_args=args.controller_arg) as cluster, \
+            contextlib.ExitStack() as cleanup:
         controller = cluster.start()
         assert controller.process is not None
         agent_pids = {a.node_id: a.process.pid for a in cluster.agents if a.process}
