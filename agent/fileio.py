@@ -90,6 +90,9 @@ def data_ranges(fd: int, offset: int, length: int,
     there are more, the last one runs to the end (it may hold holes too, which is safe:
     they read as zeros). A file system that cannot tell says all data."""
     end = offset + length
+    status = os.fstat(fd)
+    if status.st_blocks * 512 >= status.st_size:  # no room for a hole anywhere: no seeking
+        return [(offset, length)]
     found: list[tuple[int, int]] = []
     position = offset
     try:
