@@ -32,9 +32,14 @@ class KeyValueFormatter(logging.Formatter):
         pairs: dict[str, object] = {
             "ts": f"{ts}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
-            "event": record.getMessage(),
         }
-        pairs.update(getattr(record, _FIELDS, {}))
+        fields = getattr(record, _FIELDS, None)
+        if fields is None:  # a plain message (asyncio's, a library's): a field of its own
+            pairs["event"] = f"{record.name}.message"
+            pairs["message"] = record.getMessage()
+        else:
+            pairs["event"] = record.getMessage()
+            pairs.update(fields)
         if record.exc_info:
             pairs["exception"] = self.formatException(record.exc_info)
         return " ".join(f"{k}={_quote(v)}" for k, v in pairs.items())

@@ -47,7 +47,8 @@ def test_volume_create_list_show_delete(dev_cluster: DevCluster) -> None:
     assert default_block["block_size"] == 65536, "the controller's default block size"
 
     assert dev_cluster.ok("volume", "delete", "vol-a") == ""
-    assert dev_cluster.ok("volume", "delete", "vol-b", "--force") == ""
+    assert dev_cluster.json("volume", "delete", "vol-b", "--force") == {"name": "vol-b",
+                                                                        "deleted": True}
     names = {v["name"] for v in _volumes(dev_cluster)}
     assert not names & {"vol-a", "vol-b"}
     error = one_error_line(dev_cluster.cli("volume", "show", "vol-a"))

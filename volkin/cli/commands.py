@@ -54,6 +54,8 @@ def volume_show(args: argparse.Namespace, c: Controller) -> int:
 def volume_delete(args: argparse.Namespace, c: Controller) -> int:
     c.call(f"delete volume {args.name}", c.stub.DeleteVolume,
            admin_pb2.DeleteVolumeRequest(name=args.name, force=args.force))
+    if args.output == "json":  # scripts get an answer; people get silence, as with rm
+        print(output.to_json({"name": args.name, "deleted": True}))
     return 0
 
 
