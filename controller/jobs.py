@@ -420,6 +420,13 @@ class Jobs:
         if task is not None and task is not asyncio.current_task():
             task.cancel()
 
+    async def target_deleted(self, name: str) -> None:
+        """Ends the running or paused jobs whose target `name` was just deleted: failed,
+        saying why (resuming one then says the target does not exist)."""
+        for record in list(self._records.values()):
+            if record.target == name and record.state in (JobState.RUNNING, JobState.PAUSED):
+                await self._finish(record, JobState.FAILED, f"its target {name} was deleted")
+
     async def _finish(self, record: JobRecord, state: JobState, error: str = "") -> None:
         self._stop_task(record.id)
         final = replace(record, state=state, error=error)

@@ -131,6 +131,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                     f"the clients first, or delete with --force to close them")
             closed = self._nbd.disconnect(request.name)
             await term.core.delete_volume(request.name)
+            await term.jobs.target_deleted(request.name)
             self._nbd.disconnect(request.name)  # any that connected meanwhile
             event(_log, "volume.deleted", volume=request.name, closed_connections=closed)
             return admin_pb2.DeleteVolumeResponse()

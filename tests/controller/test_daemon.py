@@ -203,3 +203,22 @@ def test_materializing_a_snapshot_makes_it_real_and_frees_its_origin(
     admin.DeleteVolume(admin_pb2.DeleteVolumeRequest(name="V"))
     assert [v.name for v in admin.ListVolumes(admin_pb2.ListVolumesRequest()).volumes] == ["S"]
     qemu_io(c.nbd, "S", "read -P 0x61 0 4M")
+
+
+def test_deleting_the_target_of_a_paused_job_ends_it_and_resuming_says_why(
+        start_agent: AgentFactory, start_controller: ControllerFactory) -> None:
+    start_agent("a1"), start_agent("a2")
+    c = start_controller("c1")
+    for name in ("V1", "V2"):
+        c.stub.CreateVolume(admin_pb2.CreateVolumeRequest(name=name, size_bytes=8 * MiB))
+    job = c.stub.StartRefresh(admin_pb2.StartRefreshRequest(
+        target="V2", source="V1", rate_bytes_per_second=64 * 1024))
+    c.stub.PauseJob(admin_pb2.PauseJobRequest(id=job.id))
+    c.stub.DeleteVolume(admin_pb2.DeleteVolumeRequest(name="V2"))
+    ended = c.stub.GetJob(admin_pb2.GetJobRequest(id=job.id))
+    assert ended.state == admin_pb2.JOB_STATE_FAILED
+    assert "target V2 was deleted" in ended.error
+    with pytest.raises(grpc.RpcError) as caught:
+        c.stub.ResumeJob(admin_pb2.ResumeJobRequest(id=job.id))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "Traceback" not in c.log()
