@@ -115,6 +115,15 @@ def test_a_directory_that_cannot_be_used_is_a_clear_error(tmp_path: Path) -> Non
     assert "Not a directory" in done.stderr
 
 
+def test_an_unreadable_cluster_file_is_a_directory_that_cannot_be_used(tmp_path: Path) -> None:
+    (tmp_path / "cluster.json").write_text("{not json")
+    for command in ("up", "status", "down"):
+        done = volkin("dev", command, "--dir", str(tmp_path))
+        assert done.returncode == 2, command
+        assert f"cannot read {tmp_path / 'cluster.json'}" in one_error_line(done)
+        assert "remove it to start afresh" in done.stderr
+
+
 def test_status_and_down_of_a_directory_without_a_cluster_say_so(tmp_path: Path) -> None:
     for command in ("status", "down"):
         done = volkin("dev", command, "--dir", str(tmp_path))

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from volkin.errors import FailedPrecondition
+from volkin.errors import InvalidArgument
 
 STATE_FILE = "cluster.json"
 VERSION = 1
@@ -60,9 +60,10 @@ def load(directory: Path) -> ClusterState | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
-        raise FailedPrecondition(f"cannot read {path}: {exc}; remove it to start afresh") from exc
+        # A directory that cannot be used: exit code 2, like one that cannot be made.
+        raise InvalidArgument(f"cannot read {path}: {exc}; remove it to start afresh") from exc
     if raw.get("version") != VERSION:
-        raise FailedPrecondition(f"{path} is of another version ({raw.get('version')!r}); "
+        raise InvalidArgument(f"{path} is of another version ({raw.get('version')!r}); "
                                  "run volkin dev down and remove the directory")
     return ClusterState([Component(**c) for c in raw["components"]])
 
