@@ -83,18 +83,28 @@ def test_up_is_idempotent_restarts_only_what_died_and_down_leaves_nothing(
 @pytest.mark.slow
 def test_a_component_that_cannot_start_is_named_with_its_log(dev_dir: DevCluster) -> None:
     assert dev_dir.up("--agents", "1").returncode == 0
+    dev_dir.ok("volume", "create", "kept", "--size", "1MiB")
     port = int(dev_dir.env["VOLKIN_CONTROLLER"].rpartition(":")[2])
     assert volkin("dev", "down", "--dir", str(dev_dir.dir)).returncode == 0
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", port))
         squatter.listen()
         error = one_error_line(dev_dir.up())
-    assert "controller exited during start-up" in error
-    assert str(dev_dir.dir / "logs" / "controller.log") in error
-    status = dev_dir.status()
-    assert status["etcd"]["running"] and status["agent1"]["running"]
-    assert not status["controller"]["running"]
-    assert dev_dir.up().returncode == 0, "up again once the port is free"
+        assert "controller exited during start-up" in error
+        assert str(dev_dir.dir / "logs" / "controller.log") in error
+        assert "volkin dev up --new-ports" in error
+        status = dev_dir.status()
+        assert status["etcd"]["running"] and status["agent1"]["running"]
+        assert not status["controller"]["running"]
+        # The port stays taken: the controller moves, the rest and the data stay.
+        assert dev_dir.up("--new-ports").returncode == 0
+        moved = dev_dir.status()
+        assert moved["controller"]["running"] and moved["controller"]["address"] != \
+            status["controller"]["address"]
+        assert moved["agent1"]["address"] == status["agent1"]["address"]
+        assert "kept" in dev_dir.ok("volume", "list")
+    assert volkin("dev", "down", "--dir", str(dev_dir.dir)).returncode == 0
+    assert dev_dir.up().returncode == 0, "up again on the new ports"
     assert dev_dir.status()["controller"]["running"]
 
 

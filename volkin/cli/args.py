@@ -166,6 +166,9 @@ def build() -> _Parser:
                    "healthy (default: 60)")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="say on stderr what is started and when it serves")
+    p.add_argument("--new-ports", action="store_true",
+                   help="give what it starts new ports instead of the recorded ones (another "
+                        "program took one); the data stays")
     p = leaf(dev, "status", "dev.status", "show each component: pid, address, running",
              _common(controller=False, output=True))
     p.add_argument("--dir", required=True, help=dir_help)

@@ -26,7 +26,8 @@ def _narrator(args: argparse.Namespace) -> Callable[[str], None]:
 
 
 def up(args: argparse.Namespace) -> int:
-    state = cluster.up(Path(args.dir), args.agents, args.timeout, _narrator(args))
+    state = cluster.up(Path(args.dir), args.agents, args.timeout, _narrator(args),
+                       args.new_ports)
     for name, value in cluster.addresses(state).items():
         print(f"{name}={value}")
     return 0

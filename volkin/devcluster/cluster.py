@@ -62,11 +62,16 @@ def _running(c: Component) -> bool:
     return processes.is_running(c.pid, c.argv)
 
 
-def up(directory: Path, agents: int | None, timeout: float, say: Say) -> ClusterState:
-    """Starts whatever is not running; returns the state once everything is healthy."""
+def up(directory: Path, agents: int | None, timeout: float, say: Say,
+       new_ports: bool = False) -> ClusterState:
+    """Starts whatever is not running; returns the state once everything is healthy. With
+    `new_ports`, what it starts gets new ports instead of its recorded ones (a program took
+    one); the data stays."""
     directory = directory.resolve()
     with _locked(directory):
         cluster = state.load(directory) or _initial(agents or DEFAULT_AGENTS)
+        if new_ports:
+            _forget_ports(cluster)
         have = len(cluster.by_kind("agent"))
         if agents is not None and agents < have:
             raise InvalidArgument(f"the dev cluster in {directory} has {have} agents; it cannot "
@@ -84,9 +89,27 @@ def up(directory: Path, agents: int | None, timeout: float, say: Say) -> Cluster
                 state.save(directory, cluster)
             _wait_all(pending, timeout, say)
             _wait_registered(cluster, timeout)
+        except ComponentFailed as exc:
+            if new_ports:
+                raise
+            raise ComponentFailed(f"{exc.message}; if another program took one of its "
+                                  f"recorded ports, `volkin dev up --new-ports` picks new ones "
+                                  f"and keeps the data") from exc
         finally:
             state.save(directory, cluster)
         return cluster
+
+
+def _forget_ports(cluster: ClusterState) -> None:
+    """The components that are not running will pick new ports when they start. etcd's
+    address is in every other component's command line: it moves only with them."""
+    etcd = cluster.by_kind("etcd")[0]
+    stopped = [c for c in cluster.components if not _running(c)]
+    if etcd in stopped and len(stopped) < len(cluster.components):
+        raise InvalidArgument("etcd would move while other components still use its address: "
+                              "run volkin dev down first, then dev up --new-ports")
+    for c in stopped:
+        c.address, c.extra = "", {}
 
 
 def _start_etcd(directory: Path, cluster: ClusterState, timeout: float, say: Say) -> None:
