@@ -125,8 +125,9 @@ async def _check_source(channels: PeerChannels, copy: PeerCopy) -> None:
 
 async def _pull_piece_data(channels: PeerChannels, store: BlockStore, copy: PeerCopy,
                            piece: CopyRange, on_bytes: Callable[[int], None]) -> None:
-    """A piece through the peer's block data port: reads of at most MAX_DATA, in flight
-    together, each written as it arrives."""
+    """A piece through the peer's block data port: where the source holds data (MAP),
+    reads of at most MAX_DATA, in flight together, each written as it arrives; where it
+    has holes, holes punched in the target."""
     connection = channels.data(copy.source_data_address)
 
     async def one(offset: int, length: int) -> None:
@@ -155,13 +156,13 @@ async def _pull_piece_data(channels: PeerChannels, store: BlockStore, copy: Peer
             answer = await connection.call(w.Op.MAP, copy.source_extent_id,
                                            piece.source_offset, piece.length, timeout=60)
     try:
-        data = w.decode_map(answer)
+        ranges = w.decode_map(answer)
     except w.WireError as exc:
         raise StorageIOError(f"peer agent {copy.source_data_address} answered a map with "
                              f"{exc}") from exc
     async with asyncio.TaskGroup() as group:
         position = 0
-        for start, size in [*data, (piece.source_offset + piece.length, 0)]:
+        for start, size in [*ranges, (piece.source_offset + piece.length, 0)]:
             begin = start - piece.source_offset
             if begin > position:
                 group.create_task(hole(position, begin - position))

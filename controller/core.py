@@ -257,15 +257,12 @@ class Core:
                 position += take
             # The fast path, blocks already this volume's and already marked modified:
             # consecutive ones go to the agent in one call, as one view of the payload
-            # when they are consecutive in it too (they are, unless a block between
-            # them needed a plan of its own).
+            # (a plain write lands at its own block number, so blocks consecutive in the
+            # memory are consecutive in the payload too).
             for run, (memory, first) in _runs([target for target, _ in plain]):
-                starts = [plain[i][1] for i in run]
-                if starts[-1] - starts[0] == (len(run) - 1) * block_size:
-                    payload: w.Data = view[starts[0]:starts[-1] + block_size]
-                else:
-                    payload = b"".join(view[s:s + block_size] for s in starts)
-                await self.executor.write_blocks(memory, first, payload, fua)
+                start = plain[run[0]][1]
+                await self.executor.write_blocks(
+                    memory, first, view[start:start + len(run) * block_size], fua)
 
     async def _write_part(self, name: str, block: int, inside: int, piece: w.Data,
                           fua: bool) -> None:
@@ -326,7 +323,6 @@ class Core:
         first = offset // block_size
         last = min((offset + length - 1) // block_size, first + ALLOCATION_BLOCKS - 1)
         end = min(offset + length, (last + 1) * block_size)
-        hole = True
         marks: list[tuple[int, int, bool]] = []  # (start, end, hole) in volume bytes
         async with self.locks.plan(name, range(first, last + 1)):
             locations = [self.engine.locate(name, b) for b in range(first, last + 1)]
@@ -335,27 +331,27 @@ class Core:
                 size = len(run) * block_size
                 ref = self.placement.extent_of(memory)
                 if ref is None:
-                    marks.append((base, base + size, hole))
+                    marks.append((base, base + size, True))
                     continue
                 at = base
                 for data_start, data_length in await self.agents.data_ranges(
                         ref.node_id, ref.extent_id, start_block * block_size, size):
                     begin = base + data_start - start_block * block_size
                     if begin > at:
-                        marks.append((at, begin, hole))
+                        marks.append((at, begin, True))
                     marks.append((begin, begin + data_length, False))
                     at = begin + data_length
                 if at < base + size:
-                    marks.append((at, base + size, hole))
+                    marks.append((at, base + size, True))
         runs: list[tuple[int, bool]] = []
-        for start, stop, flags in marks:
+        for start, stop, hole in marks:
             start, stop = max(start, offset), min(stop, end)
             if stop <= start:
                 continue
-            if runs and runs[-1][1] == flags:
-                runs[-1] = (runs[-1][0] + stop - start, flags)
+            if runs and runs[-1][1] == hole:
+                runs[-1] = (runs[-1][0] + stop - start, hole)
             else:
-                runs.append((stop - start, flags))
+                runs.append((stop - start, hole))
         return runs
 
     async def allocated_bytes(self, name: str) -> int:

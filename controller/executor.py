@@ -36,7 +36,6 @@ from volkin.engine import Commit, Copy, MapEngine, Plan, Read, Write
 from volkin.errors import InvalidArgument, NotFound
 
 EXTENT_BLOCK = 512
-MAX_WRITE = 4 << 20  # the agent's largest Write message
 
 
 # Set in a background job's task: its copies ride in batches of their own, so that a
@@ -187,9 +186,8 @@ class PlanExecutor:
 
     async def write_blocks(self, memory: str, block: int, data: w.Data, fua: bool) -> None:
         """Whole blocks of `memory` from `block` on, in one agent call (no plan: the caller
-        holds the blocks' locks and their plans were a plain write each)."""
+        holds the blocks' locks and their plans were a plain write each; the agent client
+        cuts what exceeds one request)."""
         block_size, size = self._volume_geometry(memory)
         ref = await self.create_memory(memory, size)
-        for start in range(0, len(data), MAX_WRITE):
-            await self.agents.write(ref.node_id, ref.extent_id, block * block_size + start,
-                                    data[start:start + MAX_WRITE], fua)
+        await self.agents.write(ref.node_id, ref.extent_id, block * block_size, data, fua)

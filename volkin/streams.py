@@ -18,7 +18,6 @@ One task reads a stream at a time (as with `StreamReader`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -240,11 +239,3 @@ async def start_server(handler: Callable[[Stream], Awaitable[None]], host: str |
     connection is closed when the handler returns."""
     return await asyncio.get_running_loop().create_server(lambda: Stream(handler), host, port)
 
-
-async def cancel_handlers(streams: set[Stream]) -> None:
-    """Cancels the handler tasks of `streams` and waits for them to end."""
-    tasks = [s.task for s in streams if s.task is not None]
-    for task in tasks:
-        task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await asyncio.gather(*tasks, return_exceptions=True)

@@ -158,14 +158,13 @@ class NbdServer:
 
     async def _negotiate(self, stream: streams.Stream
                          ) -> tuple[Device, Volume, p.Session] | None:
-        reader = writer = stream
-        writer.write(p.greeting())
-        await writer.drain()
-        flags = p.parse_client_flags(await reader.readexactly(4))
+        stream.write(p.greeting())
+        await stream.drain()
+        flags = p.parse_client_flags(await stream.readexactly(4))
         session = p.Session(no_zeroes=bool(flags & p.HANDSHAKE_NO_ZEROES))
         while True:
-            option, length = p.parse_option_header(await reader.readexactly(16))
-            data = await reader.readexactly(length)
+            option, length = p.parse_option_header(await stream.readexactly(16))
+            data = await stream.readexactly(length)
             if not flags & p.HANDSHAKE_FIXED_NEWSTYLE and option != p.Option.EXPORT_NAME:
                 # The older newstyle has no option replies: nothing to answer it with.
                 raise p.ProtocolError(f"option {option} from a client without fixed newstyle "
@@ -174,13 +173,13 @@ class NbdServer:
             if device is None and option != p.Option.ABORT:
                 if option == p.Option.EXPORT_NAME:
                     return None  # no error reply exists for it: close
-                writer.write(p.option_reply(option, p.Rep.ERR_SHUTDOWN, STANDBY.encode()))
-                await writer.drain()
+                stream.write(p.option_reply(option, p.Rep.ERR_SHUTDOWN, STANDBY.encode()))
+                await stream.drain()
                 continue
             outcome = p.handle_option(option, data, device.exports() if device else {},
                                       session)
-            writer.write(outcome.reply)
-            await writer.drain()
+            stream.write(outcome.reply)
+            await stream.drain()
             if outcome.close:
                 return None
             if outcome.export is not None and device is not None:
