@@ -250,7 +250,9 @@ class AgentClient:
                 target_extent_id=target_extent, source_extent_id=source_extent,
                 source_agent=source_agent, ranges=ranges, durable=True,
                 epoch=self.fence.epoch, source_data_address=source_data), timeout=timeout)
-        await self._call(node, "copy", call)
+        # A pull that waits for its source shows as the target's slowness: name both.
+        await self._call(node, "copy" if source_node == node else f"copy from agent {source_node}",
+                         call)
 
     async def read(self, node: str, extent_id: str, offset: int, length: int) -> w.Received:
         if length <= w.MAX_DATA:  # one request: its payload as it came
@@ -309,8 +311,9 @@ class AgentClient:
                 if exc.code() not in _RETRYABLE:
                     raise error from exc
                 last: VolkinError = error
-            except Unavailable as exc:
-                last = exc
+            except Unavailable as exc:  # named after the agent, whatever said it
+                last = exc if exc.message.startswith(f"agent {node}") else Unavailable(
+                    f"agent {node} ({address}) could not {what}: {exc.message}")
             else:
                 if node in self.troubles:
                     _, since = self.troubles.pop(node)

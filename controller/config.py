@@ -10,7 +10,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from controller import placement
 from volkin import config
+from volkin.cli.sizes import parse_size
 from volkin.errors import InvalidArgument
 
 ENV_PREFIX = "VOLKIN_CONTROLLER_"
@@ -27,6 +29,13 @@ class ControllerConfig:
     nbd_listen: str = "0.0.0.0:10809"
     # Block size of new volumes unless they name one: the unit of maps and copies.
     block_size: int = 65536
+    # How new volumes are striped unless they say: units of this many bytes (a power of
+    # two, at least the block size) dealt over up to `stripe_width` agents.
+    stripe_unit: int = placement.DEFAULT_UNIT
+    stripe_width: int = placement.DEFAULT_WIDTH
+    # The largest extent (one file on an agent): a column of a stripe larger than this
+    # is cut into several. Recorded per memory: changing it affects new volumes only.
+    extent_bytes: int = placement.DEFAULT_EXTENT_BYTES
     # Seconds before etcd drops the leadership of a controller that stopped renewing.
     lease_ttl: int = 10
     # Seconds an NBD request waits for an agent that is restarting, or for etcd, before
@@ -52,6 +61,10 @@ _HELP = {
     "listen": "host:port of the admin gRPC API; port 0 picks a free port",
     "nbd_listen": "host:port of the NBD server; port 0 picks a free port",
     "block_size": "block size of new volumes in bytes (a power of two, 4KiB to 16MiB)",
+    "stripe_unit": "stripe unit of new volumes in bytes (a power of two, 1MiB by default)",
+    "stripe_width": "agents a new volume is striped over, at most (8 by default)",
+    "extent_bytes": "largest extent an agent holds in one file (8TiB by default); a "
+                    "volume's stripe on one agent is cut into extents of this size",
     "lease_ttl": "seconds before another controller may take over after this one stops",
     "io_wait": "seconds an NBD request waits for a restarting agent or etcd before EIO",
     "job_fail_after": "seconds a background job retries an unreachable agent or etcd "
@@ -68,8 +81,16 @@ _HELP = {
 def _convert(name: str, raw: Any) -> Any:
     if name == "etcd_endpoints":
         return config.endpoints(raw)
-    if name in ("lease_ttl", "block_size"):
+    if name in ("lease_ttl", "block_size", "stripe_width"):
         return config.positive_int(raw)
+    if name in ("stripe_unit", "extent_bytes"):
+        try:
+            size = parse_size(str(raw), "it")
+        except InvalidArgument as exc:
+            raise ValueError(exc.message) from None
+        if size < 4096 or size & (size - 1):
+            raise ValueError("must be a power of two of at least 4KiB")
+        return size
     if name == "busy_copy_blocks":
         blocks = int(raw)
         if blocks < 0:
@@ -102,6 +123,9 @@ def load(argv: Sequence[str], environ: Mapping[str, str]) -> ControllerConfig:
         config.check_block_size(settings.block_size)
     except InvalidArgument as exc:
         raise InvalidArgument(f"setting block_size: {exc.message}") from None
+    if settings.extent_bytes % settings.stripe_unit:
+        raise InvalidArgument(f"setting extent_bytes={settings.extent_bytes} must be a "
+                              f"multiple of stripe_unit={settings.stripe_unit}")
     if not settings.node_id or "/" in settings.node_id:
         raise InvalidArgument(f"node_id {settings.node_id!r} must be non-empty without '/'")
     return settings

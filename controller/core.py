@@ -33,7 +33,7 @@ from controller.executor import EXTENT_BLOCK, PlanExecutor
 from controller.fence import Deposed
 from controller.locks import FamilyLocks
 from controller.mapstore import GroupCommit, MapStore, Pending
-from controller.placement import ExtentRef, Placement
+from controller.placement import Layout, Placement, extent_id
 from volkin import blockwire as w
 from volkin.config import check_block_size
 from volkin.engine import Loc, MapEngine, RefreshStarted, VolumeInfo
@@ -77,8 +77,8 @@ class Core:
     async def close(self) -> None:
         await self.executor.close()
 
-    async def _persist_placement(self, memory: str, ref: ExtentRef) -> None:
-        await self.store.put(self.keys.extent(memory), Placement.record(ref))
+    async def _persist_placement(self, memory: str, layout: Layout) -> None:
+        await self.store.put(self.keys.extent(memory), layout.record())
 
     async def _store(self, pending: Pending, put: Mapping[str, bytes] | None = None,
                      delete: tuple[str, ...] = ()) -> None:
@@ -102,19 +102,24 @@ class Core:
             await self.store.probe_space()
 
     # -- topology ------------------------------------------------------------------
-    async def create_volume(self, name: str, size_bytes: int, block_size: int) -> VolumeInfo:
+    async def create_volume(self, name: str, size_bytes: int, block_size: int,
+                            stripe_unit: int = 0, stripe_width: int = 0) -> VolumeInfo:
+        """A new volume striped over `stripe_width` agents in units of `stripe_unit` bytes
+        (0: the defaults of `controller.placement`)."""
         check_block_size(block_size)
         if size_bytes % block_size:
             raise InvalidArgument(
                 f"size {size_bytes} must be a multiple of the block size {block_size}")
         await self.refresh_agents()
+        # Checked before anything changes (a layout is only chosen here, not recorded).
+        self.placement.choose(f"{name}#0", size_bytes, block_size, stripe_unit, stripe_width)
         await self._room_in_etcd()
         info = self.engine.create_volume(name, size_bytes // block_size, block_size)
         pending = self.store.take(self.engine)
         self.hidden.add(name)
         try:
             try:
-                await self.executor.create_memory(info.memory, size_bytes)
+                await self.executor.create_memory(info.memory, stripe_unit, stripe_width)
             except BaseException:
                 # Not stored: take it back. Its records were never written; the delete
                 # stores the memory as released, so a half-made extent is freed too.
@@ -129,13 +134,21 @@ class Core:
         return info
 
     async def create_snapshot(self, source: str, name: str) -> VolumeInfo:
-        # No agent call: the snapshot's extent is created by the first copy or
-        # write into it, so a snapshot costs one etcd transaction and nothing else.
+        # No agent call: the snapshot's extents are created by the first copy or
+        # write into them, so a snapshot costs one etcd transaction and nothing else.
+        # Its layout is its origin's, stored in the same transaction: every block the
+        # origin preserves into it stays on the agent that holds the block.
         await self.refresh_agents()
         await self._room_in_etcd()
         async with self.locks.topology(source):
+            model = self.placement.layout_of(self.engine.volume(source).memory)
             info = self.engine.create_snapshot(source, name)
-            await self._store(self.store.take(self.engine))
+            layout = (Layout(model.nodes, model.unit, model.extent_bytes, model.size,
+                             extent_id(info.memory)) if model else None)
+            put = {self.keys.extent(info.memory): layout.record()} if layout else None
+            await self._store(self.store.take(self.engine), put)
+            if layout is not None:
+                self.placement.place(info.memory, layout)
         return info
 
     async def start_refresh(self, target: str, source: str,
@@ -329,13 +342,9 @@ class Core:
             for run, (memory, start_block) in _runs(locations):
                 base = (first + run[0]) * block_size  # where the run starts in the volume
                 size = len(run) * block_size
-                ref = self.placement.extent_of(memory)
-                if ref is None:
-                    marks.append((base, base + size, True))
-                    continue
                 at = base
-                for data_start, data_length in await self.agents.data_ranges(
-                        ref.node_id, ref.extent_id, start_block * block_size, size):
+                for data_start, data_length in await self.executor.data_ranges(
+                        memory, start_block * block_size, size):
                     begin = base + data_start - start_block * block_size
                     if begin > at:
                         marks.append((at, begin, True))
@@ -355,11 +364,8 @@ class Core:
         return runs
 
     async def allocated_bytes(self, name: str) -> int:
-        """Bytes the volume's own memory holds on its agent's disk (0 while never placed)."""
-        ref = self.placement.extent_of(self.engine.volume(name).memory)
-        if ref is None:
-            return 0
-        return await self.agents.allocated_bytes(ref.node_id, ref.extent_id)
+        """Bytes the volume's own memory holds on its agents' disks (0 while never placed)."""
+        return await self.executor.allocated_bytes(self.engine.volume(name).memory)
 
     async def flush(self, name: str) -> None:
         """Every write acknowledged so far reaches stable storage (copies already did)."""

@@ -13,23 +13,27 @@ copy is durable (the agent fsyncs before it answers) before the commit that
 validates it, and that commit is in etcd before the write that overwrites what
 it preserved. The caller holds the plan's (family, block) lock (`controller.locks`).
 
-Extents are created when a memory is first used: a primary volume's when it is
-created, a snapshot's or a spill memory's by the first copy or write into it. Data offsets are byte
-offsets inside the volume's block; the agents' extents use 512-byte blocks, so
-partial writes must be 512-byte aligned (finer ones are the NBD layer's
-read-modify-write).
+A memory lies in stripes over agents (`controller.placement`): each call on a
+byte range of a memory goes to the extents that hold its pieces, at once. A
+primary volume's extents are all created with it (every block of it reads from
+them); a snapshot's or a spill memory's extent is created by the first copy or
+write into it. Data offsets are byte offsets inside the volume's block; the
+agents' extents use 512-byte blocks, so partial writes must be 512-byte aligned
+(finer ones are the NBD layer's read-modify-write).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
+import itertools
 from collections.abc import Awaitable, Callable
 
 from controller.agents import AgentClient
 from controller.batching import Batcher
 from controller.mapstore import GroupCommit
-from controller.placement import ExtentRef, Placement
+from controller.placement import ExtentRef, ExtentSpec, Layout, Piece, Placement
 from volkin import blockwire as w
 from volkin.api.v1 import agent_pb2
 from volkin.engine import Commit, Copy, MapEngine, Plan, Read, Write
@@ -53,16 +57,25 @@ COPY_SENDS = 8
 class PlanExecutor:
     def __init__(self, engine: MapEngine, group: GroupCommit, placement: Placement,
                  agents: AgentClient,
-                 persist_placement: Callable[[str, ExtentRef], Awaitable[None]] | None = None,
+                 persist_placement: Callable[[str, Layout], Awaitable[None]] | None = None,
                  ) -> None:
         self.engine = engine
         self._group = group
         self._placement = placement
         self.agents = agents
-        # Called after a new memory is placed and before its extent is created: the
-        # placement is in etcd before there is anything on an agent to find.
+        # Called after a new memory's layout is chosen and before any of its extents is
+        # created: the layout is in etcd before there is anything on an agent to find.
         self._persist_placement = persist_placement
-        self._created: set[str] = set()
+        self._placing = asyncio.Lock()  # new layouts are chosen and stored one at a time
+        self._specs: dict[str, ExtentSpec] = {}  # extent id -> what to create
+        self._created: set[str] = set()  # extent ids created (or found) in this term
+        # Extents written without FUA since their last flush, by memory, with a
+        # generation each: a flush syncs them, and forgets those not written again
+        # meanwhile. A memory not in `_tracked` (not flushed yet in this term, so
+        # written perhaps by the term before) has all its extents flushed.
+        self._dirty: dict[str, dict[ExtentRef, int]] = {}
+        self._tracked: set[str] = set()
+        self._generation = itertools.count()
         # Concurrent copies between the same two extents share one agent call and one fsync.
         self._copies: Batcher[_CopyKey, agent_pb2.CopyRange] = Batcher(
             self._send_copy, in_flight=COPY_SENDS, max_items=COPY_BATCH)
@@ -70,29 +83,71 @@ class PlanExecutor:
     async def close(self) -> None:
         await self.agents.close()
 
-    async def create_memory(self, memory: str, size_bytes: int) -> ExtentRef:
-        new = self._placement.extent_of(memory) is None
-        ref = self._placement.place(memory)
-        if new and self._persist_placement is not None:
-            try:
-                await self._persist_placement(memory, ref)
-            except BaseException:
-                self._placement.forget(memory)
-                raise
-        if memory not in self._created:
-            await self.agents.create_extent(ref.node_id, ref.extent_id, size_bytes, EXTENT_BLOCK)
-            self._created.add(memory)
-        return ref
+    # -- layouts and extents ---------------------------------------------------------
+    async def place(self, memory: str, unit: int = 0, width: int = 0,
+                    like: str | None = None) -> Layout:
+        """The layout of `memory`, choosing and storing one the first time it is used."""
+        layout = self._placement.layout_of(memory)
+        if layout is not None:
+            return layout
+        async with self._placing:
+            layout = self._placement.layout_of(memory)
+            if layout is None:
+                block_size, size = self._volume_geometry(memory)
+                layout = self._placement.choose(memory, size, block_size, unit, width, like)
+                if self._persist_placement is not None:
+                    await self._persist_placement(memory, layout)
+                self._placement.place(memory, layout)
+        return layout
+
+    async def create_memory(self, memory: str, unit: int = 0, width: int = 0) -> Layout:
+        """Places `memory` and creates every extent of it (a primary volume's)."""
+        layout = await self.place(memory, unit, width)
+        await asyncio.gather(*(self._create(spec) for spec in layout.extents()))
+        return layout
+
+    async def _create(self, spec: ExtentSpec) -> None:
+        if spec.extent_id not in self._created:
+            await self.agents.create_extent(spec.node_id, spec.extent_id, spec.size_bytes,
+                                            EXTENT_BLOCK)
+            self._created.add(spec.extent_id)
+
+    async def _target(self, memory: str, offset: int, length: int) -> list[Piece]:
+        """The pieces of a range about to be written, their extents created."""
+        layout = await self.place(memory)
+        pieces = layout.pieces(offset, length)
+        for piece in pieces:
+            if piece.extent_id not in self._created:
+                if piece.extent_id not in self._specs:
+                    self._specs.update((spec.extent_id, spec) for spec in layout.extents())
+                await self._create(self._specs[piece.extent_id])
+        return pieces
+
+    def _written(self, memory: str, pieces: list[Piece], fua: bool) -> None:
+        """Notes extents a write changed, once the agents answered (or failed): the next
+        flush must sync them. Not before: a flush may only forget what it saw completed."""
+        if not fua:
+            dirty = self._dirty.setdefault(memory, {})
+            generation = next(self._generation)
+            for piece in pieces:
+                dirty[ExtentRef(piece.node_id, piece.extent_id)] = generation
 
     async def free(self, memory: str) -> None:
-        """Deletes the extent of a memory no volume uses any more (if it has one); the
-        caller then deletes its placement record."""
-        ref = self._placement.extent_of(memory)
-        if ref is not None:
-            await self.agents.delete_extent(ref.node_id, ref.extent_id)
+        """Deletes the extents of a memory no volume uses any more (if it has any); the
+        caller then deletes its layout record."""
+        layout = self._placement.layout_of(memory)
+        if layout is not None:
+            specs = layout.extents()
+            await asyncio.gather(*(self.agents.delete_extent(spec.node_id, spec.extent_id)
+                                   for spec in specs))
             self._placement.forget(memory)
-        self._created.discard(memory)
+            for spec in specs:
+                self._created.discard(spec.extent_id)
+                self._specs.pop(spec.extent_id, None)
+        self._dirty.pop(memory, None)
+        self._tracked.discard(memory)
 
+    # -- plans -----------------------------------------------------------------------
     async def run(self, plan: Plan, data: w.Data = b"", offset: int = 0,
                   fua: bool = False, zeros: int = 0, punch: bool = False
                   ) -> w.Received | None:
@@ -119,14 +174,19 @@ class PlanExecutor:
         return volume.block_size, volume.size_blocks * volume.block_size
 
     async def _copy(self, step: Copy) -> None:
-        block_size, size = self._volume_geometry(step.target.memory)
-        source = self._placement.place(step.source.memory)
-        target = await self.create_memory(step.target.memory, size)
+        block_size, _ = self._volume_geometry(step.target.memory)
+        (target,) = await self._target(step.target.memory, step.target.block * block_size,
+                                       block_size)
+        layout = self._placement.layout_of(step.source.memory)
+        if layout is None:  # a memory never placed was never written: it holds zeros
+            await self.agents.zero(target.node_id, target.extent_id, target.offset,
+                                   block_size, fua=True, punch=True)
+            return
+        (source,) = layout.pieces(step.source.block * block_size, block_size)
         key = (target.node_id, target.extent_id, source.extent_id, source.node_id,
                BACKGROUND.get())
         await self._copies.submit(key, agent_pb2.CopyRange(
-            source_offset=step.source.block * block_size,
-            target_offset=step.target.block * block_size, length=block_size))
+            source_offset=source.offset, target_offset=target.offset, length=block_size))
 
     async def _send_copy(self, key: _CopyKey, ranges: list[agent_pb2.CopyRange]) -> None:
         node, target_extent, source_extent, source_node, _ = key
@@ -135,59 +195,118 @@ class PlanExecutor:
     async def flush(self, memory: str) -> None:
         """Makes every write to `memory` durable; a memory never written has nothing to
         flush (and gets no extent for it)."""
-        ref = self._placement.extent_of(memory)
-        if ref is None:
+        layout = self._placement.layout_of(memory)
+        if layout is None:
             return
-        with contextlib.suppress(NotFound):  # placed but never created: nothing written
-            await self.agents.flush(ref.node_id, ref.extent_id)
+        if memory in self._tracked:
+            todo = dict(self._dirty.get(memory, {}))
+        else:
+            now = next(self._generation)  # every write completed so far is older
+            todo = {ExtentRef(spec.node_id, spec.extent_id): now for spec in layout.extents()}
+
+        async def flush_one(ref: ExtentRef) -> None:
+            with contextlib.suppress(NotFound):  # placed but never created: nothing written
+                await self.agents.flush(ref.node_id, ref.extent_id)
+        await asyncio.gather(*(flush_one(ref) for ref in todo))
+        self._tracked.add(memory)
+        dirty = self._dirty.get(memory, {})
+        for ref, generation in todo.items():
+            if dirty.get(ref, generation) <= generation:
+                dirty.pop(ref, None)
 
     async def _write(self, step: Write, data: w.Data, offset: int, fua: bool) -> None:
-        block_size, size = self._volume_geometry(step.target.memory)
+        block_size, _ = self._volume_geometry(step.target.memory)
         if offset % EXTENT_BLOCK or len(data) % EXTENT_BLOCK or offset + len(data) > block_size:
             raise InvalidArgument(
                 f"write of {len(data)} bytes at {offset} is not inside one block in "
                 f"{EXTENT_BLOCK}-byte units")
-        ref = await self.create_memory(step.target.memory, size)
-        await self.agents.write(ref.node_id, ref.extent_id,
-                                step.target.block * block_size + offset, data,
-                                fua or step.durable)
+        await self._write_at(step.target.memory, step.target.block * block_size + offset,
+                             data, fua or step.durable)
 
     async def _zero(self, step: Write, offset: int, length: int, fua: bool,
                     punch: bool) -> None:
-        block_size, size = self._volume_geometry(step.target.memory)
-        ref = await self.create_memory(step.target.memory, size)
-        await self.agents.zero(ref.node_id, ref.extent_id,
-                               step.target.block * block_size + offset, length,
-                               fua or step.durable, punch)
+        block_size, _ = self._volume_geometry(step.target.memory)
+        await self._zero_at(step.target.memory, step.target.block * block_size + offset,
+                            length, fua or step.durable, punch)
 
     async def zero_blocks(self, memory: str, block: int, count: int, fua: bool,
                           punch: bool = False) -> None:
-        """Zeroes whole blocks of `memory` from `block` on, in one agent call (no plan:
-        the caller holds the blocks' locks and their plans were a plain write each);
-        with `punch` their space is freed."""
-        block_size, size = self._volume_geometry(memory)
-        ref = await self.create_memory(memory, size)
-        await self.agents.zero(ref.node_id, ref.extent_id, block * block_size,
-                               count * block_size, fua, punch)
+        """Zeroes whole blocks of `memory` from `block` on, one agent call per extent
+        touched (no plan: the caller holds the blocks' locks and their plans were a
+        plain write each); with `punch` their space is freed."""
+        block_size, _ = self._volume_geometry(memory)
+        await self._zero_at(memory, block * block_size, count * block_size, fua, punch)
+
+    async def _zero_at(self, memory: str, offset: int, length: int, fua: bool,
+                       punch: bool) -> None:
+        pieces = await self._target(memory, offset, length)
+        try:
+            await asyncio.gather(*(self.agents.zero(p.node_id, p.extent_id, p.offset,
+                                                    p.length, fua, punch) for p in pieces))
+        finally:
+            self._written(memory, pieces, fua)
 
     async def _read(self, step: Read) -> w.Received:
         return await self.read_blocks(step.source.memory, step.source.block, 1)
 
     async def read_blocks(self, memory: str, block: int, count: int) -> w.Received:
-        """`count` blocks of `memory` from `block` on, in one agent call (no plan: the
-        caller holds the blocks' locks and knows they resolve here). A memory that was
-        never placed was never written: it reads as zeros."""
+        """`count` blocks of `memory` from `block` on, from all their agents at once (no
+        plan: the caller holds the blocks' locks and knows they resolve here). A memory
+        that was never placed was never written: it reads as zeros."""
         block_size, _ = self._volume_geometry(memory)
-        ref = self._placement.extent_of(memory)
-        if ref is None:
+        layout = self._placement.layout_of(memory)
+        if layout is None:
             return bytes(count * block_size)
-        return await self.agents.read(ref.node_id, ref.extent_id, block * block_size,
-                                      count * block_size)
+        pieces = layout.pieces(block * block_size, count * block_size)
+        if len(pieces) == 1:  # the agent's answer as it came
+            (p,) = pieces
+            return await self.agents.read(p.node_id, p.extent_id, p.offset, p.length)
+        parts = await asyncio.gather(*(self.agents.read(p.node_id, p.extent_id, p.offset,
+                                                        p.length) for p in pieces))
+        return b"".join(parts)
 
     async def write_blocks(self, memory: str, block: int, data: w.Data, fua: bool) -> None:
-        """Whole blocks of `memory` from `block` on, in one agent call (no plan: the caller
-        holds the blocks' locks and their plans were a plain write each; the agent client
-        cuts what exceeds one request)."""
-        block_size, size = self._volume_geometry(memory)
-        ref = await self.create_memory(memory, size)
-        await self.agents.write(ref.node_id, ref.extent_id, block * block_size, data, fua)
+        """Whole blocks of `memory` from `block` on, to all their agents at once (no plan:
+        the caller holds the blocks' locks and their plans were a plain write each; the
+        agent client cuts what exceeds one request)."""
+        block_size, _ = self._volume_geometry(memory)
+        await self._write_at(memory, block * block_size, data, fua)
+
+    async def _write_at(self, memory: str, offset: int, data: w.Data, fua: bool) -> None:
+        pieces = await self._target(memory, offset, len(data))
+        try:
+            if len(pieces) == 1:
+                (p,) = pieces
+                await self.agents.write(p.node_id, p.extent_id, p.offset, data, fua)
+            else:
+                view = memoryview(data)
+                await asyncio.gather(*(self.agents.write(p.node_id, p.extent_id, p.offset,
+                                                         view[p.at:p.at + p.length], fua)
+                                       for p in pieces))
+        finally:
+            self._written(memory, pieces, fua)
+
+    async def data_ranges(self, memory: str, offset: int, length: int
+                          ) -> list[tuple[int, int]]:
+        """Where [offset, offset + length) of `memory` holds data on its agents, as
+        (start, length) in the memory's bytes, in order; the rest is holes. A memory
+        never placed holds none."""
+        layout = self._placement.layout_of(memory)
+        if layout is None:
+            return []
+        pieces = layout.pieces(offset, length)
+        answers = await asyncio.gather(*(self.agents.data_ranges(
+            p.node_id, p.extent_id, p.offset, p.length) for p in pieces))
+        ranges = [(offset + p.at + start - p.offset, n)
+                  for p, found in zip(pieces, answers, strict=True) for start, n in found]
+        return sorted(ranges)
+
+    async def allocated_bytes(self, memory: str) -> int:
+        """Bytes the extents of `memory` hold on their agents' disks."""
+        layout = self._placement.layout_of(memory)
+        if layout is None:
+            return 0
+        sizes = await asyncio.gather(*(self.agents.allocated_bytes(spec.node_id,
+                                                                   spec.extent_id)
+                                       for spec in layout.extents()))
+        return sum(sizes)

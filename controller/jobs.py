@@ -410,9 +410,13 @@ class Jobs:
 
     def _trouble(self) -> str:
         """The most recent reason an agent or etcd did not answer, if any."""
-        if self._core.agents.troubles:
-            _, (message, _) = max(self._core.agents.troubles.items(), key=lambda t: t[1][1])
-            return message
+        troubles = self._core.agents.troubles
+        if troubles:
+            # A striped job talks to every agent: one agent's absence may show as another's
+            # slowness (a copy into it waits for its source), so all of them are named.
+            latest, (message, _) = max(troubles.items(), key=lambda t: t[1][1])
+            others = sorted(set(troubles) - {latest})
+            return message + (f" (agents also retrying: {', '.join(others)})" if others else "")
         return self._etcd.last_error
 
     def _stop_task(self, job_id: str) -> None:

@@ -21,7 +21,7 @@ import zlib
 
 from controller.guarded import GuardedEtcd
 from controller.mapstore import LAYOUT
-from controller.placement import ExtentRef, Placement
+from controller.placement import single_extent_record
 from volkin.engine import records
 from volkin.engine.persist import EngineState, load
 from volkin.keys import Keys
@@ -56,7 +56,7 @@ async def migrate(etcd: GuardedEtcd, keys: Keys) -> bool:
     extents = 0
     if placement is not None:
         for memory, (node_id, extent_id) in json.loads(placement)["extents"].items():
-            put[keys.extent(memory)] = Placement.record(ExtentRef(str(node_id), str(extent_id)))
+            put[keys.extent(memory)] = single_extent_record(str(node_id), str(extent_id))
             extents += 1
     items = sorted(put.items())
     for start in range(0, len(items), BATCH):

@@ -72,11 +72,15 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
     # -- conversions -------------------------------------------------------------
     def _volume(self, term: Term, info: VolumeInfo) -> admin_pb2.Volume:
+        size = info.size_blocks * info.block_size
+        layout = term.core.placement.layout_of(info.memory)
         return admin_pb2.Volume(
-            name=info.name, size_bytes=info.size_blocks * info.block_size,
+            name=info.name, size_bytes=size,
             block_size=info.block_size, kind=_KIND[info.kind], source=info.source or "",
             valid_blocks=info.valid_blocks, total_blocks=info.size_blocks,
-            agents=term.core.placement.nodes_of(info.memory),
+            agents=list(layout.nodes) if layout else [],
+            stripe_unit_bytes=min(layout.unit, size) if layout else 0,
+            stripe_width=layout.width if layout else 0,
             connections=self._nbd.connections(info.name))
 
     def _job(self, term: Term, record: JobRecord) -> admin_pb2.Job:
@@ -96,9 +100,12 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 raise InvalidArgument("a volume needs a size (for example 1GiB)")
             term = self._current()
             block_size = request.block_size or self._default_block_size
-            info = await term.core.create_volume(request.name, request.size_bytes, block_size)
+            info = await term.core.create_volume(request.name, request.size_bytes, block_size,
+                                                 request.stripe_unit_bytes, request.stripe_width)
+            layout = term.core.placement.layout_of(info.memory)
             event(_log, "volume.created", volume=info.name, size=request.size_bytes,
-                  block_size=block_size)
+                  block_size=block_size, stripe_unit=layout.unit if layout else 0,
+                  agents=",".join(layout.nodes) if layout else "")
             return self._volume(term, info)
         return await _answer(context, call)
 

@@ -34,6 +34,7 @@ from controller.leadership import lease_margin
 from controller.mapstore import MapStore
 from controller.migration import migrate
 from controller.placement import Placement
+from volkin.engine import MapEngine, VolumeNotFound
 from volkin.errors import Unavailable
 from volkin.etcd import Etcd
 from volkin.keys import Keys
@@ -64,9 +65,11 @@ class Term:
         await migrate(guarded, keys)
         store = MapStore(guarded, keys)
         engine = await store.load()
-        placement = Placement(directory.nodes())
+        placement = Placement(directory.nodes(), config.stripe_unit, config.stripe_width,
+                              config.extent_bytes)
         placement.load_records({key[len(keys.extents):]: raw for key, raw in
-                                (await client.get_prefix(keys.extents)).items()})
+                                (await client.get_prefix(keys.extents)).items()},
+                               lambda memory: _memory_size(engine, memory))
         core = Core(engine, store, placement, agents, keys)
         jobs = Jobs(core, guarded, keys, config.job_fail_after, config.busy_copy_blocks)
         await jobs.load()
@@ -85,3 +88,12 @@ class Term:
             await asyncio.gather(self.compacting, return_exceptions=True)
         await self.jobs.stop()
         await self.core.close()
+
+
+def _memory_size(engine: MapEngine, memory: str) -> int | None:
+    """The size of a memory some volume still uses (None: released, only to be freed)."""
+    try:
+        volume = engine.volume_of_memory(memory)
+    except VolumeNotFound:
+        return None
+    return volume.size_blocks * volume.block_size

@@ -31,13 +31,15 @@ def test_volume_create_list_show_delete(dev_cluster: DevCluster) -> None:
                                "--block-size", "64KiB")
     assert created == {"name": "vol-a", "kind": "primary", "size_bytes": 8 * MiB,
                        "block_size": 65536, "source": "", "valid_blocks": 128,
-                       "total_blocks": 128, "agents": created["agents"], "connections": 0,
+                       "total_blocks": 128, "agents": created["agents"],
+                       "stripe_unit_bytes": MiB, "stripe_width": 2, "connections": 0,
                        "allocated_bytes": 0}
-    assert len(created["agents"]) == 1
+    assert sorted(created["agents"]) == ["agent1", "agent2"]  # striped over both
     assert dev_cluster.json("volume", "show", "vol-a") == created  # thin: nothing on disk
     assert created in _volumes(dev_cluster)
     shown = dev_cluster.ok("volume", "show", "vol-a").splitlines()
     assert shown[0].split()[6] == "ALLOCATED" and shown[1].split()[6] == "0B", shown
+    assert shown[0].split()[7] == "STRIPES" and shown[1].split()[7] == "2x1MiB", shown
 
     table = dev_cluster.ok("volume", "list").splitlines()
     assert table[0].split()[:3] == ["NAME", "KIND", "SIZE"]

@@ -12,7 +12,8 @@ def _volume() -> admin_pb2.Volume:
     return admin_pb2.Volume(name="S2", size_bytes=64 << 20, block_size=65536,
                             kind=admin_pb2.VOLUME_KIND_SNAPSHOT, source="V2", valid_blocks=256,
                             total_blocks=1024, agents=["agent1", "agent2"],
-                            allocated_bytes=3 << 20)
+                            allocated_bytes=3 << 20, stripe_unit_bytes=4 << 20,
+                            stripe_width=2)
 
 
 def _job(state: admin_pb2.JobState.ValueType = admin_pb2.JOB_STATE_RUNNING, done: int = 512,
@@ -26,15 +27,16 @@ def test_volume_json_has_every_field_with_enum_words_and_bytes() -> None:
     assert output.volume_dict(_volume()) == {
         "name": "S2", "kind": "snapshot", "size_bytes": 64 << 20, "block_size": 65536,
         "source": "V2", "valid_blocks": 256, "total_blocks": 1024,
-        "agents": ["agent1", "agent2"], "connections": 0, "allocated_bytes": 3 << 20}
+        "agents": ["agent1", "agent2"], "stripe_unit_bytes": 4 << 20, "stripe_width": 2,
+        "connections": 0, "allocated_bytes": 3 << 20}
 
 
 def test_volume_show_says_what_the_volume_holds_on_disk() -> None:
     lines = output.volume_detail([output.volume_dict(_volume())]).splitlines()
     assert lines[0].split() == ["NAME", "KIND", "SIZE", "BLOCK", "SOURCE", "REAL", "ALLOCATED",
-                                "AGENTS"]
+                                "STRIPES", "AGENTS"]
     assert lines[1].split() == ["S2", "snapshot", "64MiB", "64KiB", "V2", "25%", "3MiB",
-                                "agent1,agent2"]
+                                "2x4MiB", "agent1,agent2"]
 
 
 def test_job_json_keeps_default_values_instead_of_dropping_them() -> None:

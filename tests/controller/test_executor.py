@@ -54,7 +54,7 @@ def test_a_refresh_across_agents_with_writes_everywhere_during_the_copy(
         engine = await store.load()
         model = ReferenceModel(BLOCK)
         group = GroupCommit(store, engine)
-        placement = Placement(["a1", "a2"])
+        placement = Placement(["a1", "a2"], width=1)  # each volume on one agent
         executor = PlanExecutor(engine, group, placement, agent_client(a1, a2))
         locks = FamilyLocks(engine)
 
@@ -68,16 +68,16 @@ def test_a_refresh_across_agents_with_writes_everywhere_during_the_copy(
             for name in ("V1", "V2"):
                 info = engine.create_volume(name, BLOCKS, BLOCK)
                 model.create_volume(name, BLOCKS)
-                await executor.create_memory(info.memory, BLOCKS * BLOCK)
+                await executor.create_memory(info.memory)
             await store.save(engine)
             for n in range(BLOCKS):
                 await write("V1", n, pattern(n))
                 await write("V2", n, pattern(1000 + n))
             info = engine.create_snapshot("V2", "S2")
             model.create_snapshot("V2", "S2")
-            await executor.create_memory(info.memory, BLOCKS * BLOCK)
+            await executor.create_memory(info.memory)
             await store.save(engine)
-            extents = {name: placement.place(engine.volume(name).memory).node_id
+            extents = {name: placement.nodes_of(engine.volume(name).memory)[0]
                        for name in ("V1", "V2", "S2")}
             assert extents["V1"] != extents["V2"]  # the refresh crosses agents
 

@@ -33,8 +33,9 @@ async def write_previous_layout(server: EtcdServer, a1: Agent, a2: Agent) -> Non
     client = await etcd.connect([server.endpoint])
     try:
         store = map_store(client, keys.prefix)
-        core = Core(await store.load(), store, Placement(["a1", "a2"]), agent_client(a1, a2),
-                    keys)
+        # Width 1: one extent per memory, as placement was then.
+        core = Core(await store.load(), store, Placement(["a1", "a2"], width=1),
+                    agent_client(a1, a2), keys)
         for name, fill in (("V1", 0x11), ("V2", 0x22)):
             await core.create_volume(name, 4 * MiB, BLOCK)
             await core.write(name, 0, bytes([fill]) * 4 * MiB)
@@ -42,9 +43,9 @@ async def write_previous_layout(server: EtcdServer, a1: Agent, a2: Agent) -> Non
         await core.write("V2", 0, b"\x33" * BLOCK)  # S2's block 0 is copied: a segment
         await core.start_refresh("V2", "V1")  # V2 reads through V1, S2 through V2's old node
         state = dump(core.engine)
-        extents = {m: [core.placement.extent_of(m).node_id,  # type: ignore[union-attr]
-                       core.placement.extent_of(m).extent_id]  # type: ignore[union-attr]
-                   for m in core.placement.memories()}
+        layouts = {m: core.placement.layout_of(m) for m in core.placement.memories()}
+        extents = {m: [layout.nodes[0], layout.extent_id(0, 0)]
+                   for m, layout in layouts.items() if layout is not None}
         await core.close()
         assert any(k.startswith(keys.maps) for k in await client.get_prefix(keys.prefix + "/"))
         for key in list(await client.get_prefix(keys.prefix + "/")):

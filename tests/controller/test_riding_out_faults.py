@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import subprocess
 import threading
 import time
@@ -83,12 +82,12 @@ def leader_epoch(c: Controller) -> int:
     return asyncio.run(read())
 
 
-def placement(c: Controller) -> dict[str, object]:
-    async def read() -> dict[str, object]:
+def placement(c: Controller) -> dict[str, bytes]:
+    """The layout records of every memory (`Keys.extent`)."""
+    async def read() -> dict[str, bytes]:
         client = await etcd.connect([c.etcd.endpoint])
         try:
-            raw = await client.get(Keys().placement)
-            return dict(json.loads(raw)["extents"]) if raw else {}
+            return await client.get_prefix(Keys().extents)
         finally:
             await client.close()
     return asyncio.run(read())
@@ -285,14 +284,16 @@ def test_job_progress_is_recomputed_from_the_maps_after_a_failover(
 # -- flush, delete and connections -------------------------------------------------------
 def test_flushing_a_snapshot_never_written_succeeds_and_creates_nothing(
         start_agent: AgentFactory, start_controller: ControllerFactory) -> None:
-    start_agent("a1")
+    agent = start_agent("a1")
     c = start_controller("c1")
     c.stub.CreateVolume(admin_pb2.CreateVolumeRequest(name="V", size_bytes=MiB))
     c.stub.CreateSnapshot(admin_pb2.CreateSnapshotRequest(source="V", name="S"))
     before = placement(c)
     qemu_io(c.nbd, "S", "flush", "read -P 0 0 1M")
     assert placement(c) == before  # neither the flush nor the read placed anything
-    assert c.stub.GetVolume(admin_pb2.GetVolumeRequest(name="S")).agents == []
+    # The snapshot's layout is its origin's, recorded with it; it has no extent yet.
+    assert c.stub.GetVolume(admin_pb2.GetVolumeRequest(name="S")).agents == ["a1"]
+    assert len(list(agent.data_dir.rglob("*.extent"))) == 1  # V's alone
 
 
 def test_deleting_a_volume_in_use_is_refused_unless_forced_which_closes_its_connections(

@@ -48,6 +48,13 @@ def _block_size(text: str) -> int:
     return size
 
 
+def _stripe_unit(text: str) -> int:
+    size = parse_size(text, "stripe unit")
+    if size < 4096 or size & (size - 1):
+        raise InvalidArgument(f"stripe unit {text!r} must be a power of two of at least 4KiB")
+    return size
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -115,6 +122,11 @@ def build() -> _Parser:
     p.add_argument("--block-size", type=_typed(_block_size), default=0,
                    help="block size, a power of two from 4KiB to 16MiB, e.g. 64KiB "
                         "(default: the controller's)")
+    p.add_argument("--stripe-unit", type=_typed(_stripe_unit), default=0,
+                   help="stripe unit, a power of two and a multiple of the block size, "
+                        "e.g. 1MiB (default: the controller's, 1MiB)")
+    p.add_argument("--stripe-width", type=_positive, default=0,
+                   help="agents to stripe the volume over (default: all, up to 8)")
     leaf(volume, "list", "volume.list", "list every volume", admin)
     p = leaf(volume, "show", "volume.show", "show one volume", admin)
     p.add_argument("name")

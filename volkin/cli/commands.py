@@ -32,7 +32,9 @@ def _show(args: argparse.Namespace, items: list[dict[str, Any]],
 def volume_create(args: argparse.Namespace, c: Controller) -> int:
     volume = c.call(f"create volume {args.name}", c.stub.CreateVolume,
                     admin_pb2.CreateVolumeRequest(name=args.name, size_bytes=args.size,
-                                                  block_size=args.block_size))
+                                                  block_size=args.block_size,
+                                                  stripe_unit_bytes=args.stripe_unit,
+                                                  stripe_width=args.stripe_width))
     _show(args, [output.volume_dict(volume)], output.volume_table, single=True)
     return 0
 

@@ -30,6 +30,8 @@ def volume_dict(volume: admin_pb2.Volume) -> dict[str, Any]:
         "valid_blocks": volume.valid_blocks,
         "total_blocks": volume.total_blocks,
         "agents": list(volume.agents),
+        "stripe_unit_bytes": volume.stripe_unit_bytes,
+        "stripe_width": volume.stripe_width,
         "connections": volume.connections,
         "allocated_bytes": volume.allocated_bytes,
     }
@@ -80,12 +82,16 @@ def volume_table(volumes: Sequence[Row]) -> str:
 
 
 def volume_detail(volumes: Sequence[Row]) -> str:
-    """`volume show`: the table's columns and what the volume holds on disk."""
+    """`volume show`: the table's columns, what the volume holds on disk and its stripes
+    (width x unit, `3x1MiB`; `-` for a volume not placed yet)."""
     rows = [[v["name"], v["kind"], format_size(v["size_bytes"]), format_size(v["block_size"]),
              v["source"] or "-", _percent(v["valid_blocks"], v["total_blocks"]),
-             format_size(v["allocated_bytes"]), ",".join(v["agents"]) or "-"] for v in volumes]
-    return table(["NAME", "KIND", "SIZE", "BLOCK", "SOURCE", "REAL", "ALLOCATED", "AGENTS"],
-                 rows)
+             format_size(v["allocated_bytes"]),
+             f"{v['stripe_width']}x{format_size(v['stripe_unit_bytes'])}"
+             if v["stripe_width"] else "-",
+             ",".join(v["agents"]) or "-"] for v in volumes]
+    return table(["NAME", "KIND", "SIZE", "BLOCK", "SOURCE", "REAL", "ALLOCATED", "STRIPES",
+                  "AGENTS"], rows)
 
 
 def _blocks(job: Row) -> str:

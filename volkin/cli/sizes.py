@@ -1,4 +1,5 @@
-"""Byte sizes on the command line: `65536`, `64KiB`, `64MiB`, `1GiB`, `2TiB`, both ways.
+"""Byte sizes on the command line: `65536`, `64KiB`, `64MiB`, `1GiB`, `2TiB`, `1PiB`, both
+ways.
 
 Only binary units are accepted. `64MB` is refused rather than guessed, because a
 volume size that is off by 5 % is worse than an error.
@@ -10,9 +11,10 @@ import re
 
 from volkin.errors import InvalidArgument
 
-UNITS = {"": 1, "B": 1, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
+UNITS = {"": 1, "B": 1, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40,
+         "PIB": 1 << 50}
 _SIZE = re.compile(r"\s*(\d+)\s*([A-Za-z]*)\s*")
-_DECIMAL = {"K", "KB", "M", "MB", "G", "GB", "T", "TB"}
+_DECIMAL = {"K", "KB", "M", "MB", "G", "GB", "T", "TB", "P", "PB"}
 
 
 def parse_size(text: str, what: str = "size") -> int:
@@ -20,14 +22,14 @@ def parse_size(text: str, what: str = "size") -> int:
     match = _SIZE.fullmatch(text)
     if not match:
         raise InvalidArgument(f"{what} {text!r} is not a size: use bytes or a number "
-                              "with KiB, MiB, GiB or TiB, e.g. 64MiB")
+                              "with KiB, MiB, GiB, TiB or PiB, e.g. 64MiB")
     number, unit = int(match.group(1)), match.group(2).upper()
     if unit in _DECIMAL:
         raise InvalidArgument(f"{what} {text!r} is ambiguous: write {match.group(1)}"
                               f"{unit[0]}iB (binary) or the number of bytes")
     if unit not in UNITS:
         raise InvalidArgument(f"{what} {text!r} has an unknown unit {match.group(2)!r}: "
-                              "use KiB, MiB, GiB or TiB")
+                              "use KiB, MiB, GiB, TiB or PiB")
     return number * UNITS[unit]
 
 
@@ -41,7 +43,8 @@ def parse_rate(text: str) -> int:
 
 def format_size(n: int) -> str:
     """The largest binary unit that shows `n` exactly, else one decimal: 64MiB, 1.5GiB."""
-    for unit, factor in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+    for unit, factor in (("PiB", 1 << 50), ("TiB", 1 << 40), ("GiB", 1 << 30),
+                         ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= factor:
             if n % factor == 0:
                 return f"{n // factor}{unit}"

@@ -24,51 +24,51 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19volkin/api/v1/admin.proto\x12\rvolkin.api.v1\"\xe1\x01\n\x06Volume\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\'\n\x04kind\x18\x04 \x01(\x0e\x32\x19.volkin.api.v1.VolumeKind\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x14\n\x0cvalid_blocks\x18\x06 \x01(\x04\x12\x14\n\x0ctotal_blocks\x18\x07 \x01(\x04\x12\x0e\n\x06\x61gents\x18\x08 \x03(\t\x12\x13\n\x0b\x63onnections\x18\t \x01(\r\x12\x17\n\x0f\x61llocated_bytes\x18\n \x01(\x04\"K\n\x13\x43reateVolumeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x12\n\nblock_size\x18\x03 \x01(\r\" \n\x10GetVolumeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x14\n\x12ListVolumesRequest\"=\n\x13ListVolumesResponse\x12&\n\x07volumes\x18\x01 \x03(\x0b\x32\x15.volkin.api.v1.Volume\"2\n\x13\x44\x65leteVolumeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"\x16\n\x14\x44\x65leteVolumeResponse\"5\n\x15\x43reateSnapshotRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"T\n\x13StartRefreshRequest\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x1d\n\x15rate_bytes_per_second\x18\x03 \x01(\x04\"F\n\x17StartMaterializeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1d\n\x15rate_bytes_per_second\x18\x02 \x01(\x04\"\x97\x02\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12$\n\x04kind\x18\x02 \x01(\x0e\x32\x16.volkin.api.v1.JobKind\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.volkin.api.v1.JobState\x12\x0e\n\x06target\x18\x04 \x01(\t\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x14\n\x0c\x62locks_total\x18\x06 \x01(\x04\x12\x13\n\x0b\x62locks_done\x18\x07 \x01(\x04\x12\x14\n\x0c\x62ytes_copied\x18\x08 \x01(\x04\x12\x1d\n\x15rate_bytes_per_second\x18\t \x01(\x04\x12\r\n\x05\x65rror\x18\n \x01(\t\x12\x0e\n\x06reason\x18\x0b \x01(\t\x12\x17\n\x0fwaiting_seconds\x18\x0c \x01(\x01\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x11\n\x0fListJobsRequest\"4\n\x10ListJobsResponse\x12 \n\x04jobs\x18\x01 \x03(\x0b\x32\x12.volkin.api.v1.Job\"\x1d\n\x0fPauseJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1e\n\x10ResumeJobRequest\x12\n\n\x02id\x18\x01 \x01(\t*\\\n\nVolumeKind\x12\x1b\n\x17VOLUME_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13VOLUME_KIND_PRIMARY\x10\x01\x12\x18\n\x14VOLUME_KIND_SNAPSHOT\x10\x02*\x93\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_RUNNING\x10\x01\x12\x14\n\x10JOB_STATE_PAUSED\x10\x02\x12\x12\n\x0eJOB_STATE_DONE\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x15\n\x11JOB_STATE_WAITING\x10\x05*S\n\x07JobKind\x12\x18\n\x14JOB_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_KIND_REFRESH\x10\x01\x12\x18\n\x14JOB_KIND_MATERIALIZE\x10\x02\x32\xf8\x06\n\x05\x41\x64min\x12I\n\x0c\x43reateVolume\x12\".volkin.api.v1.CreateVolumeRequest\x1a\x15.volkin.api.v1.Volume\x12\x43\n\tGetVolume\x12\x1f.volkin.api.v1.GetVolumeRequest\x1a\x15.volkin.api.v1.Volume\x12T\n\x0bListVolumes\x12!.volkin.api.v1.ListVolumesRequest\x1a\".volkin.api.v1.ListVolumesResponse\x12W\n\x0c\x44\x65leteVolume\x12\".volkin.api.v1.DeleteVolumeRequest\x1a#.volkin.api.v1.DeleteVolumeResponse\x12M\n\x0e\x43reateSnapshot\x12$.volkin.api.v1.CreateSnapshotRequest\x1a\x15.volkin.api.v1.Volume\x12\x46\n\x0cStartRefresh\x12\".volkin.api.v1.StartRefreshRequest\x1a\x12.volkin.api.v1.Job\x12N\n\x10StartMaterialize\x12&.volkin.api.v1.StartMaterializeRequest\x1a\x12.volkin.api.v1.Job\x12:\n\x06GetJob\x12\x1c.volkin.api.v1.GetJobRequest\x1a\x12.volkin.api.v1.Job\x12K\n\x08ListJobs\x12\x1e.volkin.api.v1.ListJobsRequest\x1a\x1f.volkin.api.v1.ListJobsResponse\x12>\n\x08PauseJob\x12\x1e.volkin.api.v1.PauseJobRequest\x1a\x12.volkin.api.v1.Job\x12@\n\tResumeJob\x12\x1f.volkin.api.v1.ResumeJobRequest\x1a\x12.volkin.api.v1.Job\x12>\n\x08WatchJob\x12\x1c.volkin.api.v1.GetJobRequest\x1a\x12.volkin.api.v1.Job0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19volkin/api/v1/admin.proto\x12\rvolkin.api.v1\"\x92\x02\n\x06Volume\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\'\n\x04kind\x18\x04 \x01(\x0e\x32\x19.volkin.api.v1.VolumeKind\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x14\n\x0cvalid_blocks\x18\x06 \x01(\x04\x12\x14\n\x0ctotal_blocks\x18\x07 \x01(\x04\x12\x0e\n\x06\x61gents\x18\x08 \x03(\t\x12\x13\n\x0b\x63onnections\x18\t \x01(\r\x12\x17\n\x0f\x61llocated_bytes\x18\n \x01(\x04\x12\x19\n\x11stripe_unit_bytes\x18\x0b \x01(\x04\x12\x14\n\x0cstripe_width\x18\x0c \x01(\r\"|\n\x13\x43reateVolumeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x19\n\x11stripe_unit_bytes\x18\x04 \x01(\x04\x12\x14\n\x0cstripe_width\x18\x05 \x01(\r\" \n\x10GetVolumeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x14\n\x12ListVolumesRequest\"=\n\x13ListVolumesResponse\x12&\n\x07volumes\x18\x01 \x03(\x0b\x32\x15.volkin.api.v1.Volume\"2\n\x13\x44\x65leteVolumeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"\x16\n\x14\x44\x65leteVolumeResponse\"5\n\x15\x43reateSnapshotRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"T\n\x13StartRefreshRequest\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x1d\n\x15rate_bytes_per_second\x18\x03 \x01(\x04\"F\n\x17StartMaterializeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1d\n\x15rate_bytes_per_second\x18\x02 \x01(\x04\"\x97\x02\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12$\n\x04kind\x18\x02 \x01(\x0e\x32\x16.volkin.api.v1.JobKind\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.volkin.api.v1.JobState\x12\x0e\n\x06target\x18\x04 \x01(\t\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x14\n\x0c\x62locks_total\x18\x06 \x01(\x04\x12\x13\n\x0b\x62locks_done\x18\x07 \x01(\x04\x12\x14\n\x0c\x62ytes_copied\x18\x08 \x01(\x04\x12\x1d\n\x15rate_bytes_per_second\x18\t \x01(\x04\x12\r\n\x05\x65rror\x18\n \x01(\t\x12\x0e\n\x06reason\x18\x0b \x01(\t\x12\x17\n\x0fwaiting_seconds\x18\x0c \x01(\x01\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x11\n\x0fListJobsRequest\"4\n\x10ListJobsResponse\x12 \n\x04jobs\x18\x01 \x03(\x0b\x32\x12.volkin.api.v1.Job\"\x1d\n\x0fPauseJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1e\n\x10ResumeJobRequest\x12\n\n\x02id\x18\x01 \x01(\t*\\\n\nVolumeKind\x12\x1b\n\x17VOLUME_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13VOLUME_KIND_PRIMARY\x10\x01\x12\x18\n\x14VOLUME_KIND_SNAPSHOT\x10\x02*\x93\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_RUNNING\x10\x01\x12\x14\n\x10JOB_STATE_PAUSED\x10\x02\x12\x12\n\x0eJOB_STATE_DONE\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x15\n\x11JOB_STATE_WAITING\x10\x05*S\n\x07JobKind\x12\x18\n\x14JOB_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_KIND_REFRESH\x10\x01\x12\x18\n\x14JOB_KIND_MATERIALIZE\x10\x02\x32\xf8\x06\n\x05\x41\x64min\x12I\n\x0c\x43reateVolume\x12\".volkin.api.v1.CreateVolumeRequest\x1a\x15.volkin.api.v1.Volume\x12\x43\n\tGetVolume\x12\x1f.volkin.api.v1.GetVolumeRequest\x1a\x15.volkin.api.v1.Volume\x12T\n\x0bListVolumes\x12!.volkin.api.v1.ListVolumesRequest\x1a\".volkin.api.v1.ListVolumesResponse\x12W\n\x0c\x44\x65leteVolume\x12\".volkin.api.v1.DeleteVolumeRequest\x1a#.volkin.api.v1.DeleteVolumeResponse\x12M\n\x0e\x43reateSnapshot\x12$.volkin.api.v1.CreateSnapshotRequest\x1a\x15.volkin.api.v1.Volume\x12\x46\n\x0cStartRefresh\x12\".volkin.api.v1.StartRefreshRequest\x1a\x12.volkin.api.v1.Job\x12N\n\x10StartMaterialize\x12&.volkin.api.v1.StartMaterializeRequest\x1a\x12.volkin.api.v1.Job\x12:\n\x06GetJob\x12\x1c.volkin.api.v1.GetJobRequest\x1a\x12.volkin.api.v1.Job\x12K\n\x08ListJobs\x12\x1e.volkin.api.v1.ListJobsRequest\x1a\x1f.volkin.api.v1.ListJobsResponse\x12>\n\x08PauseJob\x12\x1e.volkin.api.v1.PauseJobRequest\x1a\x12.volkin.api.v1.Job\x12@\n\tResumeJob\x12\x1f.volkin.api.v1.ResumeJobRequest\x1a\x12.volkin.api.v1.Job\x12>\n\x08WatchJob\x12\x1c.volkin.api.v1.GetJobRequest\x1a\x12.volkin.api.v1.Job0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'volkin.api.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VOLUMEKIND']._serialized_start=1204
-  _globals['_VOLUMEKIND']._serialized_end=1296
-  _globals['_JOBSTATE']._serialized_start=1299
-  _globals['_JOBSTATE']._serialized_end=1446
-  _globals['_JOBKIND']._serialized_start=1448
-  _globals['_JOBKIND']._serialized_end=1531
+  _globals['_VOLUMEKIND']._serialized_start=1302
+  _globals['_VOLUMEKIND']._serialized_end=1394
+  _globals['_JOBSTATE']._serialized_start=1397
+  _globals['_JOBSTATE']._serialized_end=1544
+  _globals['_JOBKIND']._serialized_start=1546
+  _globals['_JOBKIND']._serialized_end=1629
   _globals['_VOLUME']._serialized_start=45
-  _globals['_VOLUME']._serialized_end=270
-  _globals['_CREATEVOLUMEREQUEST']._serialized_start=272
-  _globals['_CREATEVOLUMEREQUEST']._serialized_end=347
-  _globals['_GETVOLUMEREQUEST']._serialized_start=349
-  _globals['_GETVOLUMEREQUEST']._serialized_end=381
-  _globals['_LISTVOLUMESREQUEST']._serialized_start=383
-  _globals['_LISTVOLUMESREQUEST']._serialized_end=403
-  _globals['_LISTVOLUMESRESPONSE']._serialized_start=405
-  _globals['_LISTVOLUMESRESPONSE']._serialized_end=466
-  _globals['_DELETEVOLUMEREQUEST']._serialized_start=468
-  _globals['_DELETEVOLUMEREQUEST']._serialized_end=518
-  _globals['_DELETEVOLUMERESPONSE']._serialized_start=520
-  _globals['_DELETEVOLUMERESPONSE']._serialized_end=542
-  _globals['_CREATESNAPSHOTREQUEST']._serialized_start=544
-  _globals['_CREATESNAPSHOTREQUEST']._serialized_end=597
-  _globals['_STARTREFRESHREQUEST']._serialized_start=599
-  _globals['_STARTREFRESHREQUEST']._serialized_end=683
-  _globals['_STARTMATERIALIZEREQUEST']._serialized_start=685
-  _globals['_STARTMATERIALIZEREQUEST']._serialized_end=755
-  _globals['_JOB']._serialized_start=758
-  _globals['_JOB']._serialized_end=1037
-  _globals['_GETJOBREQUEST']._serialized_start=1039
-  _globals['_GETJOBREQUEST']._serialized_end=1066
-  _globals['_LISTJOBSREQUEST']._serialized_start=1068
-  _globals['_LISTJOBSREQUEST']._serialized_end=1085
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1087
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1139
-  _globals['_PAUSEJOBREQUEST']._serialized_start=1141
-  _globals['_PAUSEJOBREQUEST']._serialized_end=1170
-  _globals['_RESUMEJOBREQUEST']._serialized_start=1172
-  _globals['_RESUMEJOBREQUEST']._serialized_end=1202
-  _globals['_ADMIN']._serialized_start=1534
-  _globals['_ADMIN']._serialized_end=2422
+  _globals['_VOLUME']._serialized_end=319
+  _globals['_CREATEVOLUMEREQUEST']._serialized_start=321
+  _globals['_CREATEVOLUMEREQUEST']._serialized_end=445
+  _globals['_GETVOLUMEREQUEST']._serialized_start=447
+  _globals['_GETVOLUMEREQUEST']._serialized_end=479
+  _globals['_LISTVOLUMESREQUEST']._serialized_start=481
+  _globals['_LISTVOLUMESREQUEST']._serialized_end=501
+  _globals['_LISTVOLUMESRESPONSE']._serialized_start=503
+  _globals['_LISTVOLUMESRESPONSE']._serialized_end=564
+  _globals['_DELETEVOLUMEREQUEST']._serialized_start=566
+  _globals['_DELETEVOLUMEREQUEST']._serialized_end=616
+  _globals['_DELETEVOLUMERESPONSE']._serialized_start=618
+  _globals['_DELETEVOLUMERESPONSE']._serialized_end=640
+  _globals['_CREATESNAPSHOTREQUEST']._serialized_start=642
+  _globals['_CREATESNAPSHOTREQUEST']._serialized_end=695
+  _globals['_STARTREFRESHREQUEST']._serialized_start=697
+  _globals['_STARTREFRESHREQUEST']._serialized_end=781
+  _globals['_STARTMATERIALIZEREQUEST']._serialized_start=783
+  _globals['_STARTMATERIALIZEREQUEST']._serialized_end=853
+  _globals['_JOB']._serialized_start=856
+  _globals['_JOB']._serialized_end=1135
+  _globals['_GETJOBREQUEST']._serialized_start=1137
+  _globals['_GETJOBREQUEST']._serialized_end=1164
+  _globals['_LISTJOBSREQUEST']._serialized_start=1166
+  _globals['_LISTJOBSREQUEST']._serialized_end=1183
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1185
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1237
+  _globals['_PAUSEJOBREQUEST']._serialized_start=1239
+  _globals['_PAUSEJOBREQUEST']._serialized_end=1268
+  _globals['_RESUMEJOBREQUEST']._serialized_start=1270
+  _globals['_RESUMEJOBREQUEST']._serialized_end=1300
+  _globals['_ADMIN']._serialized_start=1632
+  _globals['_ADMIN']._serialized_end=2520
 # @@protoc_insertion_point(module_scope)

@@ -94,6 +94,8 @@ class Volume(_message.Message):
     AGENTS_FIELD_NUMBER: _builtins.int
     CONNECTIONS_FIELD_NUMBER: _builtins.int
     ALLOCATED_BYTES_FIELD_NUMBER: _builtins.int
+    STRIPE_UNIT_BYTES_FIELD_NUMBER: _builtins.int
+    STRIPE_WIDTH_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     size_bytes: _builtins.int
     block_size: _builtins.int
@@ -112,6 +114,11 @@ class Volume(_message.Message):
     blocks it reads through another volume are that volume's). Set by GetVolume
     only: ListVolumes leaves it 0 rather than ask every agent about every volume.
     """
+    stripe_unit_bytes: _builtins.int
+    """How the volume's blocks lie on its agents: stripe units of this many bytes,
+    dealt round-robin over `stripe_width` agents (`agents`, in that order).
+    """
+    stripe_width: _builtins.int
     @_builtins.property
     def agents(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Agents holding the volume's extents."""
@@ -129,10 +136,12 @@ class Volume(_message.Message):
         agents: _abc.Iterable[_builtins.str] | None = ...,
         connections: _builtins.int = ...,
         allocated_bytes: _builtins.int = ...,
+        stripe_unit_bytes: _builtins.int = ...,
+        stripe_width: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "allocated_bytes", b"allocated_bytes", "block_size", b"block_size", "connections", b"connections", "kind", b"kind", "name", b"name", "size_bytes", b"size_bytes", "source", b"source", "total_blocks", b"total_blocks", "valid_blocks", b"valid_blocks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "allocated_bytes", b"allocated_bytes", "block_size", b"block_size", "connections", b"connections", "kind", b"kind", "name", b"name", "size_bytes", b"size_bytes", "source", b"source", "stripe_unit_bytes", b"stripe_unit_bytes", "stripe_width", b"stripe_width", "total_blocks", b"total_blocks", "valid_blocks", b"valid_blocks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -145,20 +154,31 @@ class CreateVolumeRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     BLOCK_SIZE_FIELD_NUMBER: _builtins.int
+    STRIPE_UNIT_BYTES_FIELD_NUMBER: _builtins.int
+    STRIPE_WIDTH_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     size_bytes: _builtins.int
     block_size: _builtins.int
     """0 means the controller's default."""
+    stripe_unit_bytes: _builtins.int
+    """Striping: units of this many bytes (a power of two, a multiple of the block
+    size) over this many agents. 0 means the controller's default (1 MiB or one
+    block, over up to 8 agents). A width larger than the agents registered is
+    refused (FAILED_PRECONDITION).
+    """
+    stripe_width: _builtins.int
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         size_bytes: _builtins.int = ...,
         block_size: _builtins.int = ...,
+        stripe_unit_bytes: _builtins.int = ...,
+        stripe_width: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "name", b"name", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "name", b"name", "size_bytes", b"size_bytes", "stripe_unit_bytes", b"stripe_unit_bytes", "stripe_width", b"stripe_width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
