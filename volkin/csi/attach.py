@@ -177,6 +177,18 @@ async def _release_fuse_file(export_file: str) -> None:
     Path(export_file).unlink(missing_ok=True)
 
 
+async def readonly_loop(device: str) -> str:
+    """A new read-only loop device over `device`."""
+    _, out = await run("losetup", "--find", "--show", "--read-only", device)
+    return out.strip()
+
+
+async def detach_loop(device: str) -> None:
+    """Detaches a loop device if it is still attached to something."""
+    if _loop_backing(device):
+        await run("losetup", "-d", device)
+
+
 # -- choosing ---------------------------------------------------------------------------
 async def kernel_has_nbd() -> bool:
     if Path("/sys/module/nbd").exists():

@@ -54,6 +54,10 @@ async def ensure_fs(device: str, wanted: str) -> str:
 
 async def mount(device: str, path: str, fs: str, flags: list[str]) -> None:
     Path(path).mkdir(parents=True, exist_ok=True)
+    if fs == "xfs" and "nouuid" not in flags:
+        # A clone or a snapshot carries its source's file system UUID, and XFS refuses to
+        # mount a second file system with a UUID already mounted on the node.
+        flags = [*flags, "nouuid"]
     options = ["-o", ",".join(flags)] if flags else []
     await run("mount", "-t", fs, *options, device, path)
 

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from volkin.api.csi.v1 import csi_pb2, csi_pb2_grpc
-from volkin.csi import TOPOLOGY_KEY, mounts, names, requests
+from volkin.csi import TOPOLOGY_KEY, attach, mounts, names, requests
 from volkin.csi.admin import PRIMARY, Admin
 from volkin.csi.attach import Attacher, attacher_for
 from volkin.csi.locks import KeyedLocks
@@ -132,7 +132,13 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             if access == "block":
                 Path(target).parent.mkdir(parents=True, exist_ok=True)
                 Path(target).touch()
-                await mounts.bind(staged.attachment.device, target, request.readonly)
+                device = staged.attachment.device
+                if request.readonly:
+                    # A read-only mount does not stop writes to a device file on it: the
+                    # pod gets a read-only loop device over the staged one instead.
+                    device = await attach.readonly_loop(device)
+                    self._state.save_readonly_device(target, device)
+                await mounts.bind(device, target, request.readonly)
             else:
                 Path(target).mkdir(parents=True, exist_ok=True)
                 await mounts.bind(staged.staging_path, target, request.readonly)
@@ -147,6 +153,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         target = request.target_path
         async with self._locks.hold(request.volume_id):
             await mounts.unmount(target)
+            readonly_device = self._state.readonly_device(target)
+            if readonly_device:
+                await attach.detach_loop(readonly_device)
+                self._state.forget_readonly_device(target)
             if os.path.isdir(target):
                 os.rmdir(target)
             elif os.path.lexists(target):

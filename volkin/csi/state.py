@@ -2,6 +2,8 @@
 
     <state_dir>/volumes/<volume>.json   what NodeStage attached and where it staged it
     <state_dir>/attach/<volume>/        the attacher's files (the FUSE export, a pid file)
+    <state_dir>/published/<digest>      the read-only loop device of a read-only block
+                                        publish, by its target path's digest
 
 A record is written (atomically: temporary file, fsync, rename) as soon as the device is
 attached and before it is used, and removed only after NodeUnstage detached it: a driver
@@ -10,6 +12,7 @@ that restarts in between still knows what to undo.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -47,14 +50,27 @@ class StateDir:
     def save(self, staged: Staged) -> None:
         path = self._record(staged.volume)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump({"volume": staged.volume, "staging_path": staged.staging_path,
-                       "access": staged.access, "attachment": staged.attachment.to_json()},
-                      f, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _write_atomically(path, json.dumps(
+            {"volume": staged.volume, "staging_path": staged.staging_path,
+             "access": staged.access, "attachment": staged.attachment.to_json()},
+            sort_keys=True))
+
+    def _published(self, target: str) -> Path:
+        return self.root / "published" / hashlib.sha256(target.encode()).hexdigest()
+
+    def save_readonly_device(self, target: str, device: str) -> None:
+        path = self._published(target)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomically(path, device)
+
+    def readonly_device(self, target: str) -> str:
+        try:
+            return self._published(target).read_text()
+        except FileNotFoundError:
+            return ""
+
+    def forget_readonly_device(self, target: str) -> None:
+        self._published(target).unlink(missing_ok=True)
 
     def remove(self, volume: str) -> None:
         self._record(volume).unlink(missing_ok=True)
@@ -63,3 +79,12 @@ class StateDir:
             for leftover in workdir.iterdir():
                 leftover.unlink(missing_ok=True)
             workdir.rmdir()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
