@@ -63,9 +63,11 @@ class Node:
 
 def create(driver: Driver, name: str, size: int, cap: csi_pb2.VolumeCapability,
            source: csi_pb2.VolumeContentSource | None = None) -> csi_pb2.Volume:
-    return driver.controller.CreateVolume(csi_pb2.CreateVolumeRequest(
-        name=name, capacity_range=csi_pb2.CapacityRange(required_bytes=size),
-        volume_capabilities=[cap], volume_content_source=source)).volume
+    created: csi_pb2.CreateVolumeResponse = driver.controller.CreateVolume(
+        csi_pb2.CreateVolumeRequest(
+            name=name, capacity_range=csi_pb2.CapacityRange(required_bytes=size),
+            volume_capabilities=[cap], volume_content_source=source))
+    return created.volume
 
 
 def write_tree(root: Path) -> dict[str, str]:
