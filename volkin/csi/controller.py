@@ -15,6 +15,7 @@ are still running; the CO retries later.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterable
 
@@ -22,7 +23,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from volkin.api.csi.v1 import csi_pb2, csi_pb2_grpc
 from volkin.csi import PARAM_BLOCK_SIZE, names, requests
-from volkin.csi.admin import ENDED, PRIMARY, REFRESH, SNAPSHOT, Admin, Job, Volume
+from volkin.csi.admin import ENDED, FAILED, PRIMARY, REFRESH, SNAPSHOT, Admin, Job, Volume
 from volkin.csi.locks import KeyedLocks
 from volkin.csi.rpc import Context, answer
 from volkin.errors import (
@@ -170,40 +171,46 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
 
     async def _delete(self, name: str) -> None:
         """Deletes the volume, first making the volumes that read through it real."""
-        try:
-            await self._admin.delete_volume(name)
-            return
-        except NotFound:
-            return
-        except FailedPrecondition as exc:
+        deadline = time.monotonic() + self._delete_wait
+        looked_again = False
+        while True:
+            try:
+                await self._admin.delete_volume(name)
+                return
+            except NotFound:
+                return
+            except FailedPrecondition as exc:
+                refusal = exc
             readers = [v for v in await self._admin.volumes() if v.source == name]
             if not readers:
-                raise  # not a matter of dependents (NBD clients still connected, say)
-            refusal = exc
-        jobs = [await self._admin.start_materialize(r.name) for r in readers]
-        unfinished = await self._wait(jobs)
-        if unfinished:
-            raise FailedPrecondition(
-                f"{name!r} cannot be deleted yet: {', '.join(r.name for r in readers)} still "
-                f"read through it; the background copies making them independent are running "
-                f"(jobs {', '.join(j.id for j in unfinished)}); retry when they are done "
-                f"({refusal.message})")
-        try:
-            await self._admin.delete_volume(name)
-        except NotFound:
-            return
+                # Either the refusal is about something else (NBD clients still
+                # connected), or the last copy finished between the two calls: one more try.
+                if looked_again:
+                    raise refusal
+                looked_again = True
+                continue
+            jobs = []
+            for reader in readers:
+                with contextlib.suppress(FailedPrecondition):  # it became real meanwhile
+                    jobs.append(await self._admin.start_materialize(reader.name))
+            unfinished = await self._wait(jobs, deadline)
+            if unfinished or time.monotonic() >= deadline:
+                running = ", ".join(j.id for j in unfinished) or "just finished"
+                raise FailedPrecondition(
+                    f"{name!r} cannot be deleted yet: {', '.join(r.name for r in readers)} "
+                    f"still read through it; the background copies making them independent "
+                    f"are running (jobs: {running}); retry when they are done")
 
-    async def _wait(self, jobs: Iterable[Job]) -> list[Job]:
-        """Waits up to `delete_wait` for the jobs; returns those still unfinished. A
-        failed job is the caller's error."""
+    async def _wait(self, jobs: Iterable[Job], deadline: float) -> list[Job]:
+        """Waits until the jobs end or the deadline passes; returns those still running.
+        A failed job is the caller's error."""
         pending = {j.id: j for j in jobs}
-        deadline = time.monotonic() + self._delete_wait
         while True:
             for job_id in list(pending):
                 job = await self._admin.job(job_id)
                 if job.state in ENDED:
                     del pending[job_id]
-                    if job.error:
+                    if job.state == FAILED:
                         raise FailedPrecondition(
                             f"the background copy into {job.target!r} (job {job.id}) failed: "
                             f"{job.error}; `volkin job resume {job.id}` retries it")
