@@ -1,11 +1,13 @@
 """The node service on this machine (no kernel NBD: qemu-storage-daemon's FUSE export and a
 loop device): a file system written through one volume is read back through a clone of
-its snapshot, and what NodeStage attached is detached even after the driver restarted."""
+its snapshot, what NodeStage attached is detached even after the driver restarted, and a
+staged volume keeps working across a restart of the controller."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import signal
 from pathlib import Path
 
 import grpc
@@ -211,3 +213,31 @@ def test_unstage_after_a_driver_restart_detaches_what_the_first_driver_attached(
         driver.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
             volume_id="restarted", staging_target_path=str(staging)))
     driver.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id="restarted"))
+
+
+def test_a_staged_volume_rides_out_a_controller_restart(driver: Driver, tmp_path: Path) -> None:
+    cap = block_capability()
+    create(driver, "survives", 16 * MiB, cap)
+    node = Node(driver, tmp_path / "kubelet")
+    try:
+        device = node.attach("survives", cap)
+        before = os.urandom(MiB)
+        with open(device, "r+b") as f:
+            f.write(before)
+            f.flush()
+            os.fsync(f.fileno())
+        controller = driver.cluster.status()["controller"]
+        os.kill(int(str(controller["pid"])), signal.SIGKILL)
+        done = driver.cluster.up()  # the controller again, on its recorded ports
+        assert done.returncode == 0, done.stderr
+        after = os.urandom(MiB)
+        with open(device, "r+b") as f:
+            f.seek(MiB)
+            f.write(after)
+            f.flush()
+            os.fsync(f.fileno())
+            f.seek(0)
+            assert f.read(2 * MiB) == before + after
+    finally:
+        node.detach_all()
+    driver.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id="survives"))

@@ -100,11 +100,17 @@ class KernelNbd:
 
 
 # -- qemu-storage-daemon's FUSE export and a loop device ----------------------------------
+# Seconds qemu-storage-daemon holds I/O and reconnects after losing the NBD connection
+# (a controller restarting, a standby taking over) before failing requests with EIO.
+RECONNECT_DELAY = 30
+
+
 def qsd_command(nbd: str, export: str, export_file: Path, pidfile: Path) -> list[str]:
     host, port = _split(nbd)
     return ["qemu-storage-daemon",
             "--blockdev", f"driver=nbd,node-name=volume,server.type=inet,server.host={host},"
-                          f"server.port={port},export={export}",
+                          f"server.port={port},export={export},"
+                          f"reconnect-delay={RECONNECT_DELAY}",
             "--export", f"type=fuse,id=fuse,node-name=volume,mountpoint={export_file},"
                         "writable=on",
             "--pidfile", str(pidfile), "--daemonize"]
