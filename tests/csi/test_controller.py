@@ -4,13 +4,16 @@ others still read through."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
 import grpc
 import pytest
 
+from tests.cli.conftest import DevCluster
 from tests.csi.conftest import Driver, block_capability, mount_capability
+from tests.support.etcd import free_port
 from volkin.api.csi.v1 import csi_pb2
 from volkin.csi import names
 
@@ -208,3 +211,20 @@ def test_probe_and_plugin_info_name_the_driver(driver: Driver) -> None:
     node = driver.node.NodeGetInfo(csi_pb2.NodeGetInfoRequest())
     assert node.node_id == "node1"
     assert dict(node.accessible_topology.segments) == {"topology.csi.volkin.io/node": "node1"}
+
+
+def test_without_a_controller_probe_is_not_ready_and_calls_are_unavailable(
+        tmp_path: Any) -> None:
+    nowhere = DevCluster(tmp_path / "none")
+    nowhere.env = {"VOLKIN_CONTROLLER": f"127.0.0.1:{free_port()}",
+                   "VOLKIN_NBD": f"127.0.0.1:{free_port()}"}
+    lonely = Driver(tmp_path / "lonely", nowhere).start()
+    try:
+        started = time.monotonic()
+        assert not lonely.identity.Probe(csi_pb2.ProbeRequest()).ready.value
+        assert time.monotonic() - started < 10
+        error = refused(lonely.controller.DeleteVolume,
+                        csi_pb2.DeleteVolumeRequest(volume_id="any"))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        lonely.stop()

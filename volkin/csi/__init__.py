@@ -3,7 +3,8 @@
 One module per CSI service (`identity`, `controller`, `node`); the servicers only convert
 between CSI messages and admin API calls. `attach` gives the node a block device for a
 volume's NBD export, `mounts` makes and mounts its file system, `names` maps CSI names to
-volkin names, `volumes` holds the pure rules (capacity, capabilities, list tokens).
+volkin names and pages lists, `requests` holds the rules of requests (capacity,
+capabilities).
 """
 
 from __future__ import annotations

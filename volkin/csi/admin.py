@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import grpc
 
 from volkin.api.v1 import admin_pb2, admin_pb2_grpc
-from volkin.errors import NotFound
+from volkin.errors import InvalidArgument, NotFound
 from volkin.rpc_status import error_from_rpc
 
 CALL_TIMEOUT = 30.0
@@ -37,9 +37,10 @@ class Admin:
     async def close(self) -> None:
         await self._channel.close(None)
 
-    async def _call(self, method: Callable[..., Awaitable[T]], request: Any) -> T:
+    async def _call(self, method: Callable[..., Awaitable[T]], request: Any,
+                    timeout: float = CALL_TIMEOUT) -> T:
         try:
-            return await method(request, timeout=CALL_TIMEOUT)
+            return await method(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc.code(), exc.details() or "") from None
 
@@ -49,6 +50,14 @@ class Admin:
             return await self._call(self._stub.GetVolume, admin_pb2.GetVolumeRequest(name=name))
         except NotFound:
             return None
+
+    async def ping(self, timeout: float) -> None:
+        """Raises Unavailable unless the active controller answers within `timeout`: it
+        answers a look-up of a volume no one can name (O(1)) with NOT_FOUND."""
+        try:
+            await self._call(self._stub.GetVolume, admin_pb2.GetVolumeRequest(name=""), timeout)
+        except (NotFound, InvalidArgument):
+            return
 
     async def volumes(self) -> list[Volume]:
         listed = await self._call(self._stub.ListVolumes, admin_pb2.ListVolumesRequest())

@@ -41,7 +41,8 @@ class CsiConfig:
     block_size: int = 65536
     # Seconds DeleteVolume/DeleteSnapshot wait for the background copies that make the
     # volumes still reading through it independent, before answering FAILED_PRECONDITION.
-    delete_wait: float = 10.0
+    # Below the 10 s the Kubernetes sidecars give a call by default.
+    delete_wait: float = 5.0
     log_level: str = "info"
 
 

@@ -12,6 +12,8 @@ from volkin.csi.rpc import Context, answer
 from volkin.errors import Unavailable
 
 Service = csi_pb2.PluginCapability.Service
+# Liveness probes wait a few seconds: answer before they give up.
+PROBE_TIMEOUT = 2.0
 
 
 class IdentityService(csi_pb2_grpc.IdentityServicer):
@@ -41,7 +43,7 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):
         # Ready while the controller's admin API answers. An unreachable controller (or a
         # standby) is "not ready", not a failure: restarting the driver would not help.
         try:
-            await self._admin.volumes()
+            await self._admin.ping(PROBE_TIMEOUT)
         except Unavailable:
             return csi_pb2.ProbeResponse(ready=BoolValue(value=False))
         return csi_pb2.ProbeResponse(ready=BoolValue(value=True))
