@@ -5,12 +5,12 @@ The part of the Container Storage Interface (CSI) v1 that volkin-csi serves.
 
 The CSI specification is by the Container Storage Interface authors, under
 the Apache License 2.0 (container-storage-interface/spec). This file declares
-the services, messages and fields of spec v1 (up to v1.10) that volkin uses,
-with the spec's package, names and field numbers, so it is the same contract
-on the wire; what it leaves out (group snapshots, snapshot metadata, volume
-modification, secrets on calls volkin does not need) a peer may still send:
-proto3 skips unknown fields, and a method not declared here answers
-UNIMPLEMENTED. Comments here are volkin's own; the spec's spec.md is the
+the services, messages and fields of spec v1 that volkin uses, with the
+spec's package, names and field numbers, so it is the same contract on the
+wire (csi-sanity 5.5 checks it: tests/csi/test_csi_sanity.py). What it leaves
+out (group snapshots, snapshot metadata, volume modification, GetSnapshot) a
+peer may still send: proto3 keeps unknown fields and enum values aside, and a
+method not declared here answers UNIMPLEMENTED. Comments here are volkin's own; the spec's spec.md is the
 reference for what every field means.
 """
 
@@ -1457,8 +1457,7 @@ class ControllerServiceCapability(_message.Message):
             VOLUME_CONDITION: ControllerServiceCapability.RPC._Type.ValueType  # 11
             GET_VOLUME: ControllerServiceCapability.RPC._Type.ValueType  # 12
             SINGLE_NODE_MULTI_WRITER: ControllerServiceCapability.RPC._Type.ValueType  # 13
-            MODIFY_VOLUME: ControllerServiceCapability.RPC._Type.ValueType  # 14
-            GET_SNAPSHOT: ControllerServiceCapability.RPC._Type.ValueType  # 15
+            """Later values (volume modification, GetSnapshot) are not declared here."""
 
         class Type(_Type, metaclass=_TypeEnumTypeWrapper): ...
         UNKNOWN: ControllerServiceCapability.RPC.Type.ValueType  # 0
@@ -1475,8 +1474,7 @@ class ControllerServiceCapability(_message.Message):
         VOLUME_CONDITION: ControllerServiceCapability.RPC.Type.ValueType  # 11
         GET_VOLUME: ControllerServiceCapability.RPC.Type.ValueType  # 12
         SINGLE_NODE_MULTI_WRITER: ControllerServiceCapability.RPC.Type.ValueType  # 13
-        MODIFY_VOLUME: ControllerServiceCapability.RPC.Type.ValueType  # 14
-        GET_SNAPSHOT: ControllerServiceCapability.RPC.Type.ValueType  # 15
+        """Later values (volume modification, GetSnapshot) are not declared here."""
 
         TYPE_FIELD_NUMBER: _builtins.int
         type: Global___ControllerServiceCapability.RPC.Type.ValueType
