@@ -87,10 +87,13 @@ class KernelNbd:
 
     def __init__(self, nbd: str) -> None:
         self._nbd = nbd
+        # Two volumes staged at once must not pick the same free device.
+        self._choosing = asyncio.Lock()
 
     async def attach(self, volume: str, workdir: Path) -> Attachment:
-        device = free_nbd_device()
-        await run(*nbd_client_command(self._nbd, volume, device))
+        async with self._choosing:
+            device = free_nbd_device()
+            await run(*nbd_client_command(self._nbd, volume, device))
         return Attachment(volume, self.method, device)
 
     async def detach(self, attachment: Attachment) -> None:
