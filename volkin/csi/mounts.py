@@ -71,8 +71,9 @@ async def bind(source: str, target: str, readonly: bool) -> None:
 
 
 async def unmount(path: str) -> None:
-    """Unmounts `path` if something is mounted there (all stacked mounts)."""
-    while os.path.exists(path) and is_mounted(path):
+    """Unmounts `path` if something is mounted there (all stacked mounts; a dead FUSE
+    mount too, which fails even a stat)."""
+    while is_mounted(path):
         await run("umount", path)
 
 
