@@ -41,6 +41,12 @@ class FencedOut(FailedPrecondition):
     """The caller's fencing epoch is lower than one already seen: a newer owner took over."""
 
 
+class Aborted(VolkinError):
+    """The call collided with another in flight on the same thing, or continues a listing
+    that can no longer be continued: start again (the CSI driver's concurrency and list
+    tokens)."""
+
+
 class StorageFull(VolkinError):
     """The storage under the agent ran out of space (ENOSPC/EDQUOT)."""
 

@@ -19,6 +19,7 @@ _STATUS: dict[type[errors.VolkinError], grpc.StatusCode] = {
     # Last, so that FAILED_PRECONDITION from an agent reads back as FencedOut:
     # fencing is the only precondition an agent's block store checks.
     errors.FencedOut: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.Aborted: grpc.StatusCode.ABORTED,
     errors.StorageFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.StorageIOError: grpc.StatusCode.INTERNAL,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,

@@ -1,0 +1,1 @@
+"""Stubs generated from proto/csi/v1 (see proto/generate)."""
