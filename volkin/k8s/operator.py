@@ -21,7 +21,6 @@ _FINAL = {phase.value for phase in FINAL}
 _clients: dict[str, Any] = {}
 
 
-@kopf.on.startup()
 def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Our status holds what we need; kopf keeps its own bookkeeping in annotations.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
@@ -31,7 +30,6 @@ def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     _clients["admin"] = VolkinAdmin(os.environ["VOLKIN_CONTROLLER"])
 
 
-@kopf.on.cleanup()
 def _cleanup(**_: Any) -> None:
     admin = _clients.pop("admin", None)
     if admin is not None:
@@ -42,9 +40,6 @@ def _unfinished(*, status: kopf.Status, **_: Any) -> bool:
     return status.get("phase") not in _FINAL
 
 
-# One timer per resource, never two at once: kopf runs a resource's timer serially,
-# which is what makes the start marker enough (no second reconcile races the first).
-@kopf.timer(GROUP, VERSION, PLURAL, interval=INTERVAL, when=_unfinished)
 def _reconcile(*, name: str, namespace: str | None, spec: kopf.Spec, status: kopf.Status,
                logger: Any, **_: Any) -> None:
     try:
@@ -53,3 +48,12 @@ def _reconcile(*, name: str, namespace: str | None, spec: kopf.Spec, status: kop
         raise kopf.TemporaryError(f"volkin controller unreachable: {exc}", delay=INTERVAL) from exc
     logger.debug("VolumeRefresh %s/%s: %s %s", namespace, name,
                  now.phase.value if now.phase else "-", now.message)
+
+
+# Registered without decorating, so that the functions keep their own signatures.
+kopf.on.startup()(_startup)
+kopf.on.cleanup()(_cleanup)
+# One timer per resource, never two at once: kopf runs a resource's timer serially,
+# which is what makes the start marker enough (no second reconcile races the first).
+# kopf puts a finalizer on each resource so that it can stop the timer on deletion.
+kopf.timer(GROUP, VERSION, PLURAL, interval=INTERVAL, when=_unfinished)(_reconcile)
