@@ -327,3 +327,19 @@ def test_the_crd_serves_the_resource_the_operator_watches() -> None:
     assert (crd["spec"]["group"], crd["spec"]["names"]["kind"]) == (GROUP, KIND)
     (version,) = crd["spec"]["versions"]
     assert version["name"] == VERSION and version["subresources"] == {"status": {}}
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_the_external_etcd_overlay_drops_the_statefulset_and_points_every_daemon_elsewhere(
+) -> None:
+    out = subprocess.run(["kubectl", "kustomize", str(REPO / "deploy" / "external-etcd")],
+                         capture_output=True, text=True, check=True, timeout=120).stdout
+    objects = [o for o in yaml.safe_load_all(out) if o]
+    assert not [ident(o) for o in objects if o["metadata"]["name"] == "etcd"]
+    endpoints = {e["name"]: e["value"] for o in objects for c in containers(o)
+                 for e in c.get("env", []) if e["name"].endswith("ETCD_ENDPOINTS")}
+    assert set(endpoints) == {"VOLKIN_AGENT_ETCD_ENDPOINTS", "VOLKIN_CONTROLLER_ETCD_ENDPOINTS"}
+    assert all("etcd-0.etcd" not in value for value in endpoints.values())
+    for obj in objects:
+        if obj["kind"] not in NOT_BUILT_IN:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSIONS[-1], strict=True)
