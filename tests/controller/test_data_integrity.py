@@ -34,7 +34,7 @@ def fio(nbd: str, volume: str, *options: str) -> list[dict[str, Any]]:
     argv = ["fio", "--name=integrity", "--ioengine=nbd", f"--uri=nbd://{nbd}/{volume}",
             f"--numjobs={JOBS}", f"--size={REGION}", f"--offset_increment={REGION}",
             f"--bssplit={BSSPLIT}", "--iodepth=8", "--verify=crc32c", "--verify_interval=1000",
-            "--verify_fatal=1",
+            "--verify_fatal=1", "--verify_state_save=0",
             "--randrepeat=1", "--output-format=json", *options]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
