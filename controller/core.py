@@ -174,6 +174,21 @@ class Core:
         async with self.locks.plan(name, [block]):
             await self.executor.run(self.engine.plan_background(name, block))
 
+    async def copy_run(self, name: str, first: int, count: int,
+                       max_data: int | None = None) -> int | None:
+        """Blocks [first, first + count) of `name` become its own in one go, if the engine
+        plans them as one run (`MapEngine.plan_background_run`): their copies durable, then
+        one commit. Returns the bytes copied, or None if the run is not one (any more) or
+        its source holds more than `max_data` bytes in it; then nothing changed."""
+        async with self.locks.run(name, first, count):
+            run = self.engine.plan_background_run(name, first, count)
+            if run is None:
+                return None
+            copied = await self.executor.copy_run(run, max_data)
+            if copied is not None:
+                await self.executor.commit(run.commit)
+            return copied
+
     async def finish_copy(self, name: str) -> None:
         """Detaches `name` from its source if every block is its own, and frees what
         no volume needs any more."""

@@ -36,7 +36,7 @@ from controller.mapstore import GroupCommit
 from controller.placement import ExtentRef, ExtentSpec, Layout, Piece, Placement
 from volkin import blockwire as w
 from volkin.api.v1 import agent_pb2
-from volkin.engine import Commit, Copy, MapEngine, Plan, Read, Write
+from volkin.engine import Commit, Copy, CopyRun, MapEngine, Plan, Read, Write
 from volkin.errors import InvalidArgument, NotFound
 
 EXTENT_BLOCK = 512
@@ -117,10 +117,7 @@ class PlanExecutor:
         layout = await self.place(memory)
         pieces = layout.pieces(offset, length)
         for piece in pieces:
-            if piece.extent_id not in self._created:
-                if piece.extent_id not in self._specs:
-                    self._specs.update((spec.extent_id, spec) for spec in layout.extents())
-                await self._create(self._specs[piece.extent_id])
+            await self._create_extent_of(layout, piece.extent_id)
         return pieces
 
     def _written(self, memory: str, pieces: list[Piece], fua: bool) -> None:
@@ -290,16 +287,78 @@ class PlanExecutor:
                           ) -> list[tuple[int, int]]:
         """Where [offset, offset + length) of `memory` holds data on its agents, as
         (start, length) in the memory's bytes, in order; the rest is holes. A memory
-        never placed holds none."""
+        never placed holds none. One agent question per extent, however long the range."""
         layout = self._placement.layout_of(memory)
-        if layout is None:
+        if layout is None or length == 0:
             return []
-        pieces = layout.pieces(offset, length)
+        spans = layout.spans(offset, length)
         answers = await asyncio.gather(*(self.agents.data_ranges(
-            p.node_id, p.extent_id, p.offset, p.length) for p in pieces))
-        ranges = [(offset + p.at + start - p.offset, n)
-                  for p, found in zip(pieces, answers, strict=True) for start, n in found]
-        return sorted(ranges)
+            s.node_id, s.extent_id, s.offset, s.length) for s in spans))
+        found = []
+        for span, ranges in zip(spans, answers, strict=True):
+            for start, n in ranges:
+                found += layout.memory_ranges(span.column,
+                                              span.column_offset + start - span.offset, n)
+        merged: list[tuple[int, int]] = []
+        for start, n in sorted(found):
+            if merged and merged[-1][0] + merged[-1][1] == start:
+                merged[-1] = (merged[-1][0], merged[-1][1] + n)
+            else:
+                merged.append((start, n))
+        return merged
+
+    async def copy_run(self, run: CopyRun, max_data: int | None = None) -> int | None:
+        """Carries out the copies of a background run (the caller holds its blocks and
+        commits `run.commit` after): the run's blocks of the target read as zeros and
+        hold no space, then what the source holds in them is copied, agent to agent;
+        both durable. Holes are not copied, so the work grows with the data, not with
+        the run. Returns the bytes copied, or None without changing anything if the
+        source holds more than `max_data` in the run."""
+        block_size, _ = self._volume_geometry(run.target.memory)
+        offset, length = run.target.block * block_size, run.count * block_size
+        data = await self.data_ranges(run.source.memory, run.source.block * block_size,
+                                      length)
+        copied = sum(n for _, n in data)
+        if max_data is not None and copied > max_data:
+            return None
+        target = await self.place(run.target.memory)
+        spans = target.spans(offset, length)
+        await asyncio.gather(*(self._create_extent_of(target, span.extent_id)
+                               for span in spans))
+        await asyncio.gather(*(self.agents.zero(span.node_id, span.extent_id, span.offset,
+                                                span.length, fua=True, punch=True)
+                               for span in spans))
+        source = self._placement.layout_of(run.source.memory)
+        if source is None or not data:
+            return 0
+        # Cut where either layout moves to another agent or extent: both units are powers
+        # of two, so the smaller one's boundaries are all of them.
+        cut = min(source.unit, target.unit)
+        shift = (run.target.block - run.source.block) * block_size
+        copies = []
+        for start, n in data:
+            at, end = start, start + n
+            while at < end:
+                take = min(end - at, cut - at % cut)
+                (src,) = source.pieces(at, take)
+                (dst,) = target.pieces(at + shift, take)
+                key = (dst.node_id, dst.extent_id, src.extent_id, src.node_id,
+                       BACKGROUND.get())
+                copies.append(self._copies.submit(key, agent_pb2.CopyRange(
+                    source_offset=src.offset, target_offset=dst.offset, length=take)))
+                at += take
+        await asyncio.gather(*copies)
+        return copied
+
+    async def _create_extent_of(self, layout: Layout, extent_id: str) -> None:
+        if extent_id not in self._created:
+            if extent_id not in self._specs:
+                self._specs.update((spec.extent_id, spec) for spec in layout.extents())
+            await self._create(self._specs[extent_id])
+
+    async def commit(self, commit: Commit) -> None:
+        """A commit outside a plan (a background run's), in the group commit's order."""
+        await self._group.commit(commit)
 
     async def allocated_bytes(self, memory: str) -> int:
         """Bytes the extents of `memory` hold on their agents' disks."""

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from enum import Enum
 
 from controller.agents import CALL_BUDGET
+from controller.copywork import CopyWork
 from controller.core import Core
 from controller.executor import BACKGROUND
 from controller.fence import Deposed
@@ -323,17 +324,27 @@ class Jobs:
             target = self._records[job_id].target
             block_size = core.engine.volume(target).block_size
             throttle = _Throttle()
-            # Lazily: the iterator walks a snapshot of the map, segment by segment, so a
-            # 1 TiB target does not become a list of 16 million block numbers. Several
-            # workers share it: plans of different blocks may run at once, and their
-            # commits then share etcd transactions (group commit).
-            blocks = iter(core.engine.blocks_to_copy(target))
+            # Runs of blocks where the engine plans them as one, single blocks elsewhere
+            # (`controller.copywork`). Several workers share the walk: plans of different
+            # blocks and runs may run at once, and their commits then share etcd
+            # transactions (group commit).
+            work = CopyWork(core.engine, target)
             resume = self._resume[job_id]
 
             async def worker() -> None:
-                for block in blocks:
-                    await throttle.take(self._records[job_id].rate, block_size)
-                    await self._copy(job_id, target, block, resume, throttle)
+                while (item := work.next()) is not None:
+                    if isinstance(item, int):
+                        await throttle.take(self._records[job_id].rate, block_size)
+                        await self._copy(job_id, target, item, resume, throttle)
+                        continue
+                    first, count = item
+                    copied = await self._copy_run(job_id, target, first, count,
+                                                  work.max_data(count), resume, throttle)
+                    if copied is None:
+                        work.refine(first, count)
+                    else:  # the rate and the clients' share count the data, not the holes
+                        self._yield.charge(-(-copied // block_size) - 1)
+                        await throttle.take(self._records[job_id].rate, copied)
 
             async with asyncio.TaskGroup() as workers:
                 for _ in range(JOB_WORKERS):
@@ -367,6 +378,24 @@ class Jobs:
                 if not self._in_flight[job_id]:
                     self._idle[job_id].set()
         await self._until_done(job_id, copy, resume, throttle, self._yield)
+
+    async def _copy_run(self, job_id: str, target: str, first: int, count: int,
+                        max_data: int | None, resume: asyncio.Event,
+                        throttle: _Throttle) -> int | None:
+        """Copies a run of blocks as one (`Core.copy_run`), waiting and retrying like a
+        block; returns the bytes copied, or None if it was not carried out."""
+        copied: list[int | None] = [None]
+
+        async def copy() -> None:
+            self._in_flight[job_id] += 1
+            try:
+                copied[0] = await self._core.copy_run(target, first, count, max_data)
+            finally:
+                self._in_flight[job_id] -= 1
+                if not self._in_flight[job_id]:
+                    self._idle[job_id].set()
+        await self._until_done(job_id, copy, resume, throttle, self._yield)
+        return copied[0]
 
     async def _until_done(self, job_id: str, step: Callable[[], Awaitable[None]],
                           resume: asyncio.Event, throttle: _Throttle,

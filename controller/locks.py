@@ -70,6 +70,8 @@ class FamilyLocks:
         self._engine = engine
         self._gates: dict[int, _Gate] = {}
         self._blocks: dict[tuple[int, int], tuple[asyncio.Lock, int]] = {}
+        # Background runs held, per family: (first block, end, set when it ends).
+        self._runs: dict[int, list[tuple[int, int, asyncio.Event]]] = {}
 
     def __len__(self) -> int:
         """Families and blocks with a lock object right now (for tests)."""
@@ -80,25 +82,65 @@ class FamilyLocks:
     async def plan(self, name: str, blocks: Iterable[int]) -> AsyncIterator[int]:
         """Holds `name`'s family shared and `blocks` of it; yields the family."""
         family = await self._enter_family(name)
+        units = [(family, block) for block in sorted(set(blocks))]
+        refs: list[tuple[int, int]] = []
         held: list[tuple[int, int]] = []
         try:
-            for block in sorted(set(blocks)):
-                unit = (family, block)
-                lock = self._ref_block(unit)
-                try:
-                    await lock.acquire()
-                except BaseException:
-                    self._unref_block(unit)
-                    raise
+            while (run := self._run_over(family, units[0][1], units[-1][1] + 1)
+                   if units else None) is not None:
+                await run.wait()
+            # No await from the check above to here: a run starting now sees these blocks.
+            for unit in units:
+                self._ref_block(unit)
+                refs.append(unit)
+            for unit in units:
+                await self._blocks[unit][0].acquire()
                 held.append(unit)
             yield family
         finally:
             for unit in reversed(held):
                 self._blocks[unit][0].release()
+            for unit in refs:
                 self._unref_block(unit)
             gate = self._gates[family]
             await gate.leave_plan()
             self._unref_gate(family)
+
+    @asynccontextmanager
+    async def run(self, name: str, first: int, count: int) -> AsyncIterator[int]:
+        """Holds `name`'s family shared and blocks [first, first + count) of it, as one
+        range (a background run: nothing is kept per block). Plans that want a block of
+        it wait for the run; the run waits for the plans that hold or wait for one."""
+        family = await self._enter_family(name)
+        stop = first + count
+        done = asyncio.Event()
+        runs = self._runs.setdefault(family, [])
+        entry = (first, stop, done)
+        try:
+            while (other := self._run_over(family, first, stop)) is not None:
+                await other.wait()
+            runs.append(entry)
+            gate = self._gates[family]
+            async with gate.cond:  # notified by every plan that leaves the family
+                await gate.cond.wait_for(lambda: not any(
+                    f == family and first <= b < stop for f, b in self._blocks))
+            yield family
+        finally:
+            if entry in runs:
+                runs.remove(entry)
+            if not runs:
+                self._runs.pop(family, None)
+            done.set()
+            gate = self._gates[family]
+            await gate.leave_plan()
+            self._unref_gate(family)
+
+    def _run_over(self, family: int, first: int, stop: int) -> asyncio.Event | None:
+        """The end of a run of `family` that overlaps [first, stop), if one is held."""
+        for begin, end, done in self._runs.get(family, ()):
+            if begin < stop and first < end:
+                return done
+        return None
 
     async def _enter_family(self, name: str) -> int:
         while True:

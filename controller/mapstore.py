@@ -62,6 +62,11 @@ class Pending:
     ticket: int
 
 
+# Segments one transaction of commits writes at most: etcd takes 128 operations per
+# transaction by default, and the guard adds its own.
+TXN_SEGMENTS = 100
+
+
 class MapStore:
     def __init__(self, etcd: GuardedEtcd, keys: Keys) -> None:
         self._etcd = etcd
@@ -195,18 +200,37 @@ class MapStore:
                 self._map_segments[map_id] = set(now)
 
     async def commit(self, engine: MapEngine, commits: Sequence[Commit]) -> None:
-        """Makes several plans' commits durable in one transaction, then applies them."""
+        """Makes several plans' commits durable in as few transactions as etcd takes (at
+        most TXN_SEGMENTS segments each; one commit is never split), then applies them."""
+        group: list[Commit] = []
+        segments: set[tuple[str, int]] = set()
+        for commit in commits:
+            mine = {(change.map_id, index) for change in commit.changes
+                    for index in range(change.block // SEGMENT_BITS,
+                                       -(-(change.block + change.count) // SEGMENT_BITS))}
+            if group and len(segments | mine) > TXN_SEGMENTS:
+                await self._commit_group(engine, group)
+                group, segments = [], set()
+            group.append(commit)
+            segments |= mine
+        if group:
+            await self._commit_group(engine, group)
+
+    async def _commit_group(self, engine: MapEngine, commits: Sequence[Commit]) -> None:
         touched: dict[tuple[str, int], SegmentedBitmap] = {}
         for commit in commits:
             for change in commit.changes:
-                index = change.block // SEGMENT_BITS
-                key = (change.map_id, index)
-                if key not in touched:
-                    current = engine.graph.maps[change.map_id]
-                    scratch = SegmentedBitmap(current.size, current.default)
-                    scratch.load_segment(index, current.segment_bytes(index))
-                    touched[key] = scratch
-                touched[key].set(change.block, change.value)
+                stop = change.block + change.count  # a run's change spans segments
+                for index in range(change.block // SEGMENT_BITS, -(-stop // SEGMENT_BITS)):
+                    key = (change.map_id, index)
+                    if key not in touched:
+                        current = engine.graph.maps[change.map_id]
+                        scratch = SegmentedBitmap(current.size, current.default)
+                        scratch.load_segment(index, current.segment_bytes(index))
+                        touched[key] = scratch
+                    base = index * SEGMENT_BITS
+                    touched[key].set_range(max(change.block, base),
+                                           min(stop, base + SEGMENT_BITS), change.value)
         put: dict[str, bytes] = {}
         delete: list[str] = []
         for (map_id, index), scratch in touched.items():

@@ -76,6 +76,18 @@ class Piece:
 
 
 @dataclass(frozen=True)
+class Span:
+    """`length` bytes at `offset` of an extent, which are bytes [column_offset,
+    column_offset + length) of stripe column `column`."""
+    node_id: str
+    extent_id: str
+    offset: int
+    length: int
+    column: int
+    column_offset: int
+
+
+@dataclass(frozen=True)
 class Layout:
     """How one memory's `size` bytes lie on agents: stripe `unit` bytes round-robin
     over `nodes` (column c on nodes[c]), each column in extents of `extent_bytes`."""
@@ -137,6 +149,47 @@ class Layout:
             yield Piece(self.nodes[column], self.extent_id(column, index), in_extent, take,
                         position - offset)
             position += take
+
+    def spans(self, offset: int, length: int) -> list[Span]:
+        """The parts of the extents that hold [offset, offset + length), each once, in no
+        particular order: one per column and extent, however many units the range
+        covers (a column's units in a range are contiguous in the column). For work on a
+        whole range where the order of bytes does not matter: zeroing, asking for holes."""
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise InvalidArgument(f"{length} bytes at {offset} are not inside {self.size} bytes")
+        if length == 0:
+            return []
+        end = offset + length
+        first_unit, last_unit = offset // self.unit, (end - 1) // self.unit
+        out = []
+        for column, node in enumerate(self.nodes):
+            k1 = first_unit + (column - first_unit) % self.width  # first unit of the column
+            k2 = last_unit - (last_unit - column) % self.width  # last one
+            if k1 > k2:
+                continue
+            start = (k1 // self.width) * self.unit + (offset - k1 * self.unit if k1 == first_unit
+                                                       else 0)
+            stop = (k2 // self.width) * self.unit + (end - k2 * self.unit if k2 == last_unit
+                                                     else self.unit)
+            while start < stop:
+                index, inside = divmod(start, self.extent_bytes)
+                take = min(stop - start, self.extent_bytes - inside)
+                out.append(Span(node, self.extent_id(column, index), inside, take, column,
+                                start))
+                start += take
+        return out
+
+    def memory_ranges(self, column: int, start: int, length: int) -> list[tuple[int, int]]:
+        """Where bytes [start, start + length) of column `column` lie in the memory, as
+        (offset, length), one per stripe unit they touch."""
+        out = []
+        end = start + length
+        while start < end:
+            row, inside = divmod(start, self.unit)
+            take = min(self.unit - inside, end - start)
+            out.append(((row * self.width + column) * self.unit + inside, take))
+            start += take
+        return out
 
     def record(self) -> bytes:
         """The etcd record of this layout."""

@@ -54,6 +54,12 @@ class Yield:
                 self.leave()  # let in, but cancelled before it could start
             raise
 
+    def charge(self, copies: int) -> None:
+        """Counts `copies` more block copies against the gap while clients are busy: a
+        background run admitted once that moved several blocks' worth of data."""
+        if copies > 0 and self._gap and self._busy_for():
+            self._last_start = max(self._last_start, time.monotonic()) + copies * self._gap
+
     def leave(self) -> None:
         self.running -= 1
         self._changed.set()

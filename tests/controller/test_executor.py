@@ -215,6 +215,42 @@ def test_family_locks_serialise_per_block_and_leave_nothing_behind() -> None:
     asyncio.run(scenario())
 
 
+def test_a_run_waits_for_plans_in_its_range_and_plans_in_it_wait_for_the_run() -> None:
+    async def scenario() -> None:
+        engine = MapEngine()
+        engine.create_volume("v", 1 << 20, 512)
+        locks = FamilyLocks(engine)
+        order: list[str] = []
+
+        async def plan(name: str, blocks: list[int], delay: float) -> None:
+            await asyncio.sleep(delay)
+            async with locks.plan("v", blocks):
+                order.append(f"{name}+")
+                await asyncio.sleep(0.03)
+                order.append(f"{name}-")
+
+        async def run(name: str, first: int, count: int, delay: float) -> None:
+            await asyncio.sleep(delay)
+            async with locks.run("v", first, count):
+                order.append(f"{name}+")
+                await asyncio.sleep(0.05)
+                order.append(f"{name}-")
+
+        # p1 holds block 500 when R (blocks 0..999_999) starts: R waits for it; p2 wants
+        # block 700_000 after R started and waits for R; p3 (block 1_000_000, past R's
+        # end) does not wait; R2 overlaps R and waits for it.
+        await asyncio.gather(plan("p1", [500], 0.0), run("R", 0, 1_000_000, 0.01),
+                             plan("p2", [700_000], 0.02), plan("p3", [1_000_000], 0.02),
+                             run("R2", 999_000, 10, 0.02))
+        assert order.index("p1-") < order.index("R+")
+        assert order.index("R-") < order.index("p2+")
+        assert order.index("R-") < order.index("R2+")
+        assert order.index("p3+") < order.index("R-")
+        assert len(locks) == 0 and not locks._runs  # nothing kept per block of a run
+
+    asyncio.run(scenario())
+
+
 def test_a_topology_change_waits_for_its_familys_plans_and_theirs_wait_for_it() -> None:
     async def scenario() -> None:
         engine = MapEngine()

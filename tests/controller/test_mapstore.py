@@ -14,6 +14,7 @@ from tests.engine.harness import Harness
 from tests.support.etcd import EtcdServer, etcd_server
 from volkin import etcd
 from volkin.engine import Commit, MapEngine, Plan
+from volkin.engine.bitmap import SEGMENT_BITS
 from volkin.engine.memstore import MemoryStore
 from volkin.engine.vmview import vm_map
 from volkin.errors import FencedOut, Unavailable
@@ -282,5 +283,32 @@ def test_deleting_a_volume_removes_its_segments(etcd_server: EtcdServer) -> None
                        for key in await client.get_prefix("/t/maps/"))
         h.engine = await unguarded_store(client).load()
         h.check_all()
+
+    run(etcd_server, scenario)
+
+
+def test_commits_over_more_segments_than_etcd_takes_in_one_transaction_all_land(
+        etcd_server: EtcdServer) -> None:
+    """etcd refuses a transaction of more than 128 operations: 300 commits on 300 map
+    segments at once (background runs, or many clients) go in several transactions,
+    none of them split, and a restarted store reads every bit back."""
+    async def scenario(client: etcd.Etcd) -> None:
+        store = unguarded_store(client)
+        engine = await store.load()
+        engine.create_volume("V", 300 * SEGMENT_BITS, 4096)
+        engine.create_volume("W", 300 * SEGMENT_BITS, 4096)
+        engine.start_refresh("W", "V")
+        await store.save(engine)
+        runs = [engine.plan_background_run("W", seg * SEGMENT_BITS, SEGMENT_BITS // 2)
+                for seg in range(300)]
+        assert all(runs)
+        before = store.transactions
+        await store.commit(engine, [run.commit for run in runs if run is not None])
+        assert 3 <= store.transactions - before <= 4
+        again = await unguarded_store(client).load()
+        for seg in range(300):
+            assert again.own_run("W", seg * SEGMENT_BITS, SEGMENT_BITS // 2) is True
+            assert again.own_run("W", seg * SEGMENT_BITS + SEGMENT_BITS // 2,
+                                 SEGMENT_BITS // 2) is False
 
     run(etcd_server, scenario)

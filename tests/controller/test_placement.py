@@ -57,6 +57,23 @@ def test_every_byte_of_a_memory_has_one_place_in_one_extent(
     assert at == length
 
 
+@given(layouts_and_ranges())
+def test_spans_hold_a_range_once_in_a_few_pieces_and_map_back_to_it(
+        case: tuple[Layout, int, int]) -> None:
+    layout, offset, length = case
+    where = {}
+    for piece in layout.pieces(offset, length):
+        for i in range(piece.length):
+            where[(piece.extent_id, piece.offset + i)] = offset + piece.at + i
+    spans = layout.spans(offset, length)
+    covered = [(s.extent_id, s.offset + i) for s in spans for i in range(s.length)]
+    assert sorted(covered) == sorted(where)  # the same bytes, each once
+    assert len(spans) <= len(layout.extents())  # one per extent at most
+    back = sorted(m for s in spans for at, n in layout.memory_ranges(
+        s.column, s.column_offset, s.length) for m in range(at, at + n))
+    assert back == list(range(offset, offset + length))
+
+
 def test_stripe_units_are_dealt_round_robin_over_the_agents() -> None:
     layout = Layout(("a1", "a2", "a3"), MiB, 8 * TiB, 8 * MiB, "m1")
     assert [p.node_id for p in layout.pieces(0, 8 * MiB)] == \

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
-from volkin.engine import Conflict, MapEngine, Plan, Read
+from volkin.engine import BitChange, Commit, Conflict, Copy, CopyRun, Loc, MapEngine, Plan, Read
 from volkin.engine import records as rec
 from volkin.engine.memstore import MemoryStore
 from volkin.engine.reference import ReferenceModel
@@ -175,6 +175,40 @@ class Harness:
         if not self._run(plan, b"", 0, crash_after, None):
             self.restart()
         return plan
+
+    def background_run(self, name: str, first: int, count: int,
+                       crash_after: int | None = None) -> CopyRun | None:
+        """A run of background copies carried out as one (`plan_background_run`), checked
+        against the block-by-block plans it stands for; with `crash_after`, the controller
+        crashes after that many of its copies (before its commit)."""
+        run = self.engine.plan_background_run(name, first, count)
+        if run is None:
+            return None
+        valid = run.commit.changes[0].map_id
+        assert run.commit.changes == (BitChange(valid, first, True, count),), run
+        for block in range(first, first + count):
+            expected = (Copy(Loc(run.source.memory, block), Loc(run.target.memory, block)),
+                        Commit((BitChange(valid, block, True),)))
+            plan = self.engine.plan_background(name, block)
+            assert plan.steps == expected, (str(run), str(plan))
+            self._check_family(name, plan)
+        self.plans_run += 1
+        for index, block in enumerate(range(first, first + count)):
+            if crash_after is not None and index >= crash_after:
+                self.restart()
+                return run
+            self.store.run(self.engine, Plan(block, (Copy(
+                Loc(run.source.memory, block), Loc(run.target.memory, block)),)))
+            if self.check_every_step:
+                self.check_block(block)
+        if crash_after is not None and crash_after == count:
+            self.restart()
+            return run
+        self.store.run(self.engine, Plan(first, (run.commit,)))
+        if self.check_every_step:
+            for block in range(first, first + count):
+                self.check_block(block)
+        return run
 
     def _run(self, plan: Plan, data: bytes, offset: int, crash_after: int | None,
              written: tuple[str, bytes, bytes] | None) -> bool:

@@ -65,3 +65,27 @@ def test_whole_map_operations_agree_with_bit_by_bit_sets(size: int, default: boo
     assert set(a.combine(b, "or").iter_ones()) == plain_a | plain_b
     assert set(a.combine(b, "and").iter_ones()) == plain_a & plain_b
     assert set(a.combine(b, "andnot").iter_ones()) == plain_a - plain_b
+
+
+@given(st.integers(1, 3 * SEGMENT_BITS), st.booleans(), st.data())
+def test_runs_of_bits_agree_with_bit_by_bit(size: int, default: bool, data: st.DataObject) -> None:
+    """`uniform` and `set_range` answer and act as a loop over single bits would."""
+    bits = SegmentedBitmap(size, default)
+    plain = [default] * size
+    for _ in range(data.draw(st.integers(0, 6))):
+        start = data.draw(st.integers(0, size - 1))
+        stop = data.draw(st.integers(start + 1, size))
+        value = data.draw(st.booleans())
+        if data.draw(st.booleans()):
+            bits.set_range(start, stop, value)
+            plain[start:stop] = [value] * (stop - start)
+        else:
+            bits.set(start, value)
+            plain[start] = value
+        probe = data.draw(st.integers(0, size - 1))
+        end = data.draw(st.integers(probe + 1, size))
+        values = set(plain[probe:end])
+        assert bits.uniform(probe, end) == (values.pop() if len(values) == 1 else None)
+    assert [bits.get(n) for n in range(size)] == plain
+    assert bits.count() == sum(plain)
+    assert bits.stored_segments() == len(list(bits.segments()))

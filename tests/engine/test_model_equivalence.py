@@ -103,6 +103,16 @@ class EngineVersusModel(RuleBasedStateMachine):
         self._note(plan.steps, crash_after)
 
     @precondition(lambda self: len(self.h.model.volumes) > 0)
+    @rule(volume=st.integers(0, 20), first=st.integers(0, BLOCKS - 1),
+          count=st.integers(1, BLOCKS), crash_after=st.none() | st.integers(0, BLOCKS))
+    def background_run(self, volume: int, first: int, count: int,
+                       crash_after: int | None) -> None:
+        count = min(count, BLOCKS - first)
+        run = self.h.background_run(self._existing(volume), first, count, crash_after)
+        if run is not None:
+            event(f"a background run of {count} block(s)")
+
+    @precondition(lambda self: len(self.h.model.volumes) > 0)
     @rule(volume=st.integers(0, 20))
     def finish_background_copy(self, volume: int) -> None:
         name = self._existing(volume)

@@ -17,7 +17,7 @@ from volkin.engine.errors import (
     VolumeNotFound,
 )
 from volkin.engine.graph import Kind, Link
-from volkin.engine.plan import BitChange, Commit, Copy, Loc, Plan, Read, Step, Write
+from volkin.engine.plan import BitChange, Commit, Copy, CopyRun, Loc, Plan, Read, Step, Write
 from volkin.engine.records import Changes
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "Commit",
     "Conflict",
     "Copy",
+    "CopyRun",
     "Deleted",
     "EngineError",
     "InvalidRequest",

@@ -83,6 +83,40 @@ class SegmentedBitmap:
     def any(self) -> bool:
         return self.count() > 0
 
+    # -- runs of bits (segment-wise: a run over absent segments costs nothing) --
+    def uniform(self, start: int, stop: int) -> bool | None:
+        """The value of every bit in [start, stop) if they are all equal, else None."""
+        if not 0 <= start < stop <= self.size:
+            raise IndexError(f"bits [{start}, {stop}) are not inside 0..{self.size}")
+        value: bool | None = None
+        for seg, low, high in self._spans(start, stop):
+            bits = self._segments.get(seg)
+            if bits is None:
+                here: bool | None = self.default
+            else:
+                mask = ((1 << (high - low)) - 1) << low
+                part = bits & mask
+                here = True if part == mask else False if part == 0 else None
+            if here is None or (value is not None and here != value):
+                return None
+            value = here
+        return value
+
+    def set_range(self, start: int, stop: int, value: bool) -> None:
+        """Sets every bit in [start, stop) to `value`."""
+        if not 0 <= start <= stop <= self.size:
+            raise IndexError(f"bits [{start}, {stop}) are not inside 0..{self.size}")
+        for seg, low, high in self._spans(start, stop):
+            bits = self._segments.get(seg, self._default_segment(seg))
+            mask = ((1 << (high - low)) - 1) << low
+            self._store(seg, bits | mask if value else bits & ~mask)
+
+    def _spans(self, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
+        """(segment, first bit, end bit) inside each segment that [start, stop) touches."""
+        for seg in range(start // SEGMENT_BITS, -(-stop // SEGMENT_BITS)):
+            base = seg * SEGMENT_BITS
+            yield seg, max(start, base) - base, min(stop, base + SEGMENT_BITS) - base
+
     def iter_ones(self, start: int = 0) -> Iterator[int]:
         """Yields the set bits from `start` on, in order, skipping default-zero segments."""
         first = max(start, 0) // SEGMENT_BITS

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from volkin.engine.bitmap import SegmentedBitmap
 from volkin.engine.errors import Conflict, InvalidRequest, VolumeExists, VolumeNotFound
 from volkin.engine.graph import Graph, Kind, Link, Node, Volume
-from volkin.engine.plan import Commit, Loc, Plan
+from volkin.engine.plan import BitChange, Commit, CopyRun, Loc, Plan
 from volkin.engine.planner import PlanBuilder
 from volkin.engine.records import Changes, changes
 
@@ -278,10 +278,57 @@ class MapEngine:
             return iter(())
         return self.graph.maps[node.valid].iter_zeros(start)
 
+    def own_run(self, name: str, first: int, count: int) -> bool | None:
+        """Whether blocks [first, first + count) of `name` are all its own (True), none of
+        them (False), or some (None); segment by segment, not block by block."""
+        node = self.live_node(name)
+        if node.parent is None:
+            return True
+        return self.graph.maps[node.valid].uniform(first, first + count)
+
+    def plan_background_run(self, name: str, first: int, count: int) -> CopyRun | None:
+        """The background copy of blocks [first, first + count) of `name` as one run, if
+        each of them would get the same plan from `plan_background`: not yet the volume's
+        own, held by no other node of its memory (nothing to evict), and resolving to one
+        memory other than its own through the same ancestor. Else None (copy them block by
+        block). Costs a few operations per map segment, not per block."""
+        volume = self.volume(name)
+        if count <= 0 or first < 0 or first + count > volume.size_blocks:
+            raise InvalidRequest(f"blocks [{first}, {first + count}) are not inside volume "
+                                 f"{name!r} (0..{volume.size_blocks - 1})")
+        node = self.graph.nodes[volume.node]
+        stop = first + count
+        if node.parent is None or self.graph.maps[node.valid].uniform(first, stop) is not False:
+            return None
+        for other in self.graph.nodes_of_memory(node.memory):
+            if other.id != node.id and self.graph.maps[other.valid].uniform(
+                    first, stop) is not False:
+                return None
+        current = self.graph.nodes[node.parent]
+        for _ in range(256):  # as deep as the planner goes
+            held = self.graph.maps[current.valid].uniform(first, stop)
+            if held is None:
+                return None  # some blocks resolve here, some further up
+            if held:
+                if current.memory == node.memory:
+                    return None  # a ghost's: the planner only sets the bit
+                change = BitChange(node.valid, first, True, count)
+                return CopyRun(Loc(current.memory, first), Loc(node.memory, first), count,
+                               Commit((change,)))
+            if current.parent is None:
+                return None  # resolves to nothing: the planner says so, block by block
+            current = self.graph.nodes[current.parent]
+        return None
+
     def apply(self, commit: Commit) -> None:
         """Records a commit that the caller has made durable."""
         for change in commit.changes:
-            self.graph.maps[change.map_id].set(change.block, change.value)
+            if change.count == 1:
+                self.graph.maps[change.map_id].set(change.block, change.value)
+            else:
+                self.graph.maps[change.map_id].set_range(change.block,
+                                                         change.block + change.count,
+                                                         change.value)
 
     def _node_for_block(self, name: str, block: int) -> Node:
         volume = self.volume(name)

@@ -44,14 +44,17 @@ class Loc:
 
 @dataclass(frozen=True)
 class BitChange:
-    """Set bit `block` of map `map_id` to `value`."""
+    """Set bit `block` of map `map_id` to `value` (and the `count` - 1 bits after it: only
+    a `CopyRun`'s commit sets more than one)."""
 
     map_id: str
     block: int
     value: bool
+    count: int = 1
 
     def __str__(self) -> str:
-        return f"{self.map_id}[{self.block}]={int(self.value)}"
+        where = f"{self.block}" if self.count == 1 else f"{self.block}:{self.block + self.count}"
+        return f"{self.map_id}[{where}]={int(self.value)}"
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,24 @@ class Read:
 
 
 Step = Copy | Commit | Write | Read
+
+
+@dataclass(frozen=True)
+class CopyRun:
+    """The background copy of `count` consecutive blocks whose plans are all the same two
+    steps: copy the block from `source`'s memory into `target`'s, then commit its valid
+    bit. Carried out as one: every block's copy durable, then `commit` (all the bits in
+    one change). `MapEngine.plan_background_run` returns one only when that is exactly
+    what `plan_background` would plan for each block of the run, so a run cut short by
+    a crash is a set of copies whose commit never happened, as for single blocks."""
+
+    source: Loc  # the run's first block in the memory its contents resolve to
+    target: Loc  # the run's first block in the volume's own memory
+    count: int
+    commit: Commit
+
+    def __str__(self) -> str:
+        return f"copy run {self.source} -> {self.target} x{self.count}; {self.commit}"
 
 
 @dataclass(frozen=True)
