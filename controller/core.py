@@ -29,7 +29,7 @@ import contextlib
 from collections.abc import Callable, Mapping
 
 from controller.agents import AgentClient
-from controller.executor import EXTENT_BLOCK, PlanExecutor
+from controller.executor import EXTENT_BLOCK, PlanExecutor, RunResult
 from controller.fence import Deposed
 from controller.locks import FamilyLocks
 from controller.mapstore import GroupCommit, MapStore, Pending
@@ -175,19 +175,19 @@ class Core:
             await self.executor.run(self.engine.plan_background(name, block))
 
     async def copy_run(self, name: str, first: int, count: int,
-                       max_data: int | None = None) -> int | None:
+                       max_data: int | None = None) -> RunResult | None:
         """Blocks [first, first + count) of `name` become its own in one go, if the engine
         plans them as one run (`MapEngine.plan_background_run`): their copies durable, then
-        one commit. Returns the bytes copied, or None if the run is not one (any more) or
-        its source holds more than `max_data` bytes in it; then nothing changed."""
+        one commit. Returns what the run found, or None if it is not one (any more); a
+        run whose source holds more than `max_data` bytes in it changes nothing."""
         async with self.locks.run(name, first, count):
             run = self.engine.plan_background_run(name, first, count)
             if run is None:
                 return None
-            copied = await self.executor.copy_run(run, max_data)
-            if copied is not None:
+            result = await self.executor.copy_run(run, max_data)
+            if result.done:
                 await self.executor.commit(run.commit)
-            return copied
+            return result
 
     async def finish_copy(self, name: str) -> None:
         """Detaches `name` from its source if every block is its own, and frees what

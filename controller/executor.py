@@ -29,6 +29,7 @@ import contextlib
 import contextvars
 import itertools
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from controller.agents import AgentClient
 from controller.batching import Batcher
@@ -52,6 +53,14 @@ _CopyKey = tuple[str, str, str, str, bool]
 # cross the network while the ones before them are synced and committed.
 COPY_BATCH = 128
 COPY_SENDS = 8
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a background run found: the bytes its source holds in it, and whether it
+    was carried out (copied) or left alone (more data than the caller allowed)."""
+    data: int
+    done: bool
 
 
 class PlanExecutor:
@@ -307,22 +316,30 @@ class PlanExecutor:
                 merged.append((start, n))
         return merged
 
-    async def copy_run(self, run: CopyRun, max_data: int | None = None) -> int | None:
+    async def copy_run(self, run: CopyRun, max_data: int | None = None) -> RunResult:
         """Carries out the copies of a background run (the caller holds its blocks and
-        commits `run.commit` after): the run's blocks of the target read as zeros and
-        hold no space, then what the source holds in them is copied, agent to agent;
-        both durable. Holes are not copied, so the work grows with the data, not with
-        the run. Returns the bytes copied, or None without changing anything if the
-        source holds more than `max_data` in the run."""
+        commits `run.commit` after): what the source holds in the run is copied, agent
+        to agent, and the rest of the run's blocks in the target read as zeros and hold
+        no space (punched); both durable. Holes are not copied, so the work grows with
+        the data, not with the run. If the source holds more than `max_data` bytes in the
+        run, nothing changes (the result says not done, and how much data there is)."""
         block_size, _ = self._volume_geometry(run.target.memory)
         offset, length = run.target.block * block_size, run.count * block_size
         data = await self.data_ranges(run.source.memory, run.source.block * block_size,
                                       length)
         copied = sum(n for _, n in data)
         if max_data is not None and copied > max_data:
-            return None
+            return RunResult(copied, False)
         target = await self.place(run.target.memory)
-        spans = target.spans(offset, length)
+        shift = (run.target.block - run.source.block) * block_size
+        holes, at = [], offset
+        for start, n in data:  # the rest of the run: its old bytes go, and their space
+            if start + shift > at:
+                holes.append((at, start + shift - at))
+            at = start + shift + n
+        if at < offset + length:
+            holes.append((at, offset + length - at))
+        spans = [span for start, n in holes for span in target.spans(start, n)]
         await asyncio.gather(*(self._create_extent_of(target, span.extent_id)
                                for span in spans))
         await asyncio.gather(*(self.agents.zero(span.node_id, span.extent_id, span.offset,
@@ -330,11 +347,10 @@ class PlanExecutor:
                                for span in spans))
         source = self._placement.layout_of(run.source.memory)
         if source is None or not data:
-            return 0
+            return RunResult(0, True)
         # Cut where either layout moves to another agent or extent: both units are powers
         # of two, so the smaller one's boundaries are all of them.
         cut = min(source.unit, target.unit)
-        shift = (run.target.block - run.source.block) * block_size
         copies = []
         for start, n in data:
             at, end = start, start + n
@@ -348,7 +364,7 @@ class PlanExecutor:
                     source_offset=src.offset, target_offset=dst.offset, length=take)))
                 at += take
         await asyncio.gather(*copies)
-        return copied
+        return RunResult(copied, True)
 
     async def _create_extent_of(self, layout: Layout, extent_id: str) -> None:
         if extent_id not in self._created:

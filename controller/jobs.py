@@ -32,7 +32,7 @@ from enum import Enum
 from controller.agents import CALL_BUDGET
 from controller.copywork import CopyWork
 from controller.core import Core
-from controller.executor import BACKGROUND
+from controller.executor import BACKGROUND, RunResult
 from controller.fence import Deposed
 from controller.guarded import GuardedEtcd
 from controller.mapstore import LayoutError
@@ -332,19 +332,22 @@ class Jobs:
             resume = self._resume[job_id]
 
             async def worker() -> None:
-                while (item := work.next()) is not None:
+                while (item := await work.next()) is not None:
                     if isinstance(item, int):
                         await throttle.take(self._records[job_id].rate, block_size)
                         await self._copy(job_id, target, item, resume, throttle)
                         continue
                     first, count = item
-                    copied = await self._copy_run(job_id, target, first, count,
-                                                  work.max_data(count), resume, throttle)
-                    if copied is None:
-                        work.refine(first, count)
-                    else:  # the rate and the clients' share count the data, not the holes
-                        self._yield.charge(-(-copied // block_size) - 1)
-                        await throttle.take(self._records[job_id].rate, copied)
+                    result = None
+                    try:
+                        result = await self._copy_run(job_id, target, first, count,
+                                                      work.max_data(count), resume, throttle)
+                    finally:
+                        work.finish(first, count, result)
+                    if result is not None and result.done:  # the rate and the clients'
+                        # share count the data, not the holes
+                        self._yield.charge(-(-result.data // block_size) - 1)
+                        await throttle.take(self._records[job_id].rate, result.data)
 
             async with asyncio.TaskGroup() as workers:
                 for _ in range(JOB_WORKERS):
@@ -381,10 +384,10 @@ class Jobs:
 
     async def _copy_run(self, job_id: str, target: str, first: int, count: int,
                         max_data: int | None, resume: asyncio.Event,
-                        throttle: _Throttle) -> int | None:
+                        throttle: _Throttle) -> RunResult | None:
         """Copies a run of blocks as one (`Core.copy_run`), waiting and retrying like a
-        block; returns the bytes copied, or None if it was not carried out."""
-        copied: list[int | None] = [None]
+        block; returns what it found, or None if it is not a run any more."""
+        copied: list[RunResult | None] = [None]
 
         async def copy() -> None:
             self._in_flight[job_id] += 1

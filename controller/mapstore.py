@@ -179,6 +179,11 @@ class MapStore:
             else:
                 put[key] = json.dumps(record, sort_keys=True).encode()
         segments_after: dict[str, dict[int, bytes]] = {}
+        # The segments of a map the change dropped go after it, in transactions of their
+        # own: no record names the map any more (a crash in between leaves keys that
+        # `load` ignores, and map ids are never used again), and a dropped map of a large
+        # volume has more segments than etcd takes in one transaction.
+        garbage: list[str] = []
         for map_id, segments in changes.maps.items():
             now = dict(segments or ())
             segments_after[map_id] = now
@@ -186,11 +191,14 @@ class MapStore:
                 if self._segments.get((map_id, index)) != data:
                     put[self.segment_key(map_id, index)] = zlib.compress(data, 1)
             for index in self._map_segments.get(map_id, set()) - set(now):
-                delete.append(self.segment_key(map_id, index))
+                (garbage if segments is None else delete).append(
+                    self.segment_key(map_id, index))
         if not self._layout_stored and (put or delete):
             put[self._keys.layout] = json.dumps({"layout": LAYOUT}).encode()
         await self._transact(put, delete)
         self._layout_stored = True
+        for start in range(0, len(garbage), TXN_SEGMENTS):
+            await self._transact({}, garbage[start:start + TXN_SEGMENTS])
         for map_id, now in segments_after.items():
             for index in self._map_segments.pop(map_id, set()):
                 self._segments.pop((map_id, index), None)

@@ -287,7 +287,7 @@ def test_deleting_a_volume_removes_its_segments(etcd_server: EtcdServer) -> None
     run(etcd_server, scenario)
 
 
-def test_commits_over_more_segments_than_etcd_takes_in_one_transaction_all_land(
+def test_commits_and_deletes_over_more_segments_than_one_etcd_transaction_takes_all_land(
         etcd_server: EtcdServer) -> None:
     """etcd refuses a transaction of more than 128 operations: 300 commits on 300 map
     segments at once (background runs, or many clients) go in several transactions,
@@ -310,5 +310,17 @@ def test_commits_over_more_segments_than_etcd_takes_in_one_transaction_all_land(
             assert again.own_run("W", seg * SEGMENT_BITS, SEGMENT_BITS // 2) is True
             assert again.own_run("W", seg * SEGMENT_BITS + SEGMENT_BITS // 2,
                                  SEGMENT_BITS // 2) is False
+        # W made real and deleted: its maps' 300 segments go too, in transactions etcd
+        # takes, after the one that deletes its records.
+        rest = [engine.plan_background_run("W", seg * SEGMENT_BITS + SEGMENT_BITS // 2,
+                                           SEGMENT_BITS // 2) for seg in range(300)]
+        await store.commit(engine, [run.commit for run in rest if run is not None])
+        assert engine.detach_if_real("W")
+        await store.save(engine)
+        engine.delete_volume("W")
+        await store.save(engine)
+        left = await client.get_prefix("/t/maps/")
+        assert len(left) < 10, sorted(left)[:20]  # V's maps are defaults: no segments
+        assert "W" not in (await unguarded_store(client).load()).graph.volumes
 
     run(etcd_server, scenario)

@@ -368,7 +368,8 @@ def test_a_sparse_tib_is_refreshed_and_made_real_in_work_that_grows_with_its_dat
         await finished(jobs, job.id)
         assert core.engine.info("big2").source is None
         assert core.store.transactions - before < 2000  # one per run, not per block (2^24)
-        assert await core.allocated_bytes("big2") == 64 * MiB
+        # 64 MiB, and a few blocks of the file systems' extent trees on the agents.
+        assert 64 * MiB <= await core.allocated_bytes("big2") < 65 * MiB
         await qemu_io(f"{base}/big2", "read -P 0x71 0 16M", "read -P 0x72 300G 16M",
                       "read -P 0x73 700G 31M", f"read -P 0x74 {size - MiB} 1M",
                       "read -P 0 100G 8M", "read -P 0 16M 1M")
@@ -378,7 +379,7 @@ def test_a_sparse_tib_is_refreshed_and_made_real_in_work_that_grows_with_its_dat
         job = await jobs.start_materialize("snap", rate=0)
         await finished(jobs, job.id)
         assert core.engine.info("snap").source is None
-        assert await core.allocated_bytes("snap") == 64 * MiB
+        assert 64 * MiB <= await core.allocated_bytes("snap") < 65 * MiB
         await qemu_io(f"{base}/snap", "read -P 0x71 0 16M", "read -P 0x73 700G 31M",
                       f"read -P 0x74 {size - MiB} 1M")
 
