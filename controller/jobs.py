@@ -139,23 +139,52 @@ class _Waiting:
 
 
 class _Throttle:
-    """Never ahead of `rate` bytes per second of *running* time: a pause does not count,
-    so a resumed job does not burst to catch up."""
+    """Never ahead of `rate` bytes per second of *running* time, and never behind it
+    either: each copy takes the next free slot in time, `amount / rate` seconds after
+    the one before, and a slot is never earlier than now, so idle time — a pause, a
+    wait for an agent — earns no credit to burst with later.
+
+    A worker that waited through a pause holding a block it had taken a slot for
+    before the pause takes a new slot when the job resumes (`resumed`): slots that
+    passed during the pause are spent, not saved up. A new rate (`volkin job
+    set-rate`) starts a new schedule at once: sleepers look again every RECHECK
+    seconds and take a slot of the new one."""
+
+    RECHECK = 0.5
 
     def __init__(self) -> None:
-        self.reset()
+        self._rate = 0
+        self._next = 0.0  # monotonic time of the next free slot
+        self._amount = 0
+        self._schedule = 0  # bumped when the rate changes: older slots are void
 
     def reset(self) -> None:
-        self._start = time.monotonic()
-        self._taken = 0
+        """Forgets the schedule: the next copy may start at once."""
+        self._next = time.monotonic()
+        self._schedule += 1
 
     async def take(self, rate: int, amount: int) -> None:
-        if not rate:
-            return
-        ahead = self._taken / rate - (time.monotonic() - self._start)
-        self._taken += amount
-        if ahead > 0:
-            await asyncio.sleep(ahead)
+        """Waits for the slot of a copy of `amount` bytes at `rate` (0: unlimited)."""
+        self._amount = amount
+        if rate != self._rate:
+            self._rate = rate
+            self.reset()
+        while self._rate:
+            now = time.monotonic()
+            slot = max(self._next, now)
+            self._next = slot + amount / self._rate
+            schedule = self._schedule
+            while (left := slot - time.monotonic()) > 0:
+                await asyncio.sleep(min(left, self.RECHECK))
+                if self._schedule != schedule:
+                    break  # the rate changed: take a slot of the new schedule
+            else:
+                return
+
+    async def resumed(self, rate: int) -> None:
+        """Called by a worker that waited through a pause: its slot was taken before the
+        pause, so it takes a new one before it copies."""
+        await self.take(rate, self._amount)
 
 
 class Jobs:
@@ -377,7 +406,7 @@ class Jobs:
         while True:
             if not resume.is_set():  # paused: `pause` waits for in-flight blocks
                 await resume.wait()
-                throttle.reset()
+                await throttle.resumed(self._records[job_id].rate)
             if admission is not None:
                 await admission.enter()
             try:
