@@ -160,6 +160,10 @@ class ClusterSurvey:
             stats = await self._connections.stub(address).StatStore(
                 agent_pb2.StatStoreRequest(), timeout=self._timeout)
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # it answers: an older agent
+                return AgentHealth(node, address, data_address, registered=True, alive=True,
+                                   error="answers, but is too old to report its space "
+                                         "(no StatStore)")
             error = error_from_agent(exc.code(), " ".join((exc.details() or "").split()))
             return AgentHealth(node, address, data_address, registered=True,
                                error=f"registered but does not answer at {address}: "
