@@ -343,12 +343,22 @@ class Jobs:
             record = self._records[job_id]
             if record.state is JobState.DONE:
                 return record
+            if self._real(record.target):  # stopped after its detach: the copy is done
+                await self._finish(record, JobState.DONE)
+                return self._records[job_id]
             await self._store(replace(record, state=JobState.CANCELLED, error=""))
         if job_id in self._waiting:
             self._waiting[job_id].succeeded()
         event(_log, "job.finished", job=job_id, state=JobState.CANCELLED.value,
               target=record.target, error="-")
         return self._records[job_id]
+
+    def _real(self, name: str) -> bool:
+        """Whether volume `name` exists and reads through no other volume any more."""
+        try:
+            return self._core.engine.info(name).source is None
+        except VolkinError:
+            return False
 
     async def set_rate(self, job_id: str, rate: int) -> JobRecord:
         """Stores the job's new rate; a running job's copies take it at their next slot."""
