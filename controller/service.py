@@ -279,15 +279,15 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             term = self._term
             states = ([term.jobs.status(r).state for r in term.jobs.list()]
                       if term is not None else None)
-            health = await self._surveyor().cluster(states)
+            known = term.core.agents.directory.records if term is not None else None
+            health = await self._surveyor().cluster(states, known)
             leader, etcd, jobs = health.leader, health.etcd, health.jobs
             return admin_pb2.ClusterStatus(
                 healthy=health.healthy, problems=health.problems,
                 controller=admin_pb2.ControllerStatus(
                     leader=leader.node_id, leader_admin_address=leader.admin_address,
                     leader_nbd_address=leader.nbd_address, epoch=leader.epoch,
-                    answered_by=self._node_id,
-                    answered_by_leader=term is not None and leader.node_id == self._node_id),
+                    answered_by=self._node_id, answered_by_leader=term is not None),
                 agents=[_agent(a) for a in health.agents],
                 etcd=admin_pb2.EtcdHealth(
                     healthy=etcd.healthy, error=etcd.error, db_size_bytes=etcd.db_size_bytes,

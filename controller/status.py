@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import grpc
@@ -94,16 +94,24 @@ class ClusterSurvey:
     async def close(self) -> None:
         await self._connections.close()
 
-    async def cluster(self, jobs: Iterable[JobState] | None = None) -> ClusterHealth:
+    async def cluster(self, jobs: Iterable[JobState] | None = None,
+                      known: Mapping[str, Mapping[str, object]] | None = None
+                      ) -> ClusterHealth:
         """Everything at once. `jobs`: the states of the jobs as the leader reports them
-        (with `waiting`); None reads the stored states from etcd."""
+        (with `waiting`); None reads the stored states from etcd. `known`: the agents'
+        registrations as the leader last read them, asked instead when etcd cannot be."""
         etcd = await self.etcd()
+        counts = Counter(jobs) if jobs is not None else Counter()
         try:
             leader = await self.leader()
             agents = await self.agents()
-            counts = Counter(jobs) if jobs is not None else await self._stored_job_states()
+            if jobs is None:
+                counts = await self._stored_job_states()
         except EtcdUnavailable:
-            leader, agents, counts = Leader("", "", "", 0), [], Counter()
+            leader = Leader("", "", "", 0)
+            agents = list(await asyncio.gather(*(self._agent(node, dict(record))
+                                                 for node, record in sorted(
+                                                     (known or {}).items()))))
         problems = []
         if not etcd.healthy:
             problems.append(f"etcd: {etcd.error}")

@@ -1,5 +1,6 @@
 """`volkin status` and `volkin agent list` on a dev cluster of real processes: a healthy
-cluster, then one whose agent was killed, then one where it is back."""
+cluster, then one whose agent was killed, then one where it is back; then one whose etcd
+does not answer."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def _status(cluster: DevCluster) -> tuple[int, dict[str, object], str]:
 
 
 @pytest.mark.slow
-def test_status_tells_a_healthy_cluster_from_one_with_an_agent_down(
+def test_status_tells_a_healthy_cluster_from_one_with_an_agent_down_or_etcd_unanswering(
         dev_dir: DevCluster) -> None:
     assert dev_dir.up("--agents", "2").returncode == 0
     dev_dir.ok("volume", "create", "held", "--size", "8MiB")  # extents on both agents
@@ -65,6 +66,21 @@ def test_status_tells_a_healthy_cluster_from_one_with_an_agent_down(
     assert code == 3 and "agent agent2: holds extents but is not registered" in stderr
 
     assert dev_dir.up().returncode == 0  # starts agent2 again
+    deadline = time.monotonic() + 30
+    while (code := _status(dev_dir)[0]) != 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert code == 0
+
+    etcd = int(str(dev_dir.status()["etcd"]["pid"]))
+    os.kill(etcd, signal.SIGSTOP)
+    try:
+        done = dev_dir.cli("status")
+    finally:
+        os.kill(etcd, signal.SIGCONT)
+    assert done.returncode == 3
+    assert done.stderr.startswith("volkin: cluster unhealthy: etcd: ") and done.stderr.count(
+        "\n") == 1
+    assert "controller  unknown: etcd cannot be read" in done.stdout
     deadline = time.monotonic() + 30
     while (code := _status(dev_dir)[0]) != 0 and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -190,6 +190,9 @@ def status_text(status: Row) -> str:
         leader = (f"{c['leader']} leads, epoch {c['epoch']}, admin {c['admin_address'] or '-'}"
                   f", nbd {c['nbd_address'] or '-'} (answered by {c['answered_by']}, "
                   f"{role})")
+    elif not e["healthy"]:
+        role = "leader" if c["answered_by_leader"] else "standby"
+        leader = f"unknown: etcd cannot be read (answered by {c['answered_by']}, {role})"
     else:
         leader = f"none leads (answered by {c['answered_by']}, standby)"
     if e["healthy"]:
