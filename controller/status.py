@@ -89,10 +89,10 @@ class ClusterSurvey:
         self._etcd = etcd
         self._keys = keys
         self._timeout = timeout
-        self._connections = AgentConnections(CHANNEL_OPTIONS)
 
     async def close(self) -> None:
-        await self._connections.close()
+        """Nothing stays open between calls (each asks the agents on channels of its own,
+        so an agent that moved leaves no channel behind)."""
 
     async def cluster(self, jobs: Iterable[JobState] | None = None,
                       known: Mapping[str, Mapping[str, object]] | None = None
@@ -109,9 +109,8 @@ class ClusterSurvey:
                 counts = await self._stored_job_states()
         except EtcdUnavailable:
             leader = Leader("", "", "", 0)
-            agents = list(await asyncio.gather(*(self._agent(node, dict(record))
-                                                 for node, record in sorted(
-                                                     (known or {}).items()))))
+            agents = await self._ask({node: dict(record)
+                                      for node, record in (known or {}).items()})
         problems = []
         if not etcd.healthy:
             problems.append(f"etcd: {etcd.error}")
@@ -155,17 +154,26 @@ class ClusterSurvey:
                 holding.update(Layout.from_record(raw, 0).nodes)
             except (ValueError, KeyError, TypeError):
                 continue
-        nodes = sorted(set(records) | holding)
-        return list(await asyncio.gather(*(self._agent(n, records.get(n)) for n in nodes)))
+        return await self._ask({node: records.get(node) for node in set(records) | holding})
 
-    async def _agent(self, node: str, record: dict[str, object] | None) -> AgentHealth:
+    async def _ask(self, records: Mapping[str, dict[str, object] | None]) -> list[AgentHealth]:
+        """Each agent (None: not registered) asked at once, in node order."""
+        connections = AgentConnections(CHANNEL_OPTIONS)
+        try:
+            return list(await asyncio.gather(*(self._agent(connections, node, records[node])
+                                               for node in sorted(records))))
+        finally:
+            await connections.close()
+
+    async def _agent(self, connections: AgentConnections, node: str,
+                     record: dict[str, object] | None) -> AgentHealth:
         if record is None:
             return AgentHealth(node, error="holds extents but is not registered in etcd (its "
                                            "lease expired: is volkin-agent running there?)")
         address = str(record.get("address", ""))
         data_address = str(record.get("data_address", ""))
         try:
-            stats = await self._connections.stub(address).StatStore(
+            stats = await connections.stub(address).StatStore(
                 agent_pb2.StatStoreRequest(), timeout=self._timeout)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # it answers: an older agent
