@@ -1,18 +1,19 @@
 """The Admin gRPC servicer: converts protobuf to calls on the core and the jobs, and back.
 
 Domain errors become gRPC statuses through `volkin.rpc_status`, in one place
-(`_answer`); nothing here decides anything about volumes.
+(`_answer`); nothing here decides anything about volumes. The servicer lives as
+long as the process; it serves the current leadership term (`attach`) and
+answers UNAVAILABLE while this controller is a standby or cannot prove it still
+leads — except the cluster's status (`controller.status`), which a standby
+answers too.
 
 Audit: `_answer` is also the one place that logs every mutation of the cluster
 (the RPCs in `MUTATIONS`), whatever its outcome, as one line
 
-    event=audit.<rpc> who=<peer> <what it named> result=ok|<status code> [error=...]
+    event=audit.<rpc> who=<peer> <what it named> [error=...] result=ok|<status code>
 
 `who` is the gRPC peer's address (`ipv4:127.0.0.1:40312`); with TLS it will be the
-client certificate's identity. Reads are not audited. The servicer lives as
-long as the process; it serves the current leadership term (`attach`) and
-answers UNAVAILABLE while this controller is a standby or cannot prove it still
-leads.
+client certificate's identity. Reads are not audited.
 """
 
 from __future__ import annotations
