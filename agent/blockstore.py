@@ -86,6 +86,7 @@ class BlockStore:
                  fence_wait: float = DEFAULT_FENCE_WAIT, clock: Clock = time.monotonic) -> None:
         """Opens the store: reads the metas (removing crash debris), then the node
         epoch (initialised from the metas if the data directory has none yet)."""
+        self.data_dir = data_dir
         self._dir = ExtentDir(data_dir / "extents")
         scan = self._dir.scan()
         self.fence = NodeFence(data_dir, node_id, fence_wait, scan.highest_epoch, clock)
@@ -134,6 +135,14 @@ class BlockStore:
     def count(self) -> int:
         with self._lock:
             return len(self._live)
+
+    def space(self) -> tuple[int, int, int]:
+        """(capacity, used, available) bytes of the file system of the data directory:
+        its size, what anything uses on it, and what this process may still allocate."""
+        with fileio.storage_errors("asking the data directory's file system for its space"):
+            fs = os.statvfs(self.data_dir)
+        return (fs.f_blocks * fs.f_frsize, (fs.f_blocks - fs.f_bfree) * fs.f_frsize,
+                fs.f_bavail * fs.f_frsize)
 
     def check_range(self, extent_id: str, offset: int, length: int, what: str) -> ExtentInfo:
         """Validates a range of an extent without touching data; returns the extent."""

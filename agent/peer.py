@@ -31,7 +31,7 @@ from volkin.api.v1 import agent_pb2, agent_pb2_grpc
 from volkin.blockclient import AgentConnections
 from volkin.errors import InvalidArgument, OutOfRange, StorageIOError, Unavailable, VolkinError
 from volkin.log import event
-from volkin.rpc_status import error_from_rpc
+from volkin.rpc_status import error_from_agent
 
 _log = logging.getLogger("agent.peer")
 
@@ -92,7 +92,7 @@ def _pieces(ranges: Sequence[CopyRange]) -> list[CopyRange]:
 
 
 def _domain_error(exc: grpc.aio.AioRpcError, address: str) -> VolkinError:
-    return error_from_rpc(exc.code(), f"peer agent {address}: {exc.details()}")
+    return error_from_agent(exc.code(), f"peer agent {address}: {exc.details()}")
 
 
 async def _check_source(channels: PeerChannels, copy: PeerCopy) -> None:

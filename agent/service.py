@@ -215,6 +215,17 @@ class BlockStoreService(agent_pb2_grpc.BlockStoreServicer):
             await _abort(context, exc)
         return agent_pb2.FenceResponse(epoch=epoch)
 
+    async def StatStore(self, request: agent_pb2.StatStoreRequest,
+                        context: Context) -> agent_pb2.StoreStats:
+        try:
+            with self._call("stat_store").measure():
+                capacity, used, available = await asyncio.to_thread(self._store.space)
+        except VolkinError as exc:
+            await _abort(context, exc)
+        return agent_pb2.StoreStats(capacity_bytes=capacity, used_bytes=used,
+                                    available_bytes=available, extents=self._store.count(),
+                                    epoch=self._store.fence.epoch)
+
 
 SERVER_OPTIONS = [
     # One Write carries at most MAX_IO_BYTES of data; larger messages are refused by

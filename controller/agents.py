@@ -39,7 +39,7 @@ from volkin.errors import FencedOut, NotFound, Unavailable, VolkinError
 from volkin.etcd import Etcd, EtcdUnavailable
 from volkin.keys import Keys
 from volkin.log import event
-from volkin.rpc_status import error_from_rpc
+from volkin.rpc_status import error_from_agent
 
 _log = logging.getLogger("controller.agents")
 T = TypeVar("T")
@@ -301,7 +301,7 @@ class AgentClient:
                 raise Deposed(f"this controller is no longer the active one: "
                               f"{self.fence.reason}") from exc
             except grpc.aio.AioRpcError as exc:
-                error = error_from_rpc(exc.code(), f"agent {node} ({address}) could not "
+                error = error_from_agent(exc.code(), f"agent {node} ({address}) could not "
                                                    f"{what}: {_one_line(exc.details())}")
                 if isinstance(error, FencedOut):
                     self.fence.depose(f"agent {node} has seen a newer controller: "

@@ -32,6 +32,7 @@ from controller.leadership import Leadership
 from controller.mapstore import LayoutError
 from controller.nbd.server import NbdServer
 from controller.service import AdminService
+from controller.status import ClusterSurvey
 from controller.term import Term
 from controller.volumes import CoreDevice
 from volkin import etcd
@@ -49,7 +50,8 @@ async def serve(config: ControllerConfig) -> None:
     client = await etcd.connect(config.etcd_endpoints)
     leadership = Leadership(client, keys, config.node_id, config.lease_ttl)
     nbd = NbdServer(io_wait=config.io_wait)
-    admin = AdminService(nbd, config.block_size, config.node_id)
+    survey = ClusterSurvey(client, keys)
+    admin = AdminService(nbd, config.block_size, config.node_id, survey)
     server = grpc.aio.server()
     admin_pb2_grpc.add_AdminServicer_to_server(admin, server)  # type: ignore[no-untyped-call]
     health = HealthServicer()
@@ -80,6 +82,7 @@ async def serve(config: ControllerConfig) -> None:
         await leadership.release()  # the next controller must not wait out the lease
         await nbd.stop()
         await server.stop(0)
+        await survey.close()
         await client.close()
 
 

@@ -16,6 +16,13 @@ Only after `fail_after` seconds of waiting does it fail; `resume` takes a failed
 job too. `waiting` is not stored: a job that waits is still `running` in etcd,
 which is what the next controller must resume. A controller that is deposed
 stops its jobs without writing anything: the next one resumes them.
+
+Cancel: the job stops for good (`cancelled`) once no block copy and no detach of
+its target is in flight (it holds the target's family lock to be sure), and the
+target is left exactly as the maps say: the blocks copied are its own, the rest
+still read through the source, so it keeps reading as the PIT copy it became
+when the job started, and the source stays as long as it does. Nothing is undone
+and nothing is lost; `resume` (or a new refresh or materialize) continues it.
 """
 
 from __future__ import annotations
@@ -77,6 +84,7 @@ class JobState(Enum):
     WAITING = "waiting"  # shown, never stored: running, retrying an unreachable part
     DONE = "done"
     FAILED = "failed"
+    CANCELLED = "cancelled"  # stopped by `cancel`: nothing failed, the copy is left as it was
 
 
 @dataclass(frozen=True)
@@ -140,23 +148,60 @@ class _Waiting:
 
 
 class _Throttle:
-    """Never ahead of `rate` bytes per second of *running* time: a pause does not count,
-    so a resumed job does not burst to catch up."""
+    """Never ahead of `rate` bytes per second of *running* time, and never behind it
+    either: each copy takes the next free slot in time, `amount / rate` seconds after
+    the one before, and a slot is never earlier than now, so idle time — a pause, a
+    wait for an agent — earns no credit to burst with later.
 
-    def __init__(self) -> None:
-        self.reset()
+    A worker that waited through a pause holding a block it had taken a slot for
+    before the pause takes a new slot when the job resumes (`resumed`): slots that
+    passed during the pause are spent, not saved up. A new rate (`volkin job
+    set-rate`) starts a new schedule at once: sleepers look again every RECHECK
+    seconds and take a slot of the new one."""
+
+    RECHECK = 0.5
+
+    def __init__(self, rate_of: Callable[[], int] | None = None) -> None:
+        # Where sleepers look for the job's current rate: every block may already be
+        # in a worker's hands, waiting for its slot, when the rate changes.
+        self._rate_of = rate_of
+        self._rate = 0
+        self._next = 0.0  # monotonic time of the next free slot
+        self._amount = 0
+        self._schedule = 0  # bumped when the rate changes: older slots are void
 
     def reset(self) -> None:
-        self._start = time.monotonic()
-        self._taken = 0
+        """Forgets the schedule: the next copy may start at once."""
+        self._next = time.monotonic()
+        self._schedule += 1
 
     async def take(self, rate: int, amount: int) -> None:
-        if not rate:
-            return
-        ahead = self._taken / rate - (time.monotonic() - self._start)
-        self._taken += amount
-        if ahead > 0:
-            await asyncio.sleep(ahead)
+        """Waits for the slot of a copy of `amount` bytes at `rate` (0: unlimited)."""
+        self._amount = amount
+        self._follow(rate)
+        while self._rate:
+            now = time.monotonic()
+            slot = max(self._next, now)
+            self._next = slot + amount / self._rate
+            schedule = self._schedule
+            while (left := slot - time.monotonic()) > 0:
+                await asyncio.sleep(min(left, self.RECHECK))
+                if self._rate_of is not None:
+                    self._follow(self._rate_of())
+                if self._schedule != schedule:
+                    break  # the rate changed: take a slot of the new schedule
+            else:
+                return
+
+    def _follow(self, rate: int) -> None:
+        if rate != self._rate:
+            self._rate = rate
+            self.reset()
+
+    async def resumed(self, rate: int) -> None:
+        """Called by a worker that waited through a pause: its slot was taken before the
+        pause, so it takes a new one before it copies."""
+        await self.take(rate, self._amount)
 
 
 class Jobs:
@@ -278,21 +323,75 @@ class Jobs:
             await self._idle[job_id].wait()
         return self._records[job_id]
 
+    async def cancel(self, job_id: str) -> JobRecord:
+        """Stops the job for good: `cancelled`, its task ended at a point where no block
+        copy and no detach is in flight. A job that ended meanwhile keeps its end (a
+        copy that was finishing ends `done`). Done or cancelled already: refused."""
+        record = self.get(job_id)
+        if record.state in (JobState.DONE, JobState.CANCELLED):
+            raise FailedPrecondition(f"job {job_id} is {record.state.value} already; only a "
+                                     f"running, waiting, paused or failed job can be cancelled")
+        resume = self._resume.get(job_id)
+        if resume is not None:
+            resume.clear()  # first: no new block starts from here on
+        # The target's family, exclusively: no plan of its blocks and no detach is
+        # running while the task stops, so it stops between two steps, as after a pause.
+        async with self._core.locks.topology(record.target):
+            task = self._tasks.pop(job_id, None)
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            record = self._records[job_id]
+            if record.state is JobState.DONE:
+                return record
+            if self._real(record.target):  # stopped after its detach: the copy is done
+                await self._finish(record, JobState.DONE)
+                return self._records[job_id]
+            await self._store(replace(record, state=JobState.CANCELLED, error=""))
+        if job_id in self._waiting:
+            self._waiting[job_id].succeeded()
+        event(_log, "job.finished", job=job_id, state=JobState.CANCELLED.value,
+              target=record.target, error="-")
+        return self._records[job_id]
+
+    def _real(self, name: str) -> bool:
+        """Whether volume `name` exists and reads through no other volume any more."""
+        try:
+            return self._core.engine.info(name).source is None
+        except VolkinError:
+            return False
+
+    async def set_rate(self, job_id: str, rate: int) -> JobRecord:
+        """Stores the job's new rate; a running job's copies take it at their next slot."""
+        if rate < 0:
+            raise InvalidArgument(f"rate must be >= 0 bytes per second, got {rate}")
+        record = self.get(job_id)
+        if record.state is JobState.DONE:
+            raise FailedPrecondition(f"job {job_id} is done; its rate no longer matters")
+        await self._store(replace(record, rate=rate))
+        return self._records[job_id]
+
     async def resume(self, job_id: str) -> JobRecord:
-        """Resumes a paused job, or retries a failed one from where the maps say it is."""
+        """Resumes a paused job, or retries a failed or cancelled one from where the maps
+        say it is."""
         record = self.get(job_id)
         if record.state is JobState.RUNNING:
             return record
-        if record.state is JobState.FAILED:
+        if record.state in (JobState.FAILED, JobState.CANCELLED):
             self._core.engine.info(record.target)  # NotFound if the target is gone
+            for other in self._records.values():
+                if other.target == record.target and other.state in (JobState.RUNNING,
+                                                                       JobState.PAUSED):
+                    raise FailedPrecondition(f"job {other.id} copies {record.target} now; "
+                                             f"follow that one instead of resuming {job_id}")
             record = replace(record, state=JobState.RUNNING, error="")
             await self._store(record)
             self._start(record)
             event(_log, "job.retried", job=job_id, target=record.target)
             return record
         if record.state is not JobState.PAUSED:
-            raise FailedPrecondition(f"job {job_id} is {record.state.value}; only a paused "
-                                     f"or failed job can be resumed")
+            raise FailedPrecondition(f"job {job_id} is {record.state.value}; only a paused, "
+                                     f"failed or cancelled job can be resumed")
         record = replace(record, state=JobState.RUNNING)
         await self._store(record)
         self._resume[job_id].set()
@@ -323,7 +422,7 @@ class Jobs:
         try:
             target = self._records[job_id].target
             block_size = core.engine.volume(target).block_size
-            throttle = _Throttle()
+            throttle = _Throttle(lambda: self._records[job_id].rate)
             # Runs of blocks where the engine plans them as one, single blocks elsewhere
             # (`controller.copywork`). Several workers share the walk: plans of different
             # blocks and runs may run at once, and their commits then share etcd
@@ -409,7 +508,7 @@ class Jobs:
         while True:
             if not resume.is_set():  # paused: `pause` waits for in-flight blocks
                 await resume.wait()
-                throttle.reset()
+                await throttle.resumed(self._records[job_id].rate)
             if admission is not None:
                 await admission.enter()
             try:

@@ -4,7 +4,16 @@ Domain errors become gRPC statuses through `volkin.rpc_status`, in one place
 (`_answer`); nothing here decides anything about volumes. The servicer lives as
 long as the process; it serves the current leadership term (`attach`) and
 answers UNAVAILABLE while this controller is a standby or cannot prove it still
-leads.
+leads — except the cluster's status (`controller.status`), which a standby
+answers too.
+
+Audit: `_answer` is also the one place that logs every mutation of the cluster
+(the RPCs in `MUTATIONS`), whatever its outcome, as one line
+
+    event=audit.<rpc> who=<peer> <what it named> [error=...] result=ok|<status code>
+
+`who` is the gRPC peer's address (`ipv4:127.0.0.1:40312`); with TLS it will be the
+client certificate's identity. Reads are not audited.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import grpc
 
 from controller.jobs import JobRecord, JobState
 from controller.nbd.server import NbdServer
+from controller.status import AgentHealth, ClusterSurvey
 from controller.term import Term
 from volkin.api.v1 import admin_pb2, admin_pb2_grpc
 from volkin.engine import Kind, VolumeInfo
@@ -26,6 +36,7 @@ from volkin.log import event
 from volkin.rpc_status import status_of
 
 _log = logging.getLogger("controller.service")
+_audit = logging.getLogger("controller.audit")
 Context = grpc.aio.ServicerContext[Any, Any]
 T = TypeVar("T")
 
@@ -34,26 +45,59 @@ _STATE = {JobState.RUNNING: admin_pb2.JOB_STATE_RUNNING,
           JobState.PAUSED: admin_pb2.JOB_STATE_PAUSED,
           JobState.WAITING: admin_pb2.JOB_STATE_WAITING,
           JobState.DONE: admin_pb2.JOB_STATE_DONE,
-          JobState.FAILED: admin_pb2.JOB_STATE_FAILED}
-_ENDED = (admin_pb2.JOB_STATE_DONE, admin_pb2.JOB_STATE_FAILED)
+          JobState.FAILED: admin_pb2.JOB_STATE_FAILED,
+          JobState.CANCELLED: admin_pb2.JOB_STATE_CANCELLED}
+_ENDED = (admin_pb2.JOB_STATE_DONE, admin_pb2.JOB_STATE_FAILED, admin_pb2.JOB_STATE_CANCELLED)
 _JOB_KIND = {"refresh": admin_pb2.JOB_KIND_REFRESH, "materialize": admin_pb2.JOB_KIND_MATERIALIZE}
 WATCH_INTERVAL = 0.2
 
 
-async def _answer(context: Context, call: Callable[[], Awaitable[T]]) -> T:
+# The Admin RPCs that change the cluster: each is audited (a test checks that every
+# RPC of the service is here or in READS, so a new one cannot be forgotten).
+MUTATIONS = frozenset({"CreateVolume", "DeleteVolume", "CreateSnapshot", "StartRefresh",
+                       "StartMaterialize", "PauseJob", "ResumeJob", "CancelJob", "SetJobRate"})
+READS = frozenset({"GetVolume", "ListVolumes", "GetJob", "ListJobs", "WatchJob",
+                   "GetClusterStatus", "ListAgents"})
+
+
+def _audit_name(rpc: str) -> str:
+    """`CreateVolume` -> `create_volume`."""
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in rpc).lstrip("_")
+
+
+async def _answer(context: Context, call: Callable[[], Awaitable[T]], rpc: str = "",
+                  **what: object) -> T:
+    """Runs `call`, answering a domain error with its status; for a mutation (`rpc` in
+    MUTATIONS, `what` naming its arguments) logs the audit line whatever happens."""
+    result, error = "ok", ""
     try:
         return await call()
     except VolkinError as exc:
-        event(_log, "admin.refused", code=status_of(exc).name, error=exc.message)
+        result, error = status_of(exc).name, exc.message
+        event(_log, "admin.refused", code=result, error=exc.message)
         await context.abort(status_of(exc), exc.message)
         raise  # abort raises; this keeps type checkers sure nothing returns
+    except asyncio.CancelledError:
+        result, error = grpc.StatusCode.CANCELLED.name, "the call was cancelled"
+        raise
+    except Exception as exc:
+        result, error = grpc.StatusCode.UNKNOWN.name, f"internal error: {exc!r}"
+        raise
+    finally:
+        if rpc in MUTATIONS:
+            fields: dict[str, Any] = {"who": context.peer() or "-", **what,
+                                      **({"error": error} if error else {}), "result": result}
+            event(_audit, f"audit.{_audit_name(rpc)}",
+                  logging.INFO if result == "ok" else logging.WARNING, **fields)
 
 
 class AdminService(admin_pb2_grpc.AdminServicer):
-    def __init__(self, nbd: NbdServer, default_block_size: int, node_id: str = "") -> None:
+    def __init__(self, nbd: NbdServer, default_block_size: int, node_id: str = "",
+                 survey: ClusterSurvey | None = None) -> None:
         self._nbd = nbd
         self._default_block_size = default_block_size
         self._node_id = node_id
+        self._survey = survey
         self._term: Term | None = None
 
     def attach(self, term: Term) -> None:
@@ -107,7 +151,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                   block_size=block_size, stripe_unit=layout.unit if layout else 0,
                   agents=",".join(layout.nodes) if layout else "")
             return self._volume(term, info)
-        return await _answer(context, call)
+        return await _answer(context, call, "CreateVolume", volume=request.name,
+                             size=request.size_bytes, block_size=request.block_size)
 
     async def GetVolume(self, request: admin_pb2.GetVolumeRequest,
                         context: Context) -> admin_pb2.Volume:
@@ -142,7 +187,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             self._nbd.disconnect(request.name)  # any that connected meanwhile
             event(_log, "volume.deleted", volume=request.name, closed_connections=closed)
             return admin_pb2.DeleteVolumeResponse()
-        return await _answer(context, call)
+        return await _answer(context, call, "DeleteVolume", volume=request.name,
+                             force=request.force)
 
     async def CreateSnapshot(self, request: admin_pb2.CreateSnapshotRequest,
                              context: Context) -> admin_pb2.Volume:
@@ -151,7 +197,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             info = await term.core.create_snapshot(request.source, request.name)
             event(_log, "snapshot.created", volume=info.name, source=request.source)
             return self._volume(term, info)
-        return await _answer(context, call)
+        return await _answer(context, call, "CreateSnapshot", volume=request.name,
+                             source=request.source)
 
     # -- refresh and jobs ------------------------------------------------------------
     async def StartRefresh(self, request: admin_pb2.StartRefreshRequest,
@@ -163,7 +210,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             event(_log, "refresh.started", job=record.id, target=request.target,
                   source=request.source, blocks=record.blocks_total)
             return self._job(term, record)
-        return await _answer(context, call)
+        return await _answer(context, call, "StartRefresh", target=request.target,
+                             source=request.source, rate=request.rate_bytes_per_second)
 
     async def StartMaterialize(self, request: admin_pb2.StartMaterializeRequest,
                                context: Context) -> admin_pb2.Job:
@@ -174,7 +222,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             event(_log, "materialize.started", job=record.id, volume=request.name,
                   blocks=record.blocks_total)
             return self._job(term, record)
-        return await _answer(context, call)
+        return await _answer(context, call, "StartMaterialize", volume=request.name,
+                             rate=request.rate_bytes_per_second)
 
     async def GetJob(self, request: admin_pb2.GetJobRequest, context: Context) -> admin_pb2.Job:
         async def call() -> admin_pb2.Job:
@@ -194,13 +243,69 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         async def call() -> admin_pb2.Job:
             term = self._current()
             return self._job(term, await term.jobs.pause(request.id))
-        return await _answer(context, call)
+        return await _answer(context, call, "PauseJob", job=request.id)
 
     async def ResumeJob(self, request: admin_pb2.ResumeJobRequest,
                         context: Context) -> admin_pb2.Job:
         async def call() -> admin_pb2.Job:
             term = self._current()
             return self._job(term, await term.jobs.resume(request.id))
+        return await _answer(context, call, "ResumeJob", job=request.id)
+
+    async def CancelJob(self, request: admin_pb2.CancelJobRequest,
+                        context: Context) -> admin_pb2.Job:
+        async def call() -> admin_pb2.Job:
+            term = self._current()
+            return self._job(term, await term.jobs.cancel(request.id))
+        return await _answer(context, call, "CancelJob", job=request.id)
+
+    async def SetJobRate(self, request: admin_pb2.SetJobRateRequest,
+                         context: Context) -> admin_pb2.Job:
+        async def call() -> admin_pb2.Job:
+            term = self._current()
+            return self._job(term, await term.jobs.set_rate(request.id,
+                                                            request.rate_bytes_per_second))
+        return await _answer(context, call, "SetJobRate", job=request.id,
+                             rate=request.rate_bytes_per_second)
+
+    # -- the cluster (a standby answers too) ------------------------------------------
+    def _surveyor(self) -> ClusterSurvey:
+        if self._survey is None:
+            raise Unavailable(f"controller {self._node_id} has no etcd to ask")
+        return self._survey
+
+    async def GetClusterStatus(self, request: admin_pb2.GetClusterStatusRequest,
+                               context: Context) -> admin_pb2.ClusterStatus:
+        async def call() -> admin_pb2.ClusterStatus:
+            term = self._term
+            states = ([term.jobs.status(r).state for r in term.jobs.list()]
+                      if term is not None else None)
+            known = term.core.agents.directory.records if term is not None else None
+            health = await self._surveyor().cluster(states, known)
+            leader, etcd, jobs = health.leader, health.etcd, health.jobs
+            return admin_pb2.ClusterStatus(
+                healthy=health.healthy, problems=health.problems,
+                controller=admin_pb2.ControllerStatus(
+                    leader=leader.node_id, leader_admin_address=leader.admin_address,
+                    leader_nbd_address=leader.nbd_address, epoch=leader.epoch,
+                    answered_by=self._node_id, answered_by_leader=term is not None),
+                agents=[_agent(a) for a in health.agents],
+                etcd=admin_pb2.EtcdHealth(
+                    healthy=etcd.healthy, error=etcd.error, db_size_bytes=etcd.db_size_bytes,
+                    db_size_in_use_bytes=etcd.db_size_in_use_bytes,
+                    db_quota_bytes=etcd.db_quota_bytes, revision=etcd.revision,
+                    alarms=list(etcd.alarms)),
+                jobs=admin_pb2.JobCounts(
+                    running=jobs[JobState.RUNNING], waiting=jobs[JobState.WAITING],
+                    paused=jobs[JobState.PAUSED], failed=jobs[JobState.FAILED],
+                    done=jobs[JobState.DONE], cancelled=jobs[JobState.CANCELLED]))
+        return await _answer(context, call)
+
+    async def ListAgents(self, request: admin_pb2.ListAgentsRequest,
+                         context: Context) -> admin_pb2.ListAgentsResponse:
+        async def call() -> admin_pb2.ListAgentsResponse:
+            return admin_pb2.ListAgentsResponse(
+                agents=[_agent(a) for a in await self._surveyor().agents()])
         return await _answer(context, call)
 
     async def WatchJob(self, request: admin_pb2.GetJobRequest,
@@ -216,3 +321,11 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             if now != last:
                 yield now
                 last = now
+
+
+def _agent(agent: AgentHealth) -> admin_pb2.Agent:
+    return admin_pb2.Agent(
+        node_id=agent.node_id, address=agent.address, data_address=agent.data_address,
+        registered=agent.registered, alive=agent.alive, error=agent.error,
+        capacity_bytes=agent.capacity_bytes, used_bytes=agent.used_bytes,
+        available_bytes=agent.available_bytes, extents=agent.extents, epoch=agent.epoch)

@@ -189,6 +189,11 @@ def test_a_failed_job_fails_the_resource_with_the_jobs_error() -> None:
     assert status.phase is Phase.FAILED and "its target pvc-t was deleted" in status.message
 
 
+def test_a_cancelled_job_fails_the_resource_and_says_how_to_finish_the_copy() -> None:
+    status = reported(run(tracking(), state=cluster(job("j8", "cancelled"))))
+    assert status.phase is Phase.FAILED and "volkin job resume j8" in status.message
+
+
 def test_a_job_lost_by_the_controller_fails_and_says_how_to_refresh_again() -> None:
     status = reported(run(tracking(), state=cluster(job("j2", "done"))))
     assert status.phase is Phase.FAILED

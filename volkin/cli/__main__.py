@@ -1,8 +1,10 @@
 """`volkin`: parses the command line, runs one command, turns every failure into one line.
 
 Exit codes: 0 success; 1 the request failed (the controller said no or cannot be
-reached, a job failed, a dev component did not start); 2 the command line is wrong
-(nothing was sent); 130 interrupted.
+reached, a job failed or was cancelled, a dev component did not start); 2 the
+command line is wrong (nothing was sent); 3 `volkin status` found the cluster
+unhealthy (an agent down, etcd unhealthy, no leader); 4 `job wait --timeout` ran
+out of time before the job ended; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Mapping, Sequence
 
 from volkin.cli import commands, dev
 from volkin.cli.args import parse
-from volkin.cli.client import Controller, controller_address
+from volkin.cli.client import CommandError, Controller, controller_address
 from volkin.errors import InvalidArgument, VolkinError
 
 DEBUG_ENV = "VOLKIN_DEBUG"
@@ -35,6 +37,9 @@ def run(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     except InvalidArgument as exc:
         _fail(exc.message)
         return 2
+    except CommandError as exc:
+        _fail(exc.message)
+        return exc.exit_code
     except VolkinError as exc:
         _fail(exc.message)
         return 1

@@ -161,11 +161,28 @@ def build() -> _Parser:
     job = _group(top, "job", "background copy jobs")
     leaf(job, "list", "job.list", "list every job", admin)
     for name, help_text in (("show", "show one job"),
-                            ("wait", "show progress until the job is done or failed"),
                             ("pause", "pause a running job"),
-                            ("resume", "resume a paused job, or retry a failed one")):
+                            ("resume", "resume a paused job, or retry a failed or cancelled "
+                                       "one"),
+                            ("cancel", "stop a job for good; its target keeps reading the "
+                                       "blocks not yet copied through its source")):
         p = leaf(job, name, f"job.{name}", help_text, admin)
         p.add_argument("id")
+    p = leaf(job, "wait", "job.wait", "show progress until the job is done, failed or "
+             "cancelled", admin)
+    p.add_argument("id")
+    p.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
+                   help="give up waiting after this long (exit code 4; the job goes on)")
+    p = leaf(job, "set-rate", "job.set-rate", "change a job's background copy limit", admin)
+    p.add_argument("id")
+    p.add_argument("rate", type=_typed(parse_rate), metavar="RATE",
+                   help="bytes per second, e.g. 16MiB; 0 means unlimited")
+
+    leaf(top, "status", "status", "is the cluster healthy? the leader, etcd, the agents, the "
+         "jobs (exit code 3 if not)", admin)
+    agent = _group(top, "agent", "the storage nodes' agents")
+    leaf(agent, "list", "agent.list", "list every agent: address, alive, capacity, used",
+         admin)
 
     dev = _group(top, "dev", "a local dev cluster: etcd, agents and a controller on loopback")
     dir_help = "directory of the cluster's state, data and logs"

@@ -21,7 +21,11 @@ T = TypeVar("T")
 
 
 class CommandError(VolkinError):
-    """The command was well formed but did not succeed (exit code 1)."""
+    """The command was well formed but did not succeed (exit code 1, or `exit_code`)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def controller_address(flag: str | None, environ: Mapping[str, str]) -> str:
@@ -57,11 +61,15 @@ class Controller:
         except grpc.RpcError as exc:
             raise self.error(what, exc) from None
 
-    def watch_job(self, job_id: str) -> Iterator[admin_pb2.Job]:
-        """The job's updates until it finishes; a broken stream raises CommandError."""
+    def watch_job(self, job_id: str, timeout: float | None = None) -> Iterator[admin_pb2.Job]:
+        """The job's updates until it finishes, or until `timeout` seconds have passed (the
+        stream then just ends); a broken stream raises CommandError."""
         try:
-            yield from self.stub.WatchJob(admin_pb2.GetJobRequest(id=job_id))
+            yield from self.stub.WatchJob(admin_pb2.GetJobRequest(id=job_id), timeout=timeout)
         except grpc.RpcError as exc:
+            if timeout is not None and isinstance(exc, grpc.Call) \
+                    and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return
             raise self.error(f"watch job {job_id}", exc) from None
 
     def error(self, what: str, exc: grpc.RpcError) -> CommandError:

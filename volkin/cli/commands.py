@@ -19,6 +19,10 @@ from volkin.cli.client import CommandError, Controller
 
 # Non-TTY progress: one line per this many seconds (and one per state change).
 PLAIN_PROGRESS_EVERY = 2.0
+# Exit codes besides 0, 1 (failed) and 2 (usage): `status` on an unhealthy cluster,
+# `job wait --timeout` when the job has not ended in time.
+UNHEALTHY = 3
+TIMED_OUT = 4
 
 
 def _show(args: argparse.Namespace, items: list[dict[str, Any]],
@@ -120,20 +124,61 @@ def job_resume(args: argparse.Namespace, c: Controller) -> int:
     return 0
 
 
+def job_cancel(args: argparse.Namespace, c: Controller) -> int:
+    job = c.call(f"cancel job {args.id}", c.stub.CancelJob,
+                 admin_pb2.CancelJobRequest(id=args.id))
+    _show(args, [output.job_dict(job)], output.job_table, single=True)
+    return 0
+
+
+def job_set_rate(args: argparse.Namespace, c: Controller) -> int:
+    job = c.call(f"set the rate of job {args.id}", c.stub.SetJobRate,
+                 admin_pb2.SetJobRateRequest(id=args.id, rate_bytes_per_second=args.rate))
+    _show(args, [output.job_dict(job)], output.job_table, single=True)
+    return 0
+
+
 def job_wait(args: argparse.Namespace, c: Controller) -> int:
     # GetJob first, so an unknown id is NOT_FOUND at once with the usual message.
     c.call(f"wait for job {args.id}", c.stub.GetJob, admin_pb2.GetJobRequest(id=args.id))
-    final = wait_for(c, args.id, sys.stderr)
+    final = wait_for(c, args.id, sys.stderr, args.timeout)
+    if final.state not in _FINISHED:
+        done = output.job_dict(final)
+        raise CommandError(f"job {args.id} is still {done['state']} after {args.timeout:g} s "
+                           f"({final.blocks_done}/{final.blocks_total} blocks); it goes on: "
+                           f"wait again, or `volkin job cancel {args.id}`", TIMED_OUT)
     _show(args, [output.job_dict(final)], output.job_table, single=True)
     return _job_outcome(final)
 
 
-_FINISHED = (admin_pb2.JOB_STATE_DONE, admin_pb2.JOB_STATE_FAILED)
+def status(args: argparse.Namespace, c: Controller) -> int:
+    reply = c.call("ask for the cluster's status", c.stub.GetClusterStatus,
+                   admin_pb2.GetClusterStatusRequest())
+    shown = output.status_dict(reply)
+    print(output.to_json(shown) if args.output == "json" else output.status_text(shown))
+    if not reply.healthy:
+        raise CommandError("cluster unhealthy: " + "; ".join(reply.problems), UNHEALTHY)
+    return 0
+
+
+def agent_list(args: argparse.Namespace, c: Controller) -> int:
+    reply = c.call("list agents", c.stub.ListAgents, admin_pb2.ListAgentsRequest())
+    _show(args, [output.agent_dict(a) for a in reply.agents], output.agent_table,
+          single=False)
+    return 0
+
+
+_FINISHED = (admin_pb2.JOB_STATE_DONE, admin_pb2.JOB_STATE_FAILED,
+             admin_pb2.JOB_STATE_CANCELLED)
 
 
 def _job_outcome(job: admin_pb2.Job) -> int:
     if job.state == admin_pb2.JOB_STATE_FAILED:
         raise CommandError(f"job {job.id} failed: {job.error or 'no reason given'}")
+    if job.state == admin_pb2.JOB_STATE_CANCELLED:
+        raise CommandError(f"job {job.id} was cancelled: {job.target} still reads the blocks "
+                           f"not copied through {job.source} (`volkin job resume {job.id}` "
+                           f"finishes the copy)")
     return 0
 
 
@@ -168,12 +213,21 @@ class Progress:
         self.stream.flush()
 
 
-def wait_for(c: Controller, job_id: str, stream: TextIO) -> admin_pb2.Job:
-    """Follows the job until it is done or failed, showing progress; returns its last state."""
+def wait_for(c: Controller, job_id: str, stream: TextIO,
+             timeout: float | None = None) -> admin_pb2.Job:
+    """Follows the job until it is done, failed or cancelled, showing progress; returns its
+    last state — which has not ended if `timeout` seconds passed first."""
     progress = Progress(stream)
+    deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         last: admin_pb2.Job | None = None
-        for job in c.watch_job(job_id):
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            current: admin_pb2.Job = c.call(f"wait for job {job_id}", c.stub.GetJob,
+                                            admin_pb2.GetJobRequest(id=job_id))
+            progress.update(current, final=True)
+            return current
+        for job in c.watch_job(job_id, left):
             last = job
             if job.state in _FINISHED:
                 progress.update(job, final=True)
@@ -202,4 +256,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Controller], int]] = {
     "job.wait": job_wait,
     "job.pause": job_pause,
     "job.resume": job_resume,
+    "job.cancel": job_cancel,
+    "job.set-rate": job_set_rate,
+    "status": status,
+    "agent.list": agent_list,
 }

@@ -54,6 +54,41 @@ def job_dict(job: admin_pb2.Job) -> dict[str, Any]:
     }
 
 
+def agent_dict(agent: admin_pb2.Agent) -> dict[str, Any]:
+    return {
+        "node_id": agent.node_id,
+        "address": agent.address,
+        "data_address": agent.data_address,
+        "registered": agent.registered,
+        "alive": agent.alive,
+        "error": agent.error,
+        "capacity_bytes": agent.capacity_bytes,
+        "used_bytes": agent.used_bytes,
+        "available_bytes": agent.available_bytes,
+        "extents": agent.extents,
+        "epoch": agent.epoch,
+    }
+
+
+def status_dict(status: admin_pb2.ClusterStatus) -> dict[str, Any]:
+    c, e, j = status.controller, status.etcd, status.jobs
+    return {
+        "healthy": status.healthy,
+        "problems": list(status.problems),
+        "controller": {"leader": c.leader, "admin_address": c.leader_admin_address,
+                       "nbd_address": c.leader_nbd_address, "epoch": c.epoch,
+                       "answered_by": c.answered_by,
+                       "answered_by_leader": c.answered_by_leader},
+        "etcd": {"healthy": e.healthy, "error": e.error, "db_size_bytes": e.db_size_bytes,
+                 "db_size_in_use_bytes": e.db_size_in_use_bytes,
+                 "db_quota_bytes": e.db_quota_bytes, "revision": e.revision,
+                 "alarms": list(e.alarms)},
+        "jobs": {"running": j.running, "waiting": j.waiting, "paused": j.paused,
+                 "failed": j.failed, "cancelled": j.cancelled, "done": j.done},
+        "agents": [agent_dict(a) for a in status.agents],
+    }
+
+
 def to_json(value: object) -> str:
     return json.dumps(value, indent=2, sort_keys=False)
 
@@ -131,6 +166,53 @@ def progress_line(job: Row, speed: float | None, elapsed: float) -> str:
     elif job["reason"]:
         line += f"  waiting {job['waiting_seconds']:.0f}s: {job['reason']}"
     return line
+
+
+def _space(agent: Row, key: str) -> str:
+    return format_size(agent[key]) if agent["alive"] else "-"
+
+
+def agent_table(agents: Sequence[Row]) -> str:
+    """`volkin agent list`: each agent, whether it answers, and its data file system."""
+    rows = [[a["node_id"], a["address"] or "-", a["data_address"] or "-",
+             "yes" if a["alive"] else "NO", _space(a, "capacity_bytes"),
+             _space(a, "used_bytes"), _space(a, "available_bytes"),
+             str(a["extents"]) if a["alive"] else "-", a["error"] or "-"] for a in agents]
+    return table(["AGENT", "ADDRESS", "DATA", "ALIVE", "CAPACITY", "USED", "AVAILABLE",
+                  "EXTENTS", "ERROR"], rows)
+
+
+def status_text(status: Row) -> str:
+    """`volkin status`: the controller, etcd, the jobs, then the agents; the verdict last."""
+    c, e, j = status["controller"], status["etcd"], status["jobs"]
+    if c["leader"]:
+        role = "leader" if c["answered_by_leader"] else "standby"
+        leader = (f"{c['leader']} leads, epoch {c['epoch']}, admin {c['admin_address'] or '-'}"
+                  f", nbd {c['nbd_address'] or '-'} (answered by {c['answered_by']}, "
+                  f"{role})")
+    elif not e["healthy"]:
+        role = "leader" if c["answered_by_leader"] else "standby"
+        leader = f"unknown: etcd cannot be read (answered by {c['answered_by']}, {role})"
+    else:
+        leader = f"none leads (answered by {c['answered_by']}, standby)"
+    if e["healthy"]:
+        quota = f", quota {format_size(e['db_quota_bytes'])}" if e["db_quota_bytes"] else ""
+        in_use = e["db_size_in_use_bytes"]
+        etcd = (f"healthy, database {format_size(e['db_size_bytes'])}"
+                f"{f' ({format_size(in_use)} in use)' if in_use else ''}{quota}, "
+                f"revision {e['revision']}")
+    else:
+        etcd = f"UNHEALTHY: {e['error']}"
+    jobs = ", ".join(f"{n} {k}" for k, n in j.items())
+    alive = sum(1 for a in status["agents"] if a["alive"])
+    lines = [f"controller  {leader}", f"etcd        {etcd}", f"jobs        {jobs}",
+             f"agents      {alive} of {len(status['agents'])} alive", "",
+             agent_table(status["agents"]), ""]
+    if status["healthy"]:
+        lines.append("health      ok")
+    else:
+        lines += [f"health      UNHEALTHY: {p}" for p in status["problems"]]
+    return "\n".join(lines)
 
 
 def component_table(components: Sequence[Row]) -> str:

@@ -23,7 +23,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from volkin.csi import PARAM_BLOCK_SIZE
-from volkin.csi.admin import ENDED, FAILED, PRIMARY, REFRESH, SNAPSHOT, Admin, Job, Volume
+from volkin.csi.admin import (
+    CANCELLED,
+    ENDED,
+    FAILED,
+    PRIMARY,
+    REFRESH,
+    SNAPSHOT,
+    Admin,
+    Job,
+    Volume,
+)
 from volkin.csi.locks import KeyedLocks
 from volkin.csi.requests import Capacity
 from volkin.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OutOfRange
@@ -189,6 +199,10 @@ class Lifecycle:
                         raise FailedPrecondition(
                             f"the background copy into {job.target!r} (job {job.id}) failed: "
                             f"{job.error}; `volkin job resume {job.id}` retries it")
+                    if job.state == CANCELLED:
+                        raise FailedPrecondition(
+                            f"the background copy into {job.target!r} (job {job.id}) was "
+                            f"cancelled; `volkin job resume {job.id}` finishes it")
             if not pending or time.monotonic() >= deadline:
                 return list(pending.values())
             await asyncio.sleep(_POLL)

@@ -106,7 +106,7 @@ class Volume:
 @dataclass(frozen=True)
 class Job:
     """A background copy job as the admin API reports it. `state` is one of running,
-    paused, waiting, done, failed."""
+    paused, waiting, done, failed, cancelled."""
 
     id: str
     kind: str  # refresh or materialize
@@ -251,6 +251,11 @@ def _track(status: Status, cluster: Cluster) -> Status:
     if job.state == "done" and not job.error:
         return replace(status, phase=Phase.SUCCEEDED, blocks_done=job.blocks_total,
                        message=f"{job.target} is a full copy of {job.source}")
+    if job.state == "cancelled":
+        return replace(status, phase=Phase.FAILED,
+                       message=f"job {job.id} was cancelled: {job.target} reads as {job.source} "
+                               f"did, the blocks not copied through it; `volkin job resume "
+                               f"{job.id}` finishes the copy")
     # done with an error: superseded by a newer refresh of the same target
     return replace(status, phase=Phase.FAILED,
                    message=f"job {job.id} {job.state}: {job.error or 'no reason given'}")

@@ -9,7 +9,7 @@ from volkin.k8s.decision import Cluster, Job, Start, Volume
 
 _STATE = {admin_pb2.JOB_STATE_RUNNING: "running", admin_pb2.JOB_STATE_PAUSED: "paused",
           admin_pb2.JOB_STATE_WAITING: "waiting", admin_pb2.JOB_STATE_DONE: "done",
-          admin_pb2.JOB_STATE_FAILED: "failed"}
+          admin_pb2.JOB_STATE_FAILED: "failed", admin_pb2.JOB_STATE_CANCELLED: "cancelled"}
 _KIND = {admin_pb2.JOB_KIND_REFRESH: "refresh", admin_pb2.JOB_KIND_MATERIALIZE: "materialize"}
 
 

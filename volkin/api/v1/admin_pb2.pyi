@@ -51,6 +51,8 @@ class _JobStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobState.Val
     JOB_STATE_FAILED: _JobState.ValueType  # 4
     JOB_STATE_WAITING: _JobState.ValueType  # 5
     """Retrying: an agent or etcd it needs cannot be reached (see `reason`)."""
+    JOB_STATE_CANCELLED: _JobState.ValueType  # 6
+    """Stopped by `CancelJob`: nothing failed; the copy is left where it was."""
 
 class JobState(_JobState, metaclass=_JobStateEnumTypeWrapper): ...
 
@@ -61,6 +63,8 @@ JOB_STATE_DONE: JobState.ValueType  # 3
 JOB_STATE_FAILED: JobState.ValueType  # 4
 JOB_STATE_WAITING: JobState.ValueType  # 5
 """Retrying: an agent or etcd it needs cannot be reached (see `reason`)."""
+JOB_STATE_CANCELLED: JobState.ValueType  # 6
+"""Stopped by `CancelJob`: nothing failed; the copy is left where it was."""
 Global___JobState: _TypeAlias = JobState  # noqa: Y015
 
 class _JobKind:
@@ -495,3 +499,307 @@ class ResumeJobRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResumeJobRequest: _TypeAlias = ResumeJobRequest  # noqa: Y015
+
+@_typing.final
+class CancelJobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelJobRequest: _TypeAlias = CancelJobRequest  # noqa: Y015
+
+@_typing.final
+class SetJobRateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    RATE_BYTES_PER_SECOND_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    rate_bytes_per_second: _builtins.int
+    """Bytes per second; 0 means unlimited."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        rate_bytes_per_second: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "rate_bytes_per_second", b"rate_bytes_per_second"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetJobRateRequest: _TypeAlias = SetJobRateRequest  # noqa: Y015
+
+@_typing.final
+class GetClusterStatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetClusterStatusRequest: _TypeAlias = GetClusterStatusRequest  # noqa: Y015
+
+@_typing.final
+class ListAgentsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAgentsRequest: _TypeAlias = ListAgentsRequest  # noqa: Y015
+
+@_typing.final
+class ListAgentsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Agent]: ...
+    def __init__(
+        self,
+        *,
+        agents: _abc.Iterable[Global___Agent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAgentsResponse: _TypeAlias = ListAgentsResponse  # noqa: Y015
+
+@_typing.final
+class Agent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    DATA_ADDRESS_FIELD_NUMBER: _builtins.int
+    REGISTERED_FIELD_NUMBER: _builtins.int
+    ALIVE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    CAPACITY_BYTES_FIELD_NUMBER: _builtins.int
+    USED_BYTES_FIELD_NUMBER: _builtins.int
+    AVAILABLE_BYTES_FIELD_NUMBER: _builtins.int
+    EXTENTS_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    address: _builtins.str
+    """gRPC and block data port addresses, from its registration."""
+    data_address: _builtins.str
+    registered: _builtins.bool
+    """Its registration is in etcd (its lease is alive). An agent that holds
+    extents but is not registered is listed too, with registered = false.
+    """
+    alive: _builtins.bool
+    """Registered, and answered StatStore just now."""
+    error: _builtins.str
+    """Why it is not alive: one line."""
+    capacity_bytes: _builtins.int
+    """Of the file system of its data directory (0 when it did not answer)."""
+    used_bytes: _builtins.int
+    available_bytes: _builtins.int
+    extents: _builtins.int
+    epoch: _builtins.int
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        address: _builtins.str = ...,
+        data_address: _builtins.str = ...,
+        registered: _builtins.bool = ...,
+        alive: _builtins.bool = ...,
+        error: _builtins.str = ...,
+        capacity_bytes: _builtins.int = ...,
+        used_bytes: _builtins.int = ...,
+        available_bytes: _builtins.int = ...,
+        extents: _builtins.int = ...,
+        epoch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "alive", b"alive", "available_bytes", b"available_bytes", "capacity_bytes", b"capacity_bytes", "data_address", b"data_address", "epoch", b"epoch", "error", b"error", "extents", b"extents", "node_id", b"node_id", "registered", b"registered", "used_bytes", b"used_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Agent: _TypeAlias = Agent  # noqa: Y015
+
+@_typing.final
+class ControllerStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEADER_FIELD_NUMBER: _builtins.int
+    LEADER_ADMIN_ADDRESS_FIELD_NUMBER: _builtins.int
+    LEADER_NBD_ADDRESS_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    ANSWERED_BY_FIELD_NUMBER: _builtins.int
+    ANSWERED_BY_LEADER_FIELD_NUMBER: _builtins.int
+    leader: _builtins.str
+    """The active controller, from etcd ("" while none leads)."""
+    leader_admin_address: _builtins.str
+    leader_nbd_address: _builtins.str
+    epoch: _builtins.int
+    """The fencing epoch of the current term."""
+    answered_by: _builtins.str
+    """The controller that answered, and whether it is the leader or a standby."""
+    answered_by_leader: _builtins.bool
+    def __init__(
+        self,
+        *,
+        leader: _builtins.str = ...,
+        leader_admin_address: _builtins.str = ...,
+        leader_nbd_address: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        answered_by: _builtins.str = ...,
+        answered_by_leader: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answered_by", b"answered_by", "answered_by_leader", b"answered_by_leader", "epoch", b"epoch", "leader", b"leader", "leader_admin_address", b"leader_admin_address", "leader_nbd_address", b"leader_nbd_address"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControllerStatus: _TypeAlias = ControllerStatus  # noqa: Y015
+
+@_typing.final
+class EtcdHealth(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEALTHY_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    DB_SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    DB_SIZE_IN_USE_BYTES_FIELD_NUMBER: _builtins.int
+    DB_QUOTA_BYTES_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    ALARMS_FIELD_NUMBER: _builtins.int
+    healthy: _builtins.bool
+    """Answered its Status call and has no alarm raised."""
+    error: _builtins.str
+    """Why not, one line ("" when healthy)."""
+    db_size_bytes: _builtins.int
+    db_size_in_use_bytes: _builtins.int
+    db_quota_bytes: _builtins.int
+    """Its --quota-backend-bytes (0: not reported)."""
+    revision: _builtins.int
+    @_builtins.property
+    def alarms(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Alarms raised on any member ("NOSPACE", "CORRUPT")."""
+
+    def __init__(
+        self,
+        *,
+        healthy: _builtins.bool = ...,
+        error: _builtins.str = ...,
+        db_size_bytes: _builtins.int = ...,
+        db_size_in_use_bytes: _builtins.int = ...,
+        db_quota_bytes: _builtins.int = ...,
+        revision: _builtins.int = ...,
+        alarms: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alarms", b"alarms", "db_quota_bytes", b"db_quota_bytes", "db_size_bytes", b"db_size_bytes", "db_size_in_use_bytes", b"db_size_in_use_bytes", "error", b"error", "healthy", b"healthy", "revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EtcdHealth: _TypeAlias = EtcdHealth  # noqa: Y015
+
+@_typing.final
+class JobCounts(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUNNING_FIELD_NUMBER: _builtins.int
+    WAITING_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    CANCELLED_FIELD_NUMBER: _builtins.int
+    running: _builtins.int
+    waiting: _builtins.int
+    paused: _builtins.int
+    failed: _builtins.int
+    done: _builtins.int
+    cancelled: _builtins.int
+    def __init__(
+        self,
+        *,
+        running: _builtins.int = ...,
+        waiting: _builtins.int = ...,
+        paused: _builtins.int = ...,
+        failed: _builtins.int = ...,
+        done: _builtins.int = ...,
+        cancelled: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "done", b"done", "failed", b"failed", "paused", b"paused", "running", b"running", "waiting", b"waiting"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobCounts: _TypeAlias = JobCounts  # noqa: Y015
+
+@_typing.final
+class ClusterStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEALTHY_FIELD_NUMBER: _builtins.int
+    PROBLEMS_FIELD_NUMBER: _builtins.int
+    CONTROLLER_FIELD_NUMBER: _builtins.int
+    AGENTS_FIELD_NUMBER: _builtins.int
+    ETCD_FIELD_NUMBER: _builtins.int
+    JOBS_FIELD_NUMBER: _builtins.int
+    healthy: _builtins.bool
+    """No agent down, etcd healthy, a leader elected."""
+    @_builtins.property
+    def problems(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What makes it unhealthy, one line each."""
+
+    @_builtins.property
+    def controller(self) -> Global___ControllerStatus: ...
+    @_builtins.property
+    def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Agent]: ...
+    @_builtins.property
+    def etcd(self) -> Global___EtcdHealth: ...
+    @_builtins.property
+    def jobs(self) -> Global___JobCounts: ...
+    def __init__(
+        self,
+        *,
+        healthy: _builtins.bool = ...,
+        problems: _abc.Iterable[_builtins.str] | None = ...,
+        controller: Global___ControllerStatus | None = ...,
+        agents: _abc.Iterable[Global___Agent] | None = ...,
+        etcd: Global___EtcdHealth | None = ...,
+        jobs: Global___JobCounts | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["controller", b"controller", "etcd", b"etcd", "jobs", b"jobs"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "controller", b"controller", "etcd", b"etcd", "healthy", b"healthy", "jobs", b"jobs", "problems", b"problems"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClusterStatus: _TypeAlias = ClusterStatus  # noqa: Y015

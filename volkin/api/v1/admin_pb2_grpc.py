@@ -94,6 +94,26 @@ class AdminStub:
                 request_serializer=volkin_dot_api_dot_v1_dot_admin__pb2.GetJobRequest.SerializeToString,
                 response_deserializer=volkin_dot_api_dot_v1_dot_admin__pb2.Job.FromString,
                 _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/volkin.api.v1.Admin/CancelJob',
+                request_serializer=volkin_dot_api_dot_v1_dot_admin__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=volkin_dot_api_dot_v1_dot_admin__pb2.Job.FromString,
+                _registered_method=True)
+        self.SetJobRate = channel.unary_unary(
+                '/volkin.api.v1.Admin/SetJobRate',
+                request_serializer=volkin_dot_api_dot_v1_dot_admin__pb2.SetJobRateRequest.SerializeToString,
+                response_deserializer=volkin_dot_api_dot_v1_dot_admin__pb2.Job.FromString,
+                _registered_method=True)
+        self.GetClusterStatus = channel.unary_unary(
+                '/volkin.api.v1.Admin/GetClusterStatus',
+                request_serializer=volkin_dot_api_dot_v1_dot_admin__pb2.GetClusterStatusRequest.SerializeToString,
+                response_deserializer=volkin_dot_api_dot_v1_dot_admin__pb2.ClusterStatus.FromString,
+                _registered_method=True)
+        self.ListAgents = channel.unary_unary(
+                '/volkin.api.v1.Admin/ListAgents',
+                request_serializer=volkin_dot_api_dot_v1_dot_admin__pb2.ListAgentsRequest.SerializeToString,
+                response_deserializer=volkin_dot_api_dot_v1_dot_admin__pb2.ListAgentsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -173,7 +193,42 @@ class AdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchJob(self, request, context):
-        """Streams the job's progress until it finishes (or fails).
+        """Streams the job's progress until it finishes (or fails, or is cancelled).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """Stops a running, waiting, paused or failed job for good: it ends CANCELLED.
+        Blocks being copied finish first. The target keeps reading as a PIT copy of
+        the source (the blocks not yet copied still read through the source, which
+        therefore stays); refresh or materialize it again to finish the copy
+        (docs/cli.md). A job that is done or cancelled already: FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetJobRate(self, request, context):
+        """Changes the rate of a job that has not ended (stored in its record; a
+        running job takes it at once, a paused one when it resumes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetClusterStatus(self, request, context):
+        """The cluster as this controller sees it: who leads, the agents and whether
+        they answer, etcd's health, the jobs. Served by a standby too (from etcd),
+        so that it can say who leads.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAgents(self, request, context):
+        """Every agent registered in etcd or holding extents, asked whether it answers.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -241,6 +296,26 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.WatchJob,
                     request_deserializer=volkin_dot_api_dot_v1_dot_admin__pb2.GetJobRequest.FromString,
                     response_serializer=volkin_dot_api_dot_v1_dot_admin__pb2.Job.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=volkin_dot_api_dot_v1_dot_admin__pb2.CancelJobRequest.FromString,
+                    response_serializer=volkin_dot_api_dot_v1_dot_admin__pb2.Job.SerializeToString,
+            ),
+            'SetJobRate': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetJobRate,
+                    request_deserializer=volkin_dot_api_dot_v1_dot_admin__pb2.SetJobRateRequest.FromString,
+                    response_serializer=volkin_dot_api_dot_v1_dot_admin__pb2.Job.SerializeToString,
+            ),
+            'GetClusterStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetClusterStatus,
+                    request_deserializer=volkin_dot_api_dot_v1_dot_admin__pb2.GetClusterStatusRequest.FromString,
+                    response_serializer=volkin_dot_api_dot_v1_dot_admin__pb2.ClusterStatus.SerializeToString,
+            ),
+            'ListAgents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAgents,
+                    request_deserializer=volkin_dot_api_dot_v1_dot_admin__pb2.ListAgentsRequest.FromString,
+                    response_serializer=volkin_dot_api_dot_v1_dot_admin__pb2.ListAgentsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -567,6 +642,114 @@ class Admin:
             '/volkin.api.v1.Admin/WatchJob',
             volkin_dot_api_dot_v1_dot_admin__pb2.GetJobRequest.SerializeToString,
             volkin_dot_api_dot_v1_dot_admin__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/volkin.api.v1.Admin/CancelJob',
+            volkin_dot_api_dot_v1_dot_admin__pb2.CancelJobRequest.SerializeToString,
+            volkin_dot_api_dot_v1_dot_admin__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetJobRate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/volkin.api.v1.Admin/SetJobRate',
+            volkin_dot_api_dot_v1_dot_admin__pb2.SetJobRateRequest.SerializeToString,
+            volkin_dot_api_dot_v1_dot_admin__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetClusterStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/volkin.api.v1.Admin/GetClusterStatus',
+            volkin_dot_api_dot_v1_dot_admin__pb2.GetClusterStatusRequest.SerializeToString,
+            volkin_dot_api_dot_v1_dot_admin__pb2.ClusterStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAgents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/volkin.api.v1.Admin/ListAgents',
+            volkin_dot_api_dot_v1_dot_admin__pb2.ListAgentsRequest.SerializeToString,
+            volkin_dot_api_dot_v1_dot_admin__pb2.ListAgentsResponse.FromString,
             options,
             channel_credentials,
             insecure,

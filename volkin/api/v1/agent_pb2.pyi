@@ -495,3 +495,53 @@ class FenceResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FenceResponse: _TypeAlias = FenceResponse  # noqa: Y015
+
+@_typing.final
+class StatStoreRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatStoreRequest: _TypeAlias = StatStoreRequest  # noqa: Y015
+
+@_typing.final
+class StoreStats(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAPACITY_BYTES_FIELD_NUMBER: _builtins.int
+    USED_BYTES_FIELD_NUMBER: _builtins.int
+    AVAILABLE_BYTES_FIELD_NUMBER: _builtins.int
+    EXTENTS_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    capacity_bytes: _builtins.int
+    """Of the file system holding the data directory (statvfs): its size, the
+    bytes in use on it (by anything, not only extents) and those the agent may
+    still allocate.
+    """
+    used_bytes: _builtins.int
+    available_bytes: _builtins.int
+    extents: _builtins.int
+    epoch: _builtins.int
+    def __init__(
+        self,
+        *,
+        capacity_bytes: _builtins.int = ...,
+        used_bytes: _builtins.int = ...,
+        available_bytes: _builtins.int = ...,
+        extents: _builtins.int = ...,
+        epoch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_bytes", b"available_bytes", "capacity_bytes", b"capacity_bytes", "epoch", b"epoch", "extents", b"extents", "used_bytes", b"used_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StoreStats: _TypeAlias = StoreStats  # noqa: Y015

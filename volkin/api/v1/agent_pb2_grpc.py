@@ -89,6 +89,11 @@ class BlockStoreStub:
                 request_serializer=volkin_dot_api_dot_v1_dot_agent__pb2.FenceRequest.SerializeToString,
                 response_deserializer=volkin_dot_api_dot_v1_dot_agent__pb2.FenceResponse.FromString,
                 _registered_method=True)
+        self.StatStore = channel.unary_unary(
+                '/volkin.api.v1.BlockStore/StatStore',
+                request_serializer=volkin_dot_api_dot_v1_dot_agent__pb2.StatStoreRequest.SerializeToString,
+                response_deserializer=volkin_dot_api_dot_v1_dot_agent__pb2.StoreStats.FromString,
+                _registered_method=True)
 
 
 class BlockStoreServicer:
@@ -180,6 +185,15 @@ class BlockStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StatStore(self, request, context):
+        """The node's store at a glance: the file system of its data directory
+        (capacity, used, available to the agent), its extents and epoch. Not fenced;
+        `volkin status` and `volkin agent list` ask it to tell a live agent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BlockStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -237,6 +251,11 @@ def add_BlockStoreServicer_to_server(servicer, server):
                     servicer.Fence,
                     request_deserializer=volkin_dot_api_dot_v1_dot_agent__pb2.FenceRequest.FromString,
                     response_serializer=volkin_dot_api_dot_v1_dot_agent__pb2.FenceResponse.SerializeToString,
+            ),
+            'StatStore': grpc.unary_unary_rpc_method_handler(
+                    servicer.StatStore,
+                    request_deserializer=volkin_dot_api_dot_v1_dot_agent__pb2.StatStoreRequest.FromString,
+                    response_serializer=volkin_dot_api_dot_v1_dot_agent__pb2.StoreStats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -536,6 +555,33 @@ class BlockStore:
             '/volkin.api.v1.BlockStore/Fence',
             volkin_dot_api_dot_v1_dot_agent__pb2.FenceRequest.SerializeToString,
             volkin_dot_api_dot_v1_dot_agent__pb2.FenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StatStore(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/volkin.api.v1.BlockStore/StatStore',
+            volkin_dot_api_dot_v1_dot_agent__pb2.StatStoreRequest.SerializeToString,
+            volkin_dot_api_dot_v1_dot_agent__pb2.StoreStats.FromString,
             options,
             channel_credentials,
             insecure,
