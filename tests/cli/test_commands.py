@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from typing import Any
 
@@ -122,6 +123,11 @@ def test_snapshot_then_refresh_wait_reaches_done(dev_cluster: DevCluster) -> Non
 def test_pause_holds_a_job_still_and_resume_lets_wait_finish(dev_cluster: DevCluster) -> None:
     for name in ("p-src", "p-dst"):
         dev_cluster.ok("volume", "create", name, "--size", "16MiB")
+    # Data to copy: a copy's rate counts the data it moves, and holes move none.
+    written = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 16M",
+                              f"nbd://{dev_cluster.env['VOLKIN_NBD']}/p-src"],
+                             capture_output=True, text=True, timeout=60, check=False)
+    assert written.returncode == 0, written.stdout + written.stderr
     started = dev_cluster.json("refresh", "p-dst", "--from", "p-src", "--rate", "4MiB")
     assert started["state"] == "running" and started["rate_bytes_per_second"] == 4 * MiB
     job_id = started["id"]

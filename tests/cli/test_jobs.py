@@ -33,9 +33,12 @@ def _held_still(cluster: DevCluster, job_id: str, quiet: float = 1.0) -> int:
     return held
 
 
-def _volumes(cluster: DevCluster, *names: str, size: str) -> None:
-    for name in names:
+def _volumes(cluster: DevCluster, source: str, *others: str, size: str) -> None:
+    """The volumes, the first one (a refresh's source) written all over: a copy's rate
+    counts the data it moves, and holes move none."""
+    for name in (source, *others):
         cluster.ok("volume", "create", name, "--size", size, "--block-size", "64KiB")
+    _qemu_io(cluster, source, f"write -P 0x5a 0 {size.removesuffix('iB')}")
 
 
 def test_a_resumed_job_keeps_its_rate_instead_of_bursting_to_catch_up(

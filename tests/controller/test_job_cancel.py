@@ -3,6 +3,7 @@ job still cancelled, not resumed, and a job's new rate as it was set."""
 
 from __future__ import annotations
 
+import subprocess
 import time
 
 import pytest
@@ -22,6 +23,11 @@ def test_a_cancelled_job_stays_cancelled_and_a_set_rate_stays_set_across_a_failo
     for name in ("V1", "V2", "V3"):
         c1.stub.CreateVolume(admin_pb2.CreateVolumeRequest(name=name, size_bytes=8 * MiB),
                              timeout=30)
+    # Data to copy: a copy's rate counts the data it moves, and holes move none.
+    written = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 8M",
+                              f"nbd://{c1.nbd}/V1"], capture_output=True, text=True,
+                             timeout=60, check=False)
+    assert written.returncode == 0, written.stdout + written.stderr
     cancelled = c1.stub.StartRefresh(admin_pb2.StartRefreshRequest(
         target="V2", source="V1", rate_bytes_per_second=256 << 10), timeout=30)
     slowed = c1.stub.StartRefresh(admin_pb2.StartRefreshRequest(
