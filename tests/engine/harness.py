@@ -237,6 +237,14 @@ class Harness:
 
     def check_all(self) -> None:
         for name, blocks in self.model.volumes.items():
+            # `locate_run`, where it answers, says what `locate` says for each block.
+            for first in range(len(blocks)):
+                for count in range(1, len(blocks) - first + 1):
+                    where = self.engine.locate_run(name, first, count)
+                    if where is not None:
+                        for k in range(count):
+                            assert self.engine.locate(name, first + k) == Loc(
+                                where.memory, where.block + k), (name, first, count, where)
             for block, expected in enumerate(blocks):
                 got = self.read(name, block)
                 if got != expected:

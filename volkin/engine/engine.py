@@ -278,6 +278,24 @@ class MapEngine:
             return iter(())
         return self.graph.maps[node.valid].iter_zeros(start)
 
+    def locate_run(self, name: str, first: int, count: int) -> Loc | None:
+        """Where blocks [first, first + count) of `name` are read from now, if they all
+        resolve through one node (to consecutive blocks of its memory, from
+        Loc(memory, first)); None if they resolve to different memories. `locate` for a
+        range, segment by segment."""
+        node = self.live_node(name)
+        stop = first + count
+        for _ in range(256):
+            held = self.graph.maps[node.valid].uniform(first, stop)
+            if held is None:
+                return None
+            if held:
+                return Loc(node.memory, first)
+            if node.parent is None:
+                return None
+            node = self.graph.nodes[node.parent]
+        return None
+
     def own_run(self, name: str, first: int, count: int) -> bool | None:
         """Whether blocks [first, first + count) of `name` are all its own (True), none of
         them (False), or some (None); segment by segment, not block by block."""
