@@ -84,6 +84,7 @@ class Job:
     options: tuple[str, ...]
     throughput: bool  # MB/s rather than IOPS
     goal: float | None  # volkin ÷ qemu-nbd at least
+    named_only: bool = False  # runs only when a --job names it
 
 
 JOBS = (
@@ -94,13 +95,22 @@ JOBS = (
     Job("1 MiB sequential write, qd4", ("--rw=write", "--bs=1m", "--iodepth=4"), True, 0.7),
     Job("4 KiB random r/w 50/50, 4 conns x qd4",
         ("--rw=randrw", "--bs=4k", "--iodepth=4", "--numjobs=4"), False, None),
+    # Deep sequential queues, where a striped volume keeps every agent busy at once
+    # (16 requests of 1 MiB span 16 stripe units); for the striping runs (--agents).
+    Job("1 MiB sequential read, qd16", ("--rw=read", "--bs=1m", "--iodepth=16"), True, None,
+        named_only=True),
+    Job("1 MiB sequential write, qd16", ("--rw=write", "--bs=1m", "--iodepth=16"), True, None,
+        named_only=True),
 )
 PROFILED = JOBS[1]  # the job py-spy watches unless --job names others
 
 
 def chosen_jobs(names: Sequence[str]) -> tuple[Job, ...]:
-    """The jobs whose label contains one of `names` (all of them if none is given)."""
-    return tuple(j for j in JOBS if not names or any(n in j.label for n in names))
+    """The jobs whose label contains one of `names`, in JOBS' order (without names, all
+    but those that run only when named)."""
+    if not names:
+        return tuple(j for j in JOBS if not j.named_only)
+    return tuple(j for j in JOBS if any(n in j.label for n in names))
 
 
 def cpu_seconds(pid: int) -> float:
@@ -137,16 +147,43 @@ class Sample:
 
     result: FioResult
     cpu: Mapping[str, float]
+    seconds: float  # fio's whole run, wall clock
 
     def per_gib(self, name: str) -> float:
         return self.cpu[name] / max(self.result.bytes / GiB, 1e-9)
 
+    def cores(self, name: str) -> float:
+        """How many cores `name` kept busy on average during the run."""
+        return self.cpu[name] / self.seconds
+
 
 def run_fio(uri: str, processes: Processes, *options: str) -> Sample:
     os.sync()  # no run pays for the write-back of the one before (see the module's doc)
+    children = children_cpu()  # fio's own CPU, once it has been waited for
     with cpu_used(processes) as cpu:
+        start = time.monotonic()
         result = fio_result(start_fio(uri, *options))
-    return Sample(result, cpu)
+        seconds = time.monotonic() - start
+    return Sample(result, {**cpu, "fio": children_cpu() - children}, seconds)
+
+
+@dataclass(frozen=True)
+class JobRuns:
+    """One fio job's interleaved rounds: qemu-nbd's and volkin's samples, round by round."""
+
+    job: Job
+    theirs: Sequence[Sample]
+    ours: Sequence[Sample]
+
+    @property
+    def ratio(self) -> float:
+        """volkin ÷ qemu-nbd, of the medians."""
+        return speed(self.ours, self.job) / speed(self.theirs, self.job)
+
+    def round_ratios(self) -> list[float]:
+        """volkin ÷ qemu-nbd within each round: their spread is the run's noise."""
+        return [speed([o], self.job) / speed([t], self.job)
+                for t, o in zip(self.theirs, self.ours, strict=True)]
 
 
 # -- the peer -------------------------------------------------------------------------------
@@ -200,15 +237,17 @@ Admin = admin_pb2_grpc.AdminStub
 
 
 def create_volume(admin: Admin, name: str, size: int, avoid: str = "") -> str:
-    """Creates `name`, on another agent than `avoid` if given; returns its agent. A volume
-    goes to the agent with the fewest extents: a small pad volume evens a tie."""
+    """Creates `name` striped over every agent (up to the controller's width) and returns
+    its first agent; or, if `avoid` is given, on one agent other than `avoid`. A volume
+    goes to the agents with the fewest memories: a small pad volume evens a tie."""
     for pad in range(4):
-        volume = admin.CreateVolume(admin_pb2.CreateVolumeRequest(name=name, size_bytes=size))
+        volume = admin.CreateVolume(admin_pb2.CreateVolumeRequest(
+            name=name, size_bytes=size, stripe_width=1 if avoid else 0))
         if avoid not in volume.agents:
             return str(volume.agents[0])
         admin.DeleteVolume(admin_pb2.DeleteVolumeRequest(name=name))
         admin.CreateVolume(admin_pb2.CreateVolumeRequest(name=f"pad-{name}-{pad}",
-                                                         size_bytes=MiB))
+                                                         size_bytes=MiB, stripe_width=1))
     raise RuntimeError(f"could not place {name} on another agent than {avoid}")
 
 
@@ -458,7 +497,11 @@ class Run:
     volkin: Processes  # "controller" and "agents"
     agent_pids: dict[str, int]  # agent node id -> pid
     block_size: int = 0
-    f_agent: str = ""  # the agent holding F, the fio volume
+    f_agent: str = ""  # the first agent holding F, the fio volume
+    f_agents: tuple[str, ...] = ()  # every agent F is striped over
+    stripe_unit: int = 0  # F's
+    stripe_width: int = 0
+    fio_runs: list[JobRuns] = field(default_factory=list)  # what measure_fio measured
     v1_agent: str = ""  # the agent holding V1, the refresh source
     peers: list[QemuNbd] = field(default_factory=list)
     profiles: list[Profile] = field(default_factory=list)
@@ -503,8 +546,12 @@ def prepare(run: Run, parts: Sequence[str]) -> None:
     if {"fio", "first-write", "foreground"} & set(parts):
         image = random_file(run.work / "f.raw", size)
         run.f_agent = create_volume(admin, "F", size)
+        volume = admin.GetVolume(admin_pb2.GetVolumeRequest(name="F"))
+        run.f_agents = tuple(volume.agents)
+        run.stripe_unit, run.stripe_width = volume.stripe_unit_bytes, volume.stripe_width
         nbdcopy(str(image), run.uri("F"))
-        run.say(f"F ({format_size(size)}) filled, on {run.f_agent}")
+        run.say(f"F ({format_size(size)}) filled, striped in units of "
+                f"{format_size(run.stripe_unit)} over {', '.join(run.f_agents)}")
     if {"copy", "first-write", "foreground"} & set(parts):
         image = random_file(run.work / "v1.raw", copy_size)
         run.v1_agent = create_volume(admin, "V1", copy_size, avoid=run.f_agent)
@@ -518,6 +565,7 @@ def measure_fio(run: Run) -> str:
     """1. The fio jobs, qemu-nbd and volkin interleaved."""
     peer = run.qemu_nbd(run.work / "f.raw")
     qemu: Processes = {"qemu-nbd": [peer.process.pid]}
+    run.fio_runs.clear()
     lines = ["| job | qemu-nbd | volkin | volkin ÷ qemu-nbd | goal | met | volkin p99 "
              "| qemu-nbd p99 | CPU s/GiB: controller | agents | qemu-nbd |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -532,7 +580,8 @@ def measure_fio(run: Run) -> str:
             run.say(f"{job.label}, round {r + 1}: qemu-nbd {speed(theirs[-1:], job):,.0f}, "
                     f"volkin {speed(ours[-1:], job):,.0f} {unit}; volkin p99 "
                     f"{ms(ours[-1].result.p99)}")
-        ratio = speed(ours, job) / speed(theirs, job)
+        run.fio_runs.append(JobRuns(job, theirs, ours))
+        ratio = run.fio_runs[-1].ratio
         goal, met = "—", "—"
         if job.goal is not None:
             goal, met = f"≥ {job.goal}", "**yes**" if ratio >= job.goal else "no"
@@ -549,11 +598,47 @@ def measure_fio(run: Run) -> str:
             f"latency (for r/w the worse of reads and writes)\n\n" + "\n".join(lines))
 
 
+def scaling_table(runs: Sequence[Run]) -> str:
+    """The fio jobs of clusters with different numbers of agents side by side: one volume
+    F striped over all of them each time, each against qemu-nbd in its own cluster's run."""
+    first = {r.job.label: r.ratio for r in runs[0].fio_runs}
+    lines = ["| job | agents (stripe width) | qemu-nbd | volkin | volkin ÷ qemu-nbd | rounds "
+             f"| ÷ {len(runs[0].agent_pids)} agent(s) | volkin p99 | CPU s/GiB: controller | "
+             "agents | cores busy: controller | agents | fio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for job in chosen_jobs(runs[0].args.job):
+        for run in runs:
+            (found,) = [r for r in run.fio_runs if r.job == job]
+            ours, unit = found.ours, "MB/s" if job.throughput else "IOPS"
+            spread = sorted(found.round_ratios())
+            lines.append(
+                f"| {job.label} | {len(run.agent_pids)} ({run.stripe_width}) | "
+                f"{speed(found.theirs, job):,.0f} {unit} | {speed(ours, job):,.0f} {unit} | "
+                f"**{found.ratio:.2f}** | {spread[0]:.2f} to {spread[-1]:.2f} | "
+                f"{found.ratio / first[job.label]:.2f} | "
+                f"{ms(med([s.result.p99 for s in ours]))} | "
+                f"{med([s.per_gib('controller') for s in ours]):.2f} | "
+                f"{med([s.per_gib('agents') for s in ours]):.2f} | "
+                f"{med([s.cores('controller') for s in ours]):.2f} | "
+                f"{med([s.cores('agents') for s in ours]):.2f} | "
+                f"{med([s.cores('fio') for s in ours]):.2f} |")
+    return (f"Striping: volume F ({format_size(runs[0].args.size)}) over every agent of a "
+            f"cluster of {', '.join(str(len(r.agent_pids)) for r in runs)} agents in turn, "
+            f"stripe unit {format_size(runs[0].stripe_unit)}; fio {runs[0].args.runtime:g} s "
+            f"per run, medians of {runs[0].args.rounds} rounds interleaved with qemu-nbd in "
+            f"each cluster's run; "
+            f"'rounds' is the lowest and highest volkin ÷ qemu-nbd of one round; "
+            f"'÷ N agent(s)' compares the ratios, so that the load of other processes on "
+            f"the machine cancels out; cores busy is CPU seconds ÷ fio's wall time\n\n"
+            + "\n".join(lines))
+
+
 def profile_fio(run: Run, directory: Path) -> None:
-    """One more volkin run of the profiled job, with py-spy on the controller and F's agent."""
+    """One more volkin run of the profiled job, with py-spy on the controller and every
+    agent F is striped over."""
     pids = {"controller": run.volkin["controller"][0],
-            f"agent-{run.f_agent}": run.agent_pids[run.f_agent]}
-    job = chosen_jobs(run.args.job)[0] if run.args.job else PROFILED
+            **{f"agent-{node}": run.agent_pids[node] for node in run.f_agents}}
+    job = chosen_jobs(run.args.job[:1])[0] if run.args.job else PROFILED
     options = (*job.options, f"--size={run.args.size}", run.runtime, "--time_based")
     begin = time.monotonic()
     with cpu_used({name: [pid] for name, pid in pids.items()}) as cpu, \
@@ -743,6 +828,16 @@ def _rate(text: str) -> int:
         raise argparse.ArgumentTypeError(exc.message) from None
 
 
+def _counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of agent counts: {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"agent counts must be at least 1: {text!r}")
+    return counts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=_size, default=GiB,
@@ -763,15 +858,45 @@ def main() -> None:
                              "--controller-arg=--busy-copy-blocks=20")
     parser.add_argument("--job", action="append", default=[], metavar="TEXT",
                         help="run only the fio jobs whose label contains TEXT (repeatable)")
+    parser.add_argument("--agents", type=_counts, metavar="N[,N...]",
+                        help="agents in the cluster (default 2); several, e.g. 1,2,3, measure "
+                             "one fresh cluster after another, F striped over all agents of "
+                             "each, and end with a table that sets them side by side")
     parser.add_argument("--keep", action="store_true",
                         help="keep the cluster's directory (logs) afterwards")
     args = parser.parse_args()
     parts = [p for p in PARTS if p not in args.skip]
+    counts = args.agents or [2]
+    if min(counts) < 2 and set(parts) - {"fio"}:
+        parser.error("with 1 agent only the fio part runs (the others place volumes on two "
+                     "agents): add --skip copy --skip first-write --skip foreground")
     started = time.monotonic()
     print(f"machine: {machine()}\ncommit measured: {commit()}\n", flush=True)
+    runs = []
+    for count in counts:
+        profile = args.profile
+        if profile is not None and len(counts) > 1:
+            profile = profile / f"agents-{count}"
+        run, tables, trouble = measure_cluster(args, parts, count, profile, started)
+        runs.append(run)
+        print(f"\nData path: {count} agents, {run.block_size // KiB} KiB blocks; "
+              f"{time.monotonic() - started:.0f} s into the run\n")
+        print("\n\n".join(tables))
+        for recorded in run.profiles:
+            print_profile(recorded)
+        if trouble:
+            print("\nIn the cluster's logs:\n" + "\n".join(trouble))
+    if len(runs) > 1 and "fio" in parts:
+        print("\n" + scaling_table(runs))
+
+
+def measure_cluster(args: argparse.Namespace, parts: Sequence[str], agents: int,
+                    profile: Path | None, started: float) -> tuple[Run, list[str], list[str]]:
+    """The chosen parts on a fresh cluster of `agents` agents: the run, its tables, and
+    the warnings in the cluster's logs."""
     tables: list[str] = []
-    with Loopback(keep=args.keep, controller_args=args.controller_arg) as cluster, \
-            contextlib.ExitStack() as cleanup:
+    with Loopback(agents=agents, keep=args.keep, controller_args=args.controller_arg) \
+            as cluster, contextlib.ExitStack() as cleanup:
         controller = cluster.start()
         assert controller.process is not None
         agent_pids = {a.node_id: a.process.pid for a in cluster.agents if a.process}
@@ -779,28 +904,21 @@ def main() -> None:
                                                   "agents": list(agent_pids.values())},
                   agent_pids, started=started)
         cleanup.callback(run.stop_peers)
-        run.say(f"cluster up in {cluster.work}")
+        run.say(f"cluster of {agents} agents up in {cluster.work}")
         prepare(run, parts)
         if "fio" in parts:
             tables.append(measure_fio(run))
-            if args.profile is not None:
-                profile_fio(run, args.profile)
+            if profile is not None:
+                profile_fio(run, profile)
         if "copy" in parts:
             tables.append(measure_copy(run))
-            if args.profile is not None:
-                profile_copy(run, args.profile)
+            if profile is not None:
+                profile_copy(run, profile)
         if "first-write" in parts:
             tables.append(measure_first_writes(run))
         if "foreground" in parts:
             tables.append(measure_foreground(run))
-        trouble = log_trouble(cluster.work)
-    print(f"\nData path: {len(agent_pids)} agents, {run.block_size // KiB} KiB blocks; the run "
-          f"took {time.monotonic() - run.started:.0f} s\n")
-    print("\n\n".join(tables))
-    for profile in run.profiles:
-        print_profile(profile)
-    if trouble:
-        print("\nIn the cluster's logs:\n" + "\n".join(trouble))
+        return run, tables, log_trouble(cluster.work)
 
 
 if __name__ == "__main__":
