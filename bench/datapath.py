@@ -2,7 +2,7 @@
 
     python3 -m bench.datapath [--size 1GiB] [--copy-size 1GiB] [--runtime 10] [--rounds 2]
                               [--skip fio|copy|first-write|foreground ...] [--profile DIR]
-                              [--job TEXT ...] [--controller-arg ARG ...]
+                              [--job TEXT ...] [--controller-arg ARG ...] [--agents N,...]
 
 Starts a real etcd, two agents and a controller on loopback (`bench.loopback`), and
 qemu-nbd (`-f raw --shared=8 --cache=writeback`) on raw files beside them. Every
@@ -32,7 +32,15 @@ Every fio run and every copy starts after a `sync`: qemu-nbd (`--cache=writeback
 and the agents leave their writes dirty in the page cache, and the write-back of one
 run must not land in the next (the other side's, since they alternate).
 
-`--profile DIR` records the controller and the agent holding F with py-spy during one
+`--agents 1,2,3` starts one cluster of each size at once, F striped over all the
+agents of each (stripe width = agents, up to 8), and interleaves the fio part over
+them too: each round runs qemu-nbd and volkin on the first cluster, then on the
+second, and so on. A table at the end sets the clusters side by side: volkin ÷
+qemu-nbd, its lowest and highest in one round (the noise), that ratio ÷ the first
+cluster's, and how many cores the controller, the agents and fio kept busy. The
+other parts need two agents or more.
+
+`--profile DIR` records the controller and the agents holding F with py-spy during one
 more, uncounted, volkin run of 4 KiB random write qd16 (or of the first `--job`), and
 the controller and both agents during one more refresh copy, and prints their top
 functions.
@@ -561,27 +569,43 @@ def prepare(run: Run, parts: Sequence[str]) -> None:
         name="F" if run.f_agent else "V1")).block_size
 
 
-def measure_fio(run: Run) -> str:
-    """1. The fio jobs, qemu-nbd and volkin interleaved."""
-    peer = run.qemu_nbd(run.work / "f.raw")
-    qemu: Processes = {"qemu-nbd": [peer.process.pid]}
-    run.fio_runs.clear()
+def measure_fio(runs: Sequence[Run]) -> None:
+    """1. The fio jobs, qemu-nbd and volkin interleaved; with several clusters (--agents),
+    the clusters too: each round runs every cluster's pair in turn, so that a change of
+    the machine's load in the middle of the run lands on every cluster alike."""
+    peers = [run.qemu_nbd(run.work / "f.raw") for run in runs]
+    args = runs[0].args
+    for run in runs:
+        run.fio_runs.clear()
+    for job in chosen_jobs(args.job):
+        options = (*job.options, f"--size={args.size}", runs[0].runtime, "--time_based")
+        unit = "MB/s" if job.throughput else "IOPS"
+        theirs: list[list[Sample]] = [[] for _ in runs]
+        ours: list[list[Sample]] = [[] for _ in runs]
+        for r in range(args.rounds):
+            for n, (run, peer) in enumerate(zip(runs, peers, strict=True)):
+                theirs[n].append(run_fio(peer.uri, {"qemu-nbd": [peer.process.pid]},
+                                         *options))
+                ours[n].append(run_fio(run.uri("F"), run.volkin, *options))
+                run.say(f"{job.label}, {len(run.agent_pids)} agent(s), round {r + 1}: "
+                        f"qemu-nbd {speed(theirs[n][-1:], job):,.0f}, volkin "
+                        f"{speed(ours[n][-1:], job):,.0f} {unit}; volkin p99 "
+                        f"{ms(ours[n][-1].result.p99)}")
+        for n, run in enumerate(runs):
+            run.fio_runs.append(JobRuns(job, theirs[n], ours[n]))
+    for run, peer in zip(runs, peers, strict=True):
+        run.stop(peer)
+
+
+def fio_table(run: Run) -> str:
+    """What measure_fio measured on one cluster."""
     lines = ["| job | qemu-nbd | volkin | volkin ÷ qemu-nbd | goal | met | volkin p99 "
              "| qemu-nbd p99 | CPU s/GiB: controller | agents | qemu-nbd |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for job in chosen_jobs(run.args.job):
-        options = (*job.options, f"--size={run.args.size}", run.runtime, "--time_based")
+    for found in run.fio_runs:
+        job, theirs, ours = found.job, found.theirs, found.ours
         unit = "MB/s" if job.throughput else "IOPS"
-        theirs: list[Sample] = []
-        ours: list[Sample] = []
-        for r in range(run.args.rounds):
-            theirs.append(run_fio(peer.uri, qemu, *options))
-            ours.append(run_fio(run.uri("F"), run.volkin, *options))
-            run.say(f"{job.label}, round {r + 1}: qemu-nbd {speed(theirs[-1:], job):,.0f}, "
-                    f"volkin {speed(ours[-1:], job):,.0f} {unit}; volkin p99 "
-                    f"{ms(ours[-1].result.p99)}")
-        run.fio_runs.append(JobRuns(job, theirs, ours))
-        ratio = run.fio_runs[-1].ratio
+        ratio = found.ratio
         goal, met = "—", "—"
         if job.goal is not None:
             goal, met = f"≥ {job.goal}", "**yes**" if ratio >= job.goal else "no"
@@ -592,7 +616,6 @@ def measure_fio(run: Run) -> str:
             f"{med([s.per_gib('controller') for s in ours]):.1f} | "
             f"{med([s.per_gib('agents') for s in ours]):.1f} | "
             f"{med([s.per_gib('qemu-nbd') for s in theirs]):.2f} |")
-    run.stop(peer)
     return (f"NBD I/O: fio ioengine=nbd on {format_size(run.args.size)}, {run.args.runtime:g} s "
             f"per run, medians of {run.args.rounds} interleaved rounds; p99 is fio's completion "
             f"latency (for r/w the worse of reads and writes)\n\n" + "\n".join(lines))
@@ -600,7 +623,7 @@ def measure_fio(run: Run) -> str:
 
 def scaling_table(runs: Sequence[Run]) -> str:
     """The fio jobs of clusters with different numbers of agents side by side: one volume
-    F striped over all of them each time, each against qemu-nbd in its own cluster's run."""
+    F striped over all the agents of each, against qemu-nbd, all interleaved."""
     first = {r.job.label: r.ratio for r in runs[0].fio_runs}
     lines = ["| job | agents (stripe width) | qemu-nbd | volkin | volkin ÷ qemu-nbd | rounds "
              f"| ÷ {len(runs[0].agent_pids)} agent(s) | volkin p99 | CPU s/GiB: controller | "
@@ -622,11 +645,11 @@ def scaling_table(runs: Sequence[Run]) -> str:
                 f"{med([s.cores('controller') for s in ours]):.2f} | "
                 f"{med([s.cores('agents') for s in ours]):.2f} | "
                 f"{med([s.cores('fio') for s in ours]):.2f} |")
-    return (f"Striping: volume F ({format_size(runs[0].args.size)}) over every agent of a "
-            f"cluster of {', '.join(str(len(r.agent_pids)) for r in runs)} agents in turn, "
+    return (f"Striping: volume F ({format_size(runs[0].args.size)}) over every agent of "
+            f"clusters of {', '.join(str(len(r.agent_pids)) for r in runs)} agents, "
             f"stripe unit {format_size(runs[0].stripe_unit)}; fio {runs[0].args.runtime:g} s "
-            f"per run, medians of {runs[0].args.rounds} rounds interleaved with qemu-nbd in "
-            f"each cluster's run; "
+            f"per run, medians of {runs[0].args.rounds} rounds, each of which runs qemu-nbd "
+            f"and volkin on every cluster in turn; "
             f"'rounds' is the lowest and highest volkin ÷ qemu-nbd of one round; "
             f"'÷ N agent(s)' compares the ratios, so that the load of other processes on "
             f"the machine cancels out; cores busy is CPU seconds ÷ fio's wall time\n\n"
@@ -859,9 +882,10 @@ def main() -> None:
     parser.add_argument("--job", action="append", default=[], metavar="TEXT",
                         help="run only the fio jobs whose label contains TEXT (repeatable)")
     parser.add_argument("--agents", type=_counts, metavar="N[,N...]",
-                        help="agents in the cluster (default 2); several, e.g. 1,2,3, measure "
-                             "one fresh cluster after another, F striped over all agents of "
-                             "each, and end with a table that sets them side by side")
+                        help="agents in the cluster (default 2); several, e.g. 1,2,3, start "
+                             "one cluster of each size, F striped over all agents of each, "
+                             "interleave the fio runs over them and end with a table that "
+                             "sets them side by side")
     parser.add_argument("--keep", action="store_true",
                         help="keep the cluster's directory (logs) afterwards")
     args = parser.parse_args()
@@ -872,16 +896,31 @@ def main() -> None:
                      "agents): add --skip copy --skip first-write --skip foreground")
     started = time.monotonic()
     print(f"machine: {machine()}\ncommit measured: {commit()}\n", flush=True)
-    runs = []
-    for count in counts:
-        profile = args.profile
-        if profile is not None and len(counts) > 1:
-            profile = profile / f"agents-{count}"
-        run, tables, trouble = measure_cluster(args, parts, count, profile, started)
-        runs.append(run)
-        print(f"\nData path: {count} agents, {run.block_size // KiB} KiB blocks; "
-              f"{time.monotonic() - started:.0f} s into the run\n")
-        print("\n\n".join(tables))
+    with contextlib.ExitStack() as stack:
+        runs = [start_cluster(stack, args, count, started) for count in counts]
+        for run in runs:
+            prepare(run, parts)
+        tables: list[list[str]] = [[] for _ in runs]
+        if "fio" in parts:
+            measure_fio(runs)
+            for run, found in zip(runs, tables, strict=True):
+                found.append(fio_table(run))
+                if args.profile is not None:
+                    profile_fio(run, profile_dir(args.profile, run, len(runs)))
+        for run, found in zip(runs, tables, strict=True):
+            if "copy" in parts:
+                found.append(measure_copy(run))
+                if args.profile is not None:
+                    profile_copy(run, profile_dir(args.profile, run, len(runs)))
+            if "first-write" in parts:
+                found.append(measure_first_writes(run))
+            if "foreground" in parts:
+                found.append(measure_foreground(run))
+        troubles = [log_trouble(run.work) for run in runs]
+    for run, found, trouble in zip(runs, tables, troubles, strict=True):
+        print(f"\nData path: {len(run.agent_pids)} agents, {run.block_size // KiB} KiB blocks; "
+              f"the run took {time.monotonic() - started:.0f} s\n")
+        print("\n\n".join(found))
         for recorded in run.profiles:
             print_profile(recorded)
         if trouble:
@@ -890,35 +929,25 @@ def main() -> None:
         print("\n" + scaling_table(runs))
 
 
-def measure_cluster(args: argparse.Namespace, parts: Sequence[str], agents: int,
-                    profile: Path | None, started: float) -> tuple[Run, list[str], list[str]]:
-    """The chosen parts on a fresh cluster of `agents` agents: the run, its tables, and
-    the warnings in the cluster's logs."""
-    tables: list[str] = []
-    with Loopback(agents=agents, keep=args.keep, controller_args=args.controller_arg) \
-            as cluster, contextlib.ExitStack() as cleanup:
-        controller = cluster.start()
-        assert controller.process is not None
-        agent_pids = {a.node_id: a.process.pid for a in cluster.agents if a.process}
-        run = Run(args, cluster, controller.nbd, {"controller": [controller.process.pid],
-                                                  "agents": list(agent_pids.values())},
-                  agent_pids, started=started)
-        cleanup.callback(run.stop_peers)
-        run.say(f"cluster of {agents} agents up in {cluster.work}")
-        prepare(run, parts)
-        if "fio" in parts:
-            tables.append(measure_fio(run))
-            if profile is not None:
-                profile_fio(run, profile)
-        if "copy" in parts:
-            tables.append(measure_copy(run))
-            if profile is not None:
-                profile_copy(run, profile)
-        if "first-write" in parts:
-            tables.append(measure_first_writes(run))
-        if "foreground" in parts:
-            tables.append(measure_foreground(run))
-        return run, tables, log_trouble(cluster.work)
+def start_cluster(stack: contextlib.ExitStack, args: argparse.Namespace, agents: int,
+                  started: float) -> Run:
+    """A fresh cluster of `agents` agents, stopped (with its peers) when `stack` closes."""
+    cluster = stack.enter_context(Loopback(agents=agents, keep=args.keep,
+                                           controller_args=args.controller_arg))
+    controller = cluster.start()
+    assert controller.process is not None
+    agent_pids = {a.node_id: a.process.pid for a in cluster.agents if a.process}
+    run = Run(args, cluster, controller.nbd, {"controller": [controller.process.pid],
+                                              "agents": list(agent_pids.values())},
+              agent_pids, started=started)
+    stack.callback(run.stop_peers)
+    run.say(f"cluster of {agents} agent(s) up in {cluster.work}")
+    return run
+
+
+def profile_dir(directory: Path, run: Run, clusters: int) -> Path:
+    """Where a cluster's profiles go: DIR, or DIR/agents-N when there are several."""
+    return directory if clusters == 1 else directory / f"agents-{len(run.agent_pids)}"
 
 
 if __name__ == "__main__":
