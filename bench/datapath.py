@@ -2,7 +2,7 @@
 
     python3 -m bench.datapath [--size 1GiB] [--copy-size 1GiB] [--runtime 10] [--rounds 2]
                               [--skip fio|copy|first-write|foreground ...] [--profile DIR]
-                              [--job TEXT ...] [--controller-arg ARG ...]
+                              [--job TEXT ...] [--controller-arg ARG ...] [--agents N,...]
 
 Starts a real etcd, two agents and a controller on loopback (`bench.loopback`), and
 qemu-nbd (`-f raw --shared=8 --cache=writeback`) on raw files beside them. Every
@@ -32,7 +32,15 @@ Every fio run and every copy starts after a `sync`: qemu-nbd (`--cache=writeback
 and the agents leave their writes dirty in the page cache, and the write-back of one
 run must not land in the next (the other side's, since they alternate).
 
-`--profile DIR` records the controller and the agent holding F with py-spy during one
+`--agents 1,2,3` starts one cluster of each size at once, F striped over all the
+agents of each (stripe width = agents, up to 8), and interleaves the fio part over
+them too: each round runs qemu-nbd and volkin on the first cluster, then on the
+second, and so on. A table at the end sets the clusters side by side: volkin ÷
+qemu-nbd, its lowest and highest in one round (the noise), that ratio ÷ the first
+cluster's, and how many cores the controller, the agents and fio kept busy. The
+other parts need two agents or more.
+
+`--profile DIR` records the controller and the agents holding F with py-spy during one
 more, uncounted, volkin run of 4 KiB random write qd16 (or of the first `--job`), and
 the controller and both agents during one more refresh copy, and prints their top
 functions.
@@ -84,6 +92,7 @@ class Job:
     options: tuple[str, ...]
     throughput: bool  # MB/s rather than IOPS
     goal: float | None  # volkin ÷ qemu-nbd at least
+    named_only: bool = False  # runs only when a --job names it
 
 
 JOBS = (
@@ -94,13 +103,22 @@ JOBS = (
     Job("1 MiB sequential write, qd4", ("--rw=write", "--bs=1m", "--iodepth=4"), True, 0.7),
     Job("4 KiB random r/w 50/50, 4 conns x qd4",
         ("--rw=randrw", "--bs=4k", "--iodepth=4", "--numjobs=4"), False, None),
+    # Deep sequential queues, where a striped volume keeps every agent busy at once
+    # (16 requests of 1 MiB span 16 stripe units); for the striping runs (--agents).
+    Job("1 MiB sequential read, qd16", ("--rw=read", "--bs=1m", "--iodepth=16"), True, None,
+        named_only=True),
+    Job("1 MiB sequential write, qd16", ("--rw=write", "--bs=1m", "--iodepth=16"), True, None,
+        named_only=True),
 )
 PROFILED = JOBS[1]  # the job py-spy watches unless --job names others
 
 
 def chosen_jobs(names: Sequence[str]) -> tuple[Job, ...]:
-    """The jobs whose label contains one of `names` (all of them if none is given)."""
-    return tuple(j for j in JOBS if not names or any(n in j.label for n in names))
+    """The jobs whose label contains one of `names`, in JOBS' order (without names, all
+    but those that run only when named)."""
+    if not names:
+        return tuple(j for j in JOBS if not j.named_only)
+    return tuple(j for j in JOBS if any(n in j.label for n in names))
 
 
 def cpu_seconds(pid: int) -> float:
@@ -137,16 +155,43 @@ class Sample:
 
     result: FioResult
     cpu: Mapping[str, float]
+    seconds: float  # fio's whole run, wall clock
 
     def per_gib(self, name: str) -> float:
         return self.cpu[name] / max(self.result.bytes / GiB, 1e-9)
 
+    def cores(self, name: str) -> float:
+        """How many cores `name` kept busy on average during the run."""
+        return self.cpu[name] / self.seconds
+
 
 def run_fio(uri: str, processes: Processes, *options: str) -> Sample:
     os.sync()  # no run pays for the write-back of the one before (see the module's doc)
+    children = children_cpu()  # fio's own CPU, once it has been waited for
     with cpu_used(processes) as cpu:
+        start = time.monotonic()
         result = fio_result(start_fio(uri, *options))
-    return Sample(result, cpu)
+        seconds = time.monotonic() - start
+    return Sample(result, {**cpu, "fio": children_cpu() - children}, seconds)
+
+
+@dataclass(frozen=True)
+class JobRuns:
+    """One fio job's interleaved rounds: qemu-nbd's and volkin's samples, round by round."""
+
+    job: Job
+    theirs: Sequence[Sample]
+    ours: Sequence[Sample]
+
+    @property
+    def ratio(self) -> float:
+        """volkin ÷ qemu-nbd, of the medians."""
+        return speed(self.ours, self.job) / speed(self.theirs, self.job)
+
+    def round_ratios(self) -> list[float]:
+        """volkin ÷ qemu-nbd within each round: their spread is the run's noise."""
+        return [speed([o], self.job) / speed([t], self.job)
+                for t, o in zip(self.theirs, self.ours, strict=True)]
 
 
 # -- the peer -------------------------------------------------------------------------------
@@ -200,15 +245,17 @@ Admin = admin_pb2_grpc.AdminStub
 
 
 def create_volume(admin: Admin, name: str, size: int, avoid: str = "") -> str:
-    """Creates `name`, on another agent than `avoid` if given; returns its agent. A volume
-    goes to the agent with the fewest extents: a small pad volume evens a tie."""
+    """Creates `name` striped over every agent (up to the controller's width) and returns
+    its first agent; or, if `avoid` is given, on one agent other than `avoid`. A volume
+    goes to the agents with the fewest memories: a small pad volume evens a tie."""
     for pad in range(4):
-        volume = admin.CreateVolume(admin_pb2.CreateVolumeRequest(name=name, size_bytes=size))
+        volume = admin.CreateVolume(admin_pb2.CreateVolumeRequest(
+            name=name, size_bytes=size, stripe_width=1 if avoid else 0))
         if avoid not in volume.agents:
             return str(volume.agents[0])
         admin.DeleteVolume(admin_pb2.DeleteVolumeRequest(name=name))
         admin.CreateVolume(admin_pb2.CreateVolumeRequest(name=f"pad-{name}-{pad}",
-                                                         size_bytes=MiB))
+                                                         size_bytes=MiB, stripe_width=1))
     raise RuntimeError(f"could not place {name} on another agent than {avoid}")
 
 
@@ -458,7 +505,11 @@ class Run:
     volkin: Processes  # "controller" and "agents"
     agent_pids: dict[str, int]  # agent node id -> pid
     block_size: int = 0
-    f_agent: str = ""  # the agent holding F, the fio volume
+    f_agent: str = ""  # the first agent holding F, the fio volume
+    f_agents: tuple[str, ...] = ()  # every agent F is striped over
+    stripe_unit: int = 0  # F's
+    stripe_width: int = 0
+    fio_runs: list[JobRuns] = field(default_factory=list)  # what measure_fio measured
     v1_agent: str = ""  # the agent holding V1, the refresh source
     peers: list[QemuNbd] = field(default_factory=list)
     profiles: list[Profile] = field(default_factory=list)
@@ -503,8 +554,12 @@ def prepare(run: Run, parts: Sequence[str]) -> None:
     if {"fio", "first-write", "foreground"} & set(parts):
         image = random_file(run.work / "f.raw", size)
         run.f_agent = create_volume(admin, "F", size)
+        volume = admin.GetVolume(admin_pb2.GetVolumeRequest(name="F"))
+        run.f_agents = tuple(volume.agents)
+        run.stripe_unit, run.stripe_width = volume.stripe_unit_bytes, volume.stripe_width
         nbdcopy(str(image), run.uri("F"))
-        run.say(f"F ({format_size(size)}) filled, on {run.f_agent}")
+        run.say(f"F ({format_size(size)}) filled, striped in units of "
+                f"{format_size(run.stripe_unit)} over {', '.join(run.f_agents)}")
     if {"copy", "first-write", "foreground"} & set(parts):
         image = random_file(run.work / "v1.raw", copy_size)
         run.v1_agent = create_volume(admin, "V1", copy_size, avoid=run.f_agent)
@@ -514,25 +569,43 @@ def prepare(run: Run, parts: Sequence[str]) -> None:
         name="F" if run.f_agent else "V1")).block_size
 
 
-def measure_fio(run: Run) -> str:
-    """1. The fio jobs, qemu-nbd and volkin interleaved."""
-    peer = run.qemu_nbd(run.work / "f.raw")
-    qemu: Processes = {"qemu-nbd": [peer.process.pid]}
+def measure_fio(runs: Sequence[Run]) -> None:
+    """1. The fio jobs, qemu-nbd and volkin interleaved; with several clusters (--agents),
+    the clusters too: each round runs every cluster's pair in turn, so that a change of
+    the machine's load in the middle of the run lands on every cluster alike."""
+    peers = [run.qemu_nbd(run.work / "f.raw") for run in runs]
+    args = runs[0].args
+    for run in runs:
+        run.fio_runs.clear()
+    for job in chosen_jobs(args.job):
+        options = (*job.options, f"--size={args.size}", runs[0].runtime, "--time_based")
+        unit = "MB/s" if job.throughput else "IOPS"
+        theirs: list[list[Sample]] = [[] for _ in runs]
+        ours: list[list[Sample]] = [[] for _ in runs]
+        for r in range(args.rounds):
+            for n, (run, peer) in enumerate(zip(runs, peers, strict=True)):
+                theirs[n].append(run_fio(peer.uri, {"qemu-nbd": [peer.process.pid]},
+                                         *options))
+                ours[n].append(run_fio(run.uri("F"), run.volkin, *options))
+                run.say(f"{job.label}, {len(run.agent_pids)} agent(s), round {r + 1}: "
+                        f"qemu-nbd {speed(theirs[n][-1:], job):,.0f}, volkin "
+                        f"{speed(ours[n][-1:], job):,.0f} {unit}; volkin p99 "
+                        f"{ms(ours[n][-1].result.p99)}")
+        for n, run in enumerate(runs):
+            run.fio_runs.append(JobRuns(job, theirs[n], ours[n]))
+    for run, peer in zip(runs, peers, strict=True):
+        run.stop(peer)
+
+
+def fio_table(run: Run) -> str:
+    """What measure_fio measured on one cluster."""
     lines = ["| job | qemu-nbd | volkin | volkin ÷ qemu-nbd | goal | met | volkin p99 "
              "| qemu-nbd p99 | CPU s/GiB: controller | agents | qemu-nbd |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for job in chosen_jobs(run.args.job):
-        options = (*job.options, f"--size={run.args.size}", run.runtime, "--time_based")
+    for found in run.fio_runs:
+        job, theirs, ours = found.job, found.theirs, found.ours
         unit = "MB/s" if job.throughput else "IOPS"
-        theirs: list[Sample] = []
-        ours: list[Sample] = []
-        for r in range(run.args.rounds):
-            theirs.append(run_fio(peer.uri, qemu, *options))
-            ours.append(run_fio(run.uri("F"), run.volkin, *options))
-            run.say(f"{job.label}, round {r + 1}: qemu-nbd {speed(theirs[-1:], job):,.0f}, "
-                    f"volkin {speed(ours[-1:], job):,.0f} {unit}; volkin p99 "
-                    f"{ms(ours[-1].result.p99)}")
-        ratio = speed(ours, job) / speed(theirs, job)
+        ratio = found.ratio
         goal, met = "—", "—"
         if job.goal is not None:
             goal, met = f"≥ {job.goal}", "**yes**" if ratio >= job.goal else "no"
@@ -543,17 +616,52 @@ def measure_fio(run: Run) -> str:
             f"{med([s.per_gib('controller') for s in ours]):.1f} | "
             f"{med([s.per_gib('agents') for s in ours]):.1f} | "
             f"{med([s.per_gib('qemu-nbd') for s in theirs]):.2f} |")
-    run.stop(peer)
     return (f"NBD I/O: fio ioengine=nbd on {format_size(run.args.size)}, {run.args.runtime:g} s "
             f"per run, medians of {run.args.rounds} interleaved rounds; p99 is fio's completion "
             f"latency (for r/w the worse of reads and writes)\n\n" + "\n".join(lines))
 
 
+def scaling_table(runs: Sequence[Run]) -> str:
+    """The fio jobs of clusters with different numbers of agents side by side: one volume
+    F striped over all the agents of each, against qemu-nbd, all interleaved."""
+    first = {r.job.label: r.ratio for r in runs[0].fio_runs}
+    lines = ["| job | agents (stripe width) | qemu-nbd | volkin | volkin ÷ qemu-nbd | rounds "
+             f"| ÷ {len(runs[0].agent_pids)} agent(s) | volkin p99 | CPU s/GiB: controller | "
+             "agents | cores busy: controller | agents | fio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for job in chosen_jobs(runs[0].args.job):
+        for run in runs:
+            (found,) = [r for r in run.fio_runs if r.job == job]
+            ours, unit = found.ours, "MB/s" if job.throughput else "IOPS"
+            spread = sorted(found.round_ratios())
+            lines.append(
+                f"| {job.label} | {len(run.agent_pids)} ({run.stripe_width}) | "
+                f"{speed(found.theirs, job):,.0f} {unit} | {speed(ours, job):,.0f} {unit} | "
+                f"**{found.ratio:.2f}** | {spread[0]:.2f} to {spread[-1]:.2f} | "
+                f"{found.ratio / first[job.label]:.2f} | "
+                f"{ms(med([s.result.p99 for s in ours]))} | "
+                f"{med([s.per_gib('controller') for s in ours]):.2f} | "
+                f"{med([s.per_gib('agents') for s in ours]):.2f} | "
+                f"{med([s.cores('controller') for s in ours]):.2f} | "
+                f"{med([s.cores('agents') for s in ours]):.2f} | "
+                f"{med([s.cores('fio') for s in ours]):.2f} |")
+    return (f"Striping: volume F ({format_size(runs[0].args.size)}) over every agent of "
+            f"clusters of {', '.join(str(len(r.agent_pids)) for r in runs)} agents, "
+            f"stripe unit {format_size(runs[0].stripe_unit)}; fio {runs[0].args.runtime:g} s "
+            f"per run, medians of {runs[0].args.rounds} rounds, each of which runs qemu-nbd "
+            f"and volkin on every cluster in turn; "
+            f"'rounds' is the lowest and highest volkin ÷ qemu-nbd of one round; "
+            f"'÷ N agent(s)' compares the ratios, so that the load of other processes on "
+            f"the machine cancels out; cores busy is CPU seconds ÷ fio's wall time\n\n"
+            + "\n".join(lines))
+
+
 def profile_fio(run: Run, directory: Path) -> None:
-    """One more volkin run of the profiled job, with py-spy on the controller and F's agent."""
+    """One more volkin run of the profiled job, with py-spy on the controller and every
+    agent F is striped over."""
     pids = {"controller": run.volkin["controller"][0],
-            f"agent-{run.f_agent}": run.agent_pids[run.f_agent]}
-    job = chosen_jobs(run.args.job)[0] if run.args.job else PROFILED
+            **{f"agent-{node}": run.agent_pids[node] for node in run.f_agents}}
+    job = chosen_jobs(run.args.job[:1])[0] if run.args.job else PROFILED
     options = (*job.options, f"--size={run.args.size}", run.runtime, "--time_based")
     begin = time.monotonic()
     with cpu_used({name: [pid] for name, pid in pids.items()}) as cpu, \
@@ -743,6 +851,16 @@ def _rate(text: str) -> int:
         raise argparse.ArgumentTypeError(exc.message) from None
 
 
+def _counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of agent counts: {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"agent counts must be at least 1: {text!r}")
+    return counts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=_size, default=GiB,
@@ -763,44 +881,73 @@ def main() -> None:
                              "--controller-arg=--busy-copy-blocks=20")
     parser.add_argument("--job", action="append", default=[], metavar="TEXT",
                         help="run only the fio jobs whose label contains TEXT (repeatable)")
+    parser.add_argument("--agents", type=_counts, metavar="N[,N...]",
+                        help="agents in the cluster (default 2); several, e.g. 1,2,3, start "
+                             "one cluster of each size, F striped over all agents of each, "
+                             "interleave the fio runs over them and end with a table that "
+                             "sets them side by side")
     parser.add_argument("--keep", action="store_true",
                         help="keep the cluster's directory (logs) afterwards")
     args = parser.parse_args()
     parts = [p for p in PARTS if p not in args.skip]
+    counts = args.agents or [2]
+    if min(counts) < 2 and set(parts) - {"fio"}:
+        parser.error("with 1 agent only the fio part runs (the others place volumes on two "
+                     "agents): add --skip copy --skip first-write --skip foreground")
     started = time.monotonic()
     print(f"machine: {machine()}\ncommit measured: {commit()}\n", flush=True)
-    tables: list[str] = []
-    with Loopback(keep=args.keep, controller_args=args.controller_arg) as cluster, \
-            contextlib.ExitStack() as cleanup:
-        controller = cluster.start()
-        assert controller.process is not None
-        agent_pids = {a.node_id: a.process.pid for a in cluster.agents if a.process}
-        run = Run(args, cluster, controller.nbd, {"controller": [controller.process.pid],
-                                                  "agents": list(agent_pids.values())},
-                  agent_pids, started=started)
-        cleanup.callback(run.stop_peers)
-        run.say(f"cluster up in {cluster.work}")
-        prepare(run, parts)
+    with contextlib.ExitStack() as stack:
+        runs = [start_cluster(stack, args, count, started) for count in counts]
+        for run in runs:
+            prepare(run, parts)
+        tables: list[list[str]] = [[] for _ in runs]
         if "fio" in parts:
-            tables.append(measure_fio(run))
-            if args.profile is not None:
-                profile_fio(run, args.profile)
-        if "copy" in parts:
-            tables.append(measure_copy(run))
-            if args.profile is not None:
-                profile_copy(run, args.profile)
-        if "first-write" in parts:
-            tables.append(measure_first_writes(run))
-        if "foreground" in parts:
-            tables.append(measure_foreground(run))
-        trouble = log_trouble(cluster.work)
-    print(f"\nData path: {len(agent_pids)} agents, {run.block_size // KiB} KiB blocks; the run "
-          f"took {time.monotonic() - run.started:.0f} s\n")
-    print("\n\n".join(tables))
-    for profile in run.profiles:
-        print_profile(profile)
-    if trouble:
-        print("\nIn the cluster's logs:\n" + "\n".join(trouble))
+            measure_fio(runs)
+            for run, found in zip(runs, tables, strict=True):
+                found.append(fio_table(run))
+                if args.profile is not None:
+                    profile_fio(run, profile_dir(args.profile, run, len(runs)))
+        for run, found in zip(runs, tables, strict=True):
+            if "copy" in parts:
+                found.append(measure_copy(run))
+                if args.profile is not None:
+                    profile_copy(run, profile_dir(args.profile, run, len(runs)))
+            if "first-write" in parts:
+                found.append(measure_first_writes(run))
+            if "foreground" in parts:
+                found.append(measure_foreground(run))
+        troubles = [log_trouble(run.work) for run in runs]
+    for run, found, trouble in zip(runs, tables, troubles, strict=True):
+        print(f"\nData path: {len(run.agent_pids)} agents, {run.block_size // KiB} KiB blocks; "
+              f"the run took {time.monotonic() - started:.0f} s\n")
+        print("\n\n".join(found))
+        for recorded in run.profiles:
+            print_profile(recorded)
+        if trouble:
+            print("\nIn the cluster's logs:\n" + "\n".join(trouble))
+    if len(runs) > 1 and "fio" in parts:
+        print("\n" + scaling_table(runs))
+
+
+def start_cluster(stack: contextlib.ExitStack, args: argparse.Namespace, agents: int,
+                  started: float) -> Run:
+    """A fresh cluster of `agents` agents, stopped (with its peers) when `stack` closes."""
+    cluster = stack.enter_context(Loopback(agents=agents, keep=args.keep,
+                                           controller_args=args.controller_arg))
+    controller = cluster.start()
+    assert controller.process is not None
+    agent_pids = {a.node_id: a.process.pid for a in cluster.agents if a.process}
+    run = Run(args, cluster, controller.nbd, {"controller": [controller.process.pid],
+                                              "agents": list(agent_pids.values())},
+              agent_pids, started=started)
+    stack.callback(run.stop_peers)
+    run.say(f"cluster of {agents} agent(s) up in {cluster.work}")
+    return run
+
+
+def profile_dir(directory: Path, run: Run, clusters: int) -> Path:
+    """Where a cluster's profiles go: DIR, or DIR/agents-N when there are several."""
+    return directory if clusters == 1 else directory / f"agents-{len(run.agent_pids)}"
 
 
 if __name__ == "__main__":
