@@ -91,6 +91,18 @@ class Harness:
         self.topology(lambda: self.engine.start_refresh(target, source))
         self.model.refresh(target, source)
 
+    def resize(self, name: str, size_blocks: int) -> bool:
+        """Grows a volume if the engine lets it (False: refused, and nothing changed)."""
+        before = rec.records(self.engine.graph), rec.segments(self.engine.graph)
+        try:
+            self.topology(lambda: self.engine.resize_volume(name, size_blocks))
+        except Conflict:
+            if (rec.records(self.engine.graph), rec.segments(self.engine.graph)) != before:
+                raise Divergence(f"a refused resize of {name} changed the graph") from None
+            return False
+        self.model.resize(name, size_blocks)
+        return True
+
     def delete(self, name: str) -> bool:
         try:
             deleted = self.topology(lambda: self.engine.delete_volume(name))

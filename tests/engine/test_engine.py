@@ -353,3 +353,90 @@ def test_a_family_outlives_a_deleted_member_only_while_something_reads_through()
     assert h.delete("v1")
     with pytest.raises(VolumeNotFound):
         h.engine.family("v1")
+
+
+# -- resize (grow only) ----------------------------------------------------------------
+def test_a_grown_volume_keeps_its_blocks_and_reads_zeros_in_the_new_ones() -> None:
+    h = filled(("v",), blocks=4)
+    assert h.resize("v", 9)
+    assert h.engine.info("v").size_blocks == 9
+    assert [h.read("v", n) for n in range(4, 9)] == [bytes(B)] * 5
+    h.write("v", 8, 0, b"e" * B)
+    h.restart()
+    h.check_all()
+    assert h.read("v", 8) == b"e" * B
+
+
+def test_growing_a_volume_writes_its_records_and_no_segment_for_new_blocks() -> None:
+    engine = MapEngine()
+    engine.create_volume("v", 3, B)
+    engine.take_changes()
+    engine.resize_volume("v", (1 << 40) // 65536)
+    changes = engine.take_changes()
+    assert changes.records[("volume", "v")]["size_blocks"] == (1 << 40) // 65536  # type: ignore[index]
+    # The maps are rewritten with their new size, and all-default still: no segment.
+    assert changes.maps and all(segments == () for segments in changes.maps.values())
+
+
+def test_resizing_to_the_same_size_changes_nothing() -> None:
+    engine = MapEngine()
+    engine.create_volume("v", 3, B)
+    engine.take_changes()
+    assert engine.resize_volume("v", 3).size_blocks == 3
+    assert not engine.take_changes()
+
+
+def test_a_volume_never_shrinks() -> None:
+    h = filled(("v",), blocks=4)
+    with pytest.raises(InvalidRequest, match="volumes only grow"):
+        h.engine.resize_volume("v", 3)
+    h.check_all()
+
+
+def test_a_volume_with_a_virtual_snapshot_cannot_grow_until_the_snapshot_is_real() -> None:
+    h = filled(("v",), blocks=4)
+    h.snapshot("v", "s1")
+    with pytest.raises(Conflict, match="s1 still read blocks through it; materialize s1"):
+        h.engine.resize_volume("v", 8)
+    assert not h.resize("v", 8)  # and nothing changed (the harness checks)
+    with pytest.raises(Conflict, match="volkin snapshot materialize s1"):
+        h.engine.resize_volume("s1", 8)
+    h.finish("s1")
+    assert h.resize("v", 8) and h.resize("s1", 6)
+    h.write("v", 7, 0, b"n" * B)
+    h.check_all()
+
+
+def test_neither_side_of_a_refresh_in_progress_can_grow() -> None:
+    h = filled(("v1", "v2"), blocks=4)
+    h.refresh("v2", "v1")
+    with pytest.raises(Conflict, match="v2 still read blocks through it"):
+        h.engine.resize_volume("v1", 8)
+    with pytest.raises(Conflict, match="wait for its refresh to finish"):
+        h.engine.resize_volume("v2", 8)
+    h.finish("v2")
+    assert h.resize("v2", 8)
+    h.check_all()
+
+
+def test_a_refresh_target_whose_snapshot_reads_its_old_contents_cannot_grow() -> None:
+    h = filled(("v1", "v2"), blocks=4)
+    h.snapshot("v2", "s2")
+    h.refresh("v2", "v1")
+    h.finish("v2")
+    with pytest.raises(Conflict, match="s2 still read blocks through it"):
+        h.engine.resize_volume("v2", 8)
+
+
+def test_an_incremental_refresh_after_both_grew_copies_what_was_written_in_the_new_blocks(
+        ) -> None:
+    h = filled(("v",), blocks=4)
+    h.snapshot("v", "s")
+    h.finish("s")
+    assert h.resize("v", 6) and h.resize("s", 6)
+    h.write("v", 5, 0, b"w" * B)
+    h.refresh("s", "v")
+    assert h.engine.info("s").source == "v"
+    assert list(h.engine.blocks_to_copy("s")) == [5]
+    h.finish("s")
+    h.check_all()

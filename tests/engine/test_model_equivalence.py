@@ -18,9 +18,11 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from tests.engine.harness import Harness
+from volkin.engine import Conflict
 
 BLOCK = 8
 BLOCKS = 3
+GROWN = 5  # a volume grows up to this many blocks
 NAMES = [f"v{i}" for i in range(5)]
 
 
@@ -73,26 +75,42 @@ class EngineVersusModel(RuleBasedStateMachine):
     @rule(into=st.integers(0, 20), source=st.integers(0, 20))
     def refresh(self, into: int, source: int) -> None:
         t, s = self._existing(into), self._existing(source)
-        if t != s:
-            self.h.refresh(t, s)
+        if t == s:
+            return
+        if len(self.h.model.volumes[t]) != len(self.h.model.volumes[s]):
+            with pytest.raises(Conflict, match="sizes differ"):
+                self.h.refresh(t, s)
+            event("a refresh between volumes of different sizes refused")
+            return
+        self.h.refresh(t, s)
 
     @precondition(lambda self: len(self.h.model.volumes) > 0)
-    @rule(volume=st.integers(0, 20), block=st.integers(0, BLOCKS - 1),
+    @rule(volume=st.integers(0, 20), more=st.integers(0, GROWN - BLOCKS))
+    def resize(self, volume: int, more: int) -> None:
+        name = self._existing(volume)
+        size = min(len(self.h.model.volumes[name]) + more, GROWN)
+        event("a volume grown" if self.h.resize(name, size) else "a resize refused")
+
+    @precondition(lambda self: len(self.h.model.volumes) > 0)
+    @rule(volume=st.integers(0, 20), block=st.integers(0, GROWN - 1),
           span=st.tuples(st.integers(0, BLOCK - 1), st.integers(1, BLOCK)),
           crash_after=st.none() | st.integers(0, 12))
     def write(self, volume: int, block: int, span: tuple[int, int],
               crash_after: int | None) -> None:
         offset = span[0]
         length = min(span[1], BLOCK - offset)
-        plan = self.h.write(self._existing(volume), block, offset, self._data(length),
-                            crash_after)
+        name = self._existing(volume)
+        block %= len(self.h.model.volumes[name])
+        plan = self.h.write(name, block, offset, self._data(length), crash_after)
         self._note(plan.steps, crash_after)
 
     @precondition(lambda self: len(self.h.model.volumes) > 0)
-    @rule(volume=st.integers(0, 20), block=st.integers(0, BLOCKS - 1),
+    @rule(volume=st.integers(0, 20), block=st.integers(0, GROWN - 1),
           crash_after=st.none() | st.integers(0, 8))
     def whole_block_write(self, volume: int, block: int, crash_after: int | None) -> None:
-        plan = self.h.write(self._existing(volume), block, 0, self._data(BLOCK), crash_after)
+        name = self._existing(volume)
+        block %= len(self.h.model.volumes[name])
+        plan = self.h.write(name, block, 0, self._data(BLOCK), crash_after)
         self._note(plan.steps, crash_after)
 
     @precondition(lambda self: len(self.h.model.volumes) > 0)

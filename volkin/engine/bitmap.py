@@ -164,6 +164,19 @@ class SegmentedBitmap:
             result._store(seg, _int_op(op, a, b) & self._full(seg))
         return result
 
+    def grown(self, size: int, value: bool) -> SegmentedBitmap:
+        """A copy of `size` bits (at least this one's): the same bits, and `value` in
+        the new ones. Segment-wise; new bits equal to the default cost nothing."""
+        if size < self.size:
+            raise ValueError(f"a bitmap only grows: {size} < {self.size}")
+        other = SegmentedBitmap(size, self.default)
+        other._segments = dict(self._segments)
+        other._ones_in_segment = dict(self._ones_in_segment)
+        # The old last segment, if partial and stored, has zeros above the old size:
+        # set_range gives them `value` (and drops a segment that became the default).
+        other.set_range(self.size, size, value)
+        return other
+
     # -- serialisation, one segment at a time --------------------------------
     def segment_count(self) -> int:
         return -(-self.size // SEGMENT_BITS)

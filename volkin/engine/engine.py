@@ -3,7 +3,7 @@
 `MapEngine` owns a `Graph` (volumes, nodes, maps). Block operations (read,
 write, background step) return a `Plan` and change nothing; the caller carries
 the plan out and reports each `Commit` back through `apply`. Topology
-operations (create, snapshot, refresh, detach, delete) change the graph at
+operations (create, snapshot, refresh, resize, detach, delete) change the graph at
 once: each is a single atomic change that the controller persists in one etcd
 transaction, and each costs O(1) map writes whatever the volume size, except
 an incremental refresh, which reads the modified maps it compares.
@@ -185,6 +185,53 @@ class MapEngine:
         self.graph.compact_intervals(src)
         self.graph.compact_intervals(dst)
         return RefreshStarted(target, source, since is not None, dst.size_blocks - valid.count())
+
+    def resize_volume(self, name: str, size_blocks: int) -> VolumeInfo:
+        """Grows `name` to `size_blocks`; the new blocks read as zeros.
+
+        Only a volume that stands alone may grow: one that reads through nothing (not a
+        virtual snapshot, not a refresh target still copying) and that nothing reads
+        through (no virtual snapshot of it, no refresh from it in progress, no snapshot
+        still reading its old contents after a refresh). Every map a node of such a
+        volume has is then its own: the valid map grows with ones (its memory's new
+        blocks are the zeros of a sparse extent, valid for it), the modified and
+        replaced maps of every interval with zeros. Zeros are right for a reference
+        point too: a volume it was equal to can only be refreshed incrementally from it
+        once it has the same size, and its new blocks are zeros as well, so blocks
+        nobody wrote since are still equal. Equal size: nothing changes. Smaller: refused
+        (shrinking would drop data a file system may still use).
+        """
+        volume = self.volume(name)
+        if size_blocks < volume.size_blocks:
+            raise InvalidRequest(
+                f"cannot shrink {name!r} from {volume.size_blocks} to {size_blocks} blocks: "
+                f"volumes only grow")
+        if size_blocks == volume.size_blocks:
+            return self.info(name)
+        node = self.graph.nodes[volume.node]
+        source = self._source_name(node)
+        if node.parent is not None:
+            how = (f"materialize it first (volkin snapshot materialize {name})"
+                   if node.link is Link.SNAPSHOT else "wait for its refresh to finish first")
+            through = repr(source) if source else "the old contents of its origin"
+            raise Conflict(f"cannot resize {name!r}: it still reads blocks through "
+                           f"{through}; {how}")
+        readers = sorted({r for n in self.graph.nodes_of_memory(volume.memory)
+                          for r in self._dependent_volumes(n)} - {name})
+        if readers:
+            raise Conflict(
+                f"cannot resize {name!r}: {', '.join(readers)} still read blocks through it; "
+                f"materialize {', '.join(readers)} first (or wait for their refresh to "
+                f"finish, or delete them)")
+        self.graph.replace_map(node.valid, self.graph.maps[node.valid].grown(size_blocks, True))
+        for interval in volume.intervals:
+            for map_id in (interval.modified, interval.replaced):
+                if map_id is not None:
+                    self.graph.replace_map(
+                        map_id, self.graph.maps[map_id].grown(size_blocks, False))
+        volume.size_blocks = size_blocks
+        self.graph.touch_volume(volume)
+        return self.info(name)
 
     def detach_if_real(self, name: str) -> bool:
         """Ends a background copy: once every block is in the volume's own memory it

@@ -23,6 +23,11 @@ class ReferenceModel:
     def refresh(self, target: str, source: str) -> None:
         self.volumes[target] = list(self.volumes[source])
 
+    def resize(self, name: str, size_blocks: int) -> None:
+        """A volume grows: its new blocks hold zeros."""
+        blocks = self.volumes[name]
+        blocks.extend([bytes(self.block_size)] * (size_blocks - len(blocks)))
+
     def delete(self, name: str) -> None:
         del self.volumes[name]
 
