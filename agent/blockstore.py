@@ -40,7 +40,7 @@ from agent.validation import (
     split,
 )
 from volkin.blockwire import Data
-from volkin.errors import AlreadyExists, NotFound
+from volkin.errors import AlreadyExists, FailedPrecondition, NotFound
 
 # A local copy is admitted by the fence batch by batch: a Fence waits for at most one
 # batch in flight, and a batch admitted at the end of the agent's validity lands soon
@@ -193,6 +193,32 @@ class BlockStore:
                     path.unlink()
                 raise
         return _Extent(meta, fd)
+
+    def resize(self, extent_id: str, size_bytes: int, epoch: int) -> ExtentInfo:
+        """Grows an extent to `size_bytes`; the new bytes read as zeros (a hole). The same
+        size again is a no-op; a smaller one is refused (extents only grow).
+
+        The data file grows first (durably), then the meta records the new size: a
+        crash in between leaves a data file longer than its meta says, which is
+        harmless (the extent keeps its old size until the resize is repeated)."""
+        ext = self._get(extent_id)
+        check_geometry(size_bytes, ext.geometry.block_size)
+        with self.fence.admitted(epoch), self._lifecycle_lock, ext.gate.exclusive():
+            if ext.deleted:
+                raise _not_found(extent_id)
+            g = ext.geometry
+            if size_bytes < g.size:
+                raise FailedPrecondition(
+                    f"extent {extent_id} has {g.size} bytes; it cannot shrink to {size_bytes} "
+                    f"(extents only grow)")
+            if size_bytes > g.size:
+                with fileio.storage_errors(f"growing extent {extent_id}"):
+                    os.ftruncate(ext.fd, size_bytes)
+                    os.fsync(ext.fd)
+                self._dir.write_meta(ExtentMeta(extent_id, size_bytes, g.block_size, epoch,
+                                                "live"))
+                ext.geometry = Geometry(extent_id, size_bytes, g.block_size)
+        return self._info(ext)
 
     def delete(self, extent_id: str, epoch: int) -> None:
         """Deletes an extent, leaving a tombstone meta (which records the epoch)."""

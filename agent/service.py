@@ -89,6 +89,17 @@ class BlockStoreService(agent_pb2_grpc.BlockStoreServicer):
         self._metrics.extents.set(self._store.count())
         return _extent(info)
 
+    async def ResizeExtent(self, request: agent_pb2.ResizeExtentRequest,
+                           context: Context) -> agent_pb2.Extent:
+        try:
+            with self._call("resize").measure():
+                info = await dispatch.mutate(
+                    self._store, request.epoch, self._store.resize, request.extent_id,
+                    request.size_bytes, request.epoch)
+        except VolkinError as exc:
+            await _abort(context, exc)
+        return _extent(info)
+
     async def DeleteExtent(self, request: agent_pb2.DeleteExtentRequest,
                            context: Context) -> agent_pb2.DeleteExtentResponse:
         try:

@@ -8,8 +8,8 @@ agent that restarts on another port is found again.
 A call waits, bounded, for an agent that is restarting: transient failures
 (UNAVAILABLE, a deadline, a broken stream) are retried with a short backoff for
 up to `io_wait` seconds (less inside a background job, see `CALL_BUDGET`), and
-every call the agents take is idempotent (the same write, copy, create, delete or
-flush again gives the same result while the caller holds the block's lock). Past
+every call the agents take is idempotent (the same write, copy, create, resize, delete
+or flush again gives the same result while the caller holds the block's lock). Past
 the bound the call fails with `Unavailable`, one readable line.
 
 Fencing: no call starts unless the term's fence is valid (`Fence.ready`, which
@@ -182,6 +182,13 @@ class AgentClient:
                                                 block_size=block_size, epoch=self.fence.epoch)
         await self._call(node, "create an extent", lambda record, timeout: self._grpc(
             record).CreateExtent(request, timeout=timeout))
+
+    async def resize_extent(self, node: str, extent_id: str, size_bytes: int) -> None:
+        """Grows an extent (the same size again is fine; a smaller one is refused)."""
+        request = agent_pb2.ResizeExtentRequest(extent_id=extent_id, size_bytes=size_bytes,
+                                                epoch=self.fence.epoch)
+        await self._call(node, "grow an extent", lambda record, timeout: self._grpc(
+            record).ResizeExtent(request, timeout=timeout))
 
     async def allocated_bytes(self, node: str, extent_id: str) -> int:
         """Bytes the extent holds on the agent's disk; 0 if it was never created."""

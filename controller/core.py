@@ -165,6 +165,35 @@ class Core:
             await self._store(pending, records(started) if records else None)
         return started
 
+    async def resize_volume(self, name: str, size_bytes: int) -> VolumeInfo:
+        """Grows `name` to `size_bytes` (grow only; the same size is a no-op). The rule of
+        what may grow is the engine's (`MapEngine.resize_volume`), checked before anything
+        changes. The memory's extents grow (and new ones appear) on the agents first;
+        then the engine's change and the grown layout record are stored in one
+        transaction. A crash in between leaves larger extents than etcd says: harmless,
+        and a repeat of the resize finds them grown. NBD connections keep the size they
+        negotiated; new ones see the new size."""
+        volume = self.engine.volume(name)
+        if size_bytes % volume.block_size:
+            raise InvalidArgument(
+                f"size {size_bytes} must be a multiple of the block size {volume.block_size}")
+        await self._room_in_etcd()
+        async with self.locks.topology(name):
+            size_blocks = size_bytes // volume.block_size
+            if not self.engine.check_resize(name, size_blocks):
+                return self.engine.info(name)
+            memory = self.engine.volume(name).memory
+            layout = self.placement.layout_of(memory)
+            grown = layout.grown(size_bytes) if layout is not None else None
+            if grown is not None:
+                await self.executor.grow_memory(memory, grown)
+            info = self.engine.resize_volume(name, size_blocks)
+            put = {self.keys.extent(memory): grown.record()} if grown is not None else None
+            await self._store(self.store.take(self.engine), put)
+            if grown is not None:
+                self.placement.grow(memory, grown)
+        return info
+
     async def delete_volume(self, name: str) -> None:
         await self._room_in_etcd()
         async with self.locks.topology(name):

@@ -115,6 +115,29 @@ class PlanExecutor:
         await asyncio.gather(*(self._create(spec) for spec in layout.extents()))
         return layout
 
+    async def grow_memory(self, memory: str, layout: Layout) -> None:
+        """Makes the extents of `memory` those of `layout`, its layout grown (`Layout.
+        grown`): the last extent of each column grows and new extents are created, all
+        before the caller stores the layout (a crash in between leaves larger extents
+        than the stored layout says, which is harmless: they hold zeros past it). An
+        extent never created (a snapshot's memory, created by its first copy or write) is
+        created at its new size now or later, whichever comes first."""
+        now = self._placement.layout_of(memory)
+        old = {spec.extent_id: spec for spec in now.extents()} if now else {}
+        grown = [spec for spec in layout.extents()
+                 if spec.extent_id not in old or old[spec.extent_id] != spec]
+
+        async def grow(spec: ExtentSpec) -> None:
+            try:
+                await self.agents.resize_extent(spec.node_id, spec.extent_id, spec.size_bytes)
+            except NotFound:
+                await self.agents.create_extent(spec.node_id, spec.extent_id,
+                                                spec.size_bytes, EXTENT_BLOCK)
+            self._created.add(spec.extent_id)
+
+        await asyncio.gather(*(grow(spec) for spec in grown))
+        self._specs.update((spec.extent_id, spec) for spec in layout.extents())
+
     async def _create(self, spec: ExtentSpec) -> None:
         if spec.extent_id not in self._created:
             await self.agents.create_extent(spec.node_id, spec.extent_id, spec.size_bytes,

@@ -121,6 +121,21 @@ class Layout:
                                         min(self.extent_bytes, total - start)))
         return specs
 
+    def grown(self, size: int) -> Layout:
+        """The same stripes over `size` bytes (at least this layout's). A byte keeps its
+        place: where it lies depends on the unit, the width and the extent size, never on
+        the size, so only the last extent of each column grows and new extents follow.
+        A single-extent layout whose one extent would have to split cannot grow (its
+        extent's id is the bare base, the split ones' are not)."""
+        if size < self.size:
+            raise InvalidArgument(f"a layout only grows: {size} < {self.size} bytes")
+        layout = Layout(self.nodes, self.unit, self.extent_bytes, size, self.base)
+        if self._single() and not layout._single():
+            raise FailedPrecondition(
+                f"memory of {self.size} bytes lies in one extent of at most "
+                f"{self.extent_bytes} bytes on one agent; it cannot grow to {size} bytes")
+        return layout
+
     def pieces(self, offset: int, length: int) -> list[Piece]:
         """The extents' parts that hold [offset, offset + length) of the memory, in
         order; neighbours that are also neighbours in one extent are one piece (so a
@@ -266,6 +281,14 @@ class Placement:
         self._layouts[memory] = layout
         for node in set(layout.nodes):
             self._load[node] = self._load.get(node, 0) + 1
+
+    def grow(self, memory: str, layout: Layout) -> None:
+        """Records `layout`, the same stripes as the memory's now over more bytes (the
+        caller stored it in etcd)."""
+        old = self._layouts[memory]
+        assert (old.nodes, old.unit, old.extent_bytes, old.base) == (
+            layout.nodes, layout.unit, layout.extent_bytes, layout.base), (old, layout)
+        self._layouts[memory] = layout
 
     def forget(self, memory: str) -> Layout | None:
         layout = self._layouts.pop(memory, None)

@@ -54,8 +54,9 @@ WATCH_INTERVAL = 0.2
 
 # The Admin RPCs that change the cluster: each is audited (a test checks that every
 # RPC of the service is here or in READS, so a new one cannot be forgotten).
-MUTATIONS = frozenset({"CreateVolume", "DeleteVolume", "CreateSnapshot", "StartRefresh",
-                       "StartMaterialize", "PauseJob", "ResumeJob", "CancelJob", "SetJobRate"})
+MUTATIONS = frozenset({"CreateVolume", "ResizeVolume", "DeleteVolume", "CreateSnapshot",
+                       "StartRefresh", "StartMaterialize", "PauseJob", "ResumeJob", "CancelJob",
+                       "SetJobRate"})
 READS = frozenset({"GetVolume", "ListVolumes", "GetJob", "ListJobs", "WatchJob",
                    "GetClusterStatus", "ListAgents"})
 
@@ -170,6 +171,20 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             return admin_pb2.ListVolumesResponse(
                 volumes=[self._volume(term, info) for info in term.core.engine.volumes()])
         return await _answer(context, call)
+
+    async def ResizeVolume(self, request: admin_pb2.ResizeVolumeRequest,
+                           context: Context) -> admin_pb2.Volume:
+        async def call() -> admin_pb2.Volume:
+            if request.size_bytes == 0:
+                raise InvalidArgument("a resize needs the new size (for example 2GiB)")
+            term = self._current()
+            before = term.core.size(request.name)
+            info = await term.core.resize_volume(request.name, request.size_bytes)
+            event(_log, "volume.resized", volume=info.name, size=request.size_bytes,
+                  was=before)
+            return self._volume(term, info)
+        return await _answer(context, call, "ResizeVolume", volume=request.name,
+                             size=request.size_bytes)
 
     async def DeleteVolume(self, request: admin_pb2.DeleteVolumeRequest,
                            context: Context) -> admin_pb2.DeleteVolumeResponse:

@@ -16,6 +16,7 @@ from tests.agent.conftest import open_store
 from tests.support.tmpfs import tiny_tmpfs
 from volkin.errors import (
     AlreadyExists,
+    FailedPrecondition,
     FencedOut,
     InvalidArgument,
     NotFound,
@@ -87,6 +88,36 @@ def test_create_is_idempotent_but_refuses_other_geometry(store: BlockStore) -> N
     assert store.read("v1", 0, BS) == b"k" * BS
     with pytest.raises(AlreadyExists):
         store.create("v1", 16 * BS, BS, epoch=2)
+
+
+def test_an_extent_grows_keeping_its_data_and_survives_reopening(tmp_path: Path) -> None:
+    first = open_store(tmp_path)
+    first.create("v1", 4 * BS, BS, epoch=1)
+    first.write("v1", 3 * BS, b"t" * BS, fua=True, epoch=1)
+    info = first.resize("v1", 10 * BS, epoch=1)
+    assert (info.size_bytes, info.allocated_bytes) == (10 * BS, BS)  # the new part is a hole
+    assert first.resize("v1", 10 * BS, epoch=1).size_bytes == 10 * BS  # idempotent
+    first.write("v1", 9 * BS, b"e" * BS, fua=True, epoch=1)
+    first.close()
+    second = open_store(tmp_path)
+    try:
+        assert second.stat("v1").size_bytes == 10 * BS
+        assert second.read("v1", 3 * BS, 7 * BS) == b"t" * BS + bytes(5 * BS) + b"e" * BS
+    finally:
+        second.close()
+
+
+def test_an_extent_never_shrinks_and_a_resize_is_fenced(store: BlockStore) -> None:
+    store.create("v1", 8 * BS, BS, epoch=5)
+    with pytest.raises(FailedPrecondition, match="extents only grow"):
+        store.resize("v1", 4 * BS, epoch=5)
+    with pytest.raises(FencedOut, match="epoch 4 is older than epoch 5"):
+        store.resize("v1", 16 * BS, epoch=4)
+    with pytest.raises(InvalidArgument):
+        store.resize("v1", 16 * BS + 1, epoch=5)
+    with pytest.raises(NotFound):
+        store.resize("nope", 16 * BS, epoch=5)
+    assert store.stat("v1").size_bytes == 8 * BS
 
 
 @pytest.mark.parametrize(("offset", "length", "error"), [

@@ -186,28 +186,17 @@ class MapEngine:
         self.graph.compact_intervals(dst)
         return RefreshStarted(target, source, since is not None, dst.size_blocks - valid.count())
 
-    def resize_volume(self, name: str, size_blocks: int) -> VolumeInfo:
-        """Grows `name` to `size_blocks`; the new blocks read as zeros.
-
-        Only a volume that stands alone may grow: one that reads through nothing (not a
-        virtual snapshot, not a refresh target still copying) and that nothing reads
-        through (no virtual snapshot of it, no refresh from it in progress, no snapshot
-        still reading its old contents after a refresh). Every map a node of such a
-        volume has is then its own: the valid map grows with ones (its memory's new
-        blocks are the zeros of a sparse extent, valid for it), the modified and
-        replaced maps of every interval with zeros. Zeros are right for a reference
-        point too: a volume it was equal to can only be refreshed incrementally from it
-        once it has the same size, and its new blocks are zeros as well, so blocks
-        nobody wrote since are still equal. Equal size: nothing changes. Smaller: refused
-        (shrinking would drop data a file system may still use).
-        """
+    def check_resize(self, name: str, size_blocks: int) -> bool:
+        """Whether `resize_volume(name, size_blocks)` would grow the volume (False: it is
+        that size already), raising what it would raise; changes nothing, so that the
+        caller can make room for the new blocks first."""
         volume = self.volume(name)
         if size_blocks < volume.size_blocks:
             raise InvalidRequest(
                 f"cannot shrink {name!r} from {volume.size_blocks} to {size_blocks} blocks: "
                 f"volumes only grow")
         if size_blocks == volume.size_blocks:
-            return self.info(name)
+            return False
         node = self.graph.nodes[volume.node]
         source = self._source_name(node)
         if node.parent is not None:
@@ -223,6 +212,27 @@ class MapEngine:
                 f"cannot resize {name!r}: {', '.join(readers)} still read blocks through it; "
                 f"materialize {', '.join(readers)} first (or wait for their refresh to "
                 f"finish, or delete them)")
+        return True
+
+    def resize_volume(self, name: str, size_blocks: int) -> VolumeInfo:
+        """Grows `name` to `size_blocks`; the new blocks read as zeros.
+
+        Only a volume that stands alone may grow: one that reads through nothing (not a
+        virtual snapshot, not a refresh target still copying) and that nothing reads
+        through (no virtual snapshot of it, no refresh from it in progress, no snapshot
+        still reading its old contents after a refresh). Every map a node of such a
+        volume has is then its own: the valid map grows with ones (its memory's new
+        blocks are the zeros of a sparse extent, valid for it), the modified and
+        replaced maps of every interval with zeros. Zeros are right for a reference
+        point too: a volume it was equal to can only be refreshed incrementally from it
+        once it has the same size, and its new blocks are zeros as well, so blocks
+        nobody wrote since are still equal. Equal size: nothing changes. Smaller: refused
+        (shrinking would drop data a file system may still use).
+        """
+        if not self.check_resize(name, size_blocks):
+            return self.info(name)
+        volume = self.volume(name)
+        node = self.graph.nodes[volume.node]
         self.graph.replace_map(node.valid, self.graph.maps[node.valid].grown(size_blocks, True))
         for interval in volume.intervals:
             for map_id in (interval.modified, interval.replaced):

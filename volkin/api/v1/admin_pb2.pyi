@@ -243,6 +243,28 @@ class ListVolumesResponse(_message.Message):
 Global___ListVolumesResponse: _TypeAlias = ListVolumesResponse  # noqa: Y015
 
 @_typing.final
+class ResizeVolumeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    size_bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResizeVolumeRequest: _TypeAlias = ResizeVolumeRequest  # noqa: Y015
+
+@_typing.final
 class DeleteVolumeRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -54,6 +54,11 @@ class AdminStub:
                 request_serializer=volkin_dot_api_dot_v1_dot_admin__pb2.DeleteVolumeRequest.SerializeToString,
                 response_deserializer=volkin_dot_api_dot_v1_dot_admin__pb2.DeleteVolumeResponse.FromString,
                 _registered_method=True)
+        self.ResizeVolume = channel.unary_unary(
+                '/volkin.api.v1.Admin/ResizeVolume',
+                request_serializer=volkin_dot_api_dot_v1_dot_admin__pb2.ResizeVolumeRequest.SerializeToString,
+                response_deserializer=volkin_dot_api_dot_v1_dot_admin__pb2.Volume.FromString,
+                _registered_method=True)
         self.CreateSnapshot = channel.unary_unary(
                 '/volkin.api.v1.Admin/CreateSnapshot',
                 request_serializer=volkin_dot_api_dot_v1_dot_admin__pb2.CreateSnapshotRequest.SerializeToString,
@@ -139,6 +144,18 @@ class AdminServicer:
 
     def DeleteVolume(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResizeVolume(self, request, context):
+        """Grows a volume to size_bytes (a multiple of its block size); the new blocks
+        read as zeros. The same size again is a no-op; a smaller one is refused
+        (INVALID_ARGUMENT). A volume that reads through another or that another
+        reads through (a virtual snapshot, a refresh in progress) is refused
+        (FAILED_PRECONDITION, naming what to materialize or wait for). NBD
+        connections keep the size they negotiated; new ones see the new size.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -256,6 +273,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.DeleteVolume,
                     request_deserializer=volkin_dot_api_dot_v1_dot_admin__pb2.DeleteVolumeRequest.FromString,
                     response_serializer=volkin_dot_api_dot_v1_dot_admin__pb2.DeleteVolumeResponse.SerializeToString,
+            ),
+            'ResizeVolume': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResizeVolume,
+                    request_deserializer=volkin_dot_api_dot_v1_dot_admin__pb2.ResizeVolumeRequest.FromString,
+                    response_serializer=volkin_dot_api_dot_v1_dot_admin__pb2.Volume.SerializeToString,
             ),
             'CreateSnapshot': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateSnapshot,
@@ -426,6 +448,33 @@ class Admin:
             '/volkin.api.v1.Admin/DeleteVolume',
             volkin_dot_api_dot_v1_dot_admin__pb2.DeleteVolumeRequest.SerializeToString,
             volkin_dot_api_dot_v1_dot_admin__pb2.DeleteVolumeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResizeVolume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/volkin.api.v1.Admin/ResizeVolume',
+            volkin_dot_api_dot_v1_dot_admin__pb2.ResizeVolumeRequest.SerializeToString,
+            volkin_dot_api_dot_v1_dot_admin__pb2.Volume.FromString,
             options,
             channel_credentials,
             insecure,

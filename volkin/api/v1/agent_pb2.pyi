@@ -94,6 +94,31 @@ class CreateExtentRequest(_message.Message):
 Global___CreateExtentRequest: _TypeAlias = CreateExtentRequest  # noqa: Y015
 
 @_typing.final
+class ResizeExtentRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXTENT_ID_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    extent_id: _builtins.str
+    size_bytes: _builtins.int
+    epoch: _builtins.int
+    def __init__(
+        self,
+        *,
+        extent_id: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        epoch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "extent_id", b"extent_id", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResizeExtentRequest: _TypeAlias = ResizeExtentRequest  # noqa: Y015
+
+@_typing.final
 class DeleteExtentRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

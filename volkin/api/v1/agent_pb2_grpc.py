@@ -44,6 +44,11 @@ class BlockStoreStub:
                 request_serializer=volkin_dot_api_dot_v1_dot_agent__pb2.DeleteExtentRequest.SerializeToString,
                 response_deserializer=volkin_dot_api_dot_v1_dot_agent__pb2.DeleteExtentResponse.FromString,
                 _registered_method=True)
+        self.ResizeExtent = channel.unary_unary(
+                '/volkin.api.v1.BlockStore/ResizeExtent',
+                request_serializer=volkin_dot_api_dot_v1_dot_agent__pb2.ResizeExtentRequest.SerializeToString,
+                response_deserializer=volkin_dot_api_dot_v1_dot_agent__pb2.Extent.FromString,
+                _registered_method=True)
         self.StatExtent = channel.unary_unary(
                 '/volkin.api.v1.BlockStore/StatExtent',
                 request_serializer=volkin_dot_api_dot_v1_dot_agent__pb2.StatExtentRequest.SerializeToString,
@@ -107,6 +112,15 @@ class BlockStoreServicer:
 
     def DeleteExtent(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResizeExtent(self, request, context):
+        """Grows an extent to size_bytes (a multiple of its block size); the new bytes
+        read as zeros. Durable before reply (data file, then meta). The same size
+        again is a no-op; a smaller one is refused (FAILED_PRECONDITION).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -206,6 +220,11 @@ def add_BlockStoreServicer_to_server(servicer, server):
                     servicer.DeleteExtent,
                     request_deserializer=volkin_dot_api_dot_v1_dot_agent__pb2.DeleteExtentRequest.FromString,
                     response_serializer=volkin_dot_api_dot_v1_dot_agent__pb2.DeleteExtentResponse.SerializeToString,
+            ),
+            'ResizeExtent': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResizeExtent,
+                    request_deserializer=volkin_dot_api_dot_v1_dot_agent__pb2.ResizeExtentRequest.FromString,
+                    response_serializer=volkin_dot_api_dot_v1_dot_agent__pb2.Extent.SerializeToString,
             ),
             'StatExtent': grpc.unary_unary_rpc_method_handler(
                     servicer.StatExtent,
@@ -312,6 +331,33 @@ class BlockStore:
             '/volkin.api.v1.BlockStore/DeleteExtent',
             volkin_dot_api_dot_v1_dot_agent__pb2.DeleteExtentRequest.SerializeToString,
             volkin_dot_api_dot_v1_dot_agent__pb2.DeleteExtentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResizeExtent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/volkin.api.v1.BlockStore/ResizeExtent',
+            volkin_dot_api_dot_v1_dot_agent__pb2.ResizeExtentRequest.SerializeToString,
+            volkin_dot_api_dot_v1_dot_agent__pb2.Extent.FromString,
             options,
             channel_credentials,
             insecure,
