@@ -58,6 +58,21 @@ def test_volume_create_list_show_delete(dev_cluster: DevCluster) -> None:
     assert "vol-a" in error and "NOT_FOUND" in error
 
 
+def test_volume_resize_grows_a_volume_and_refuses_one_a_snapshot_reads_through(
+        dev_cluster: DevCluster) -> None:
+    dev_cluster.ok("volume", "create", "grow", "--size", "4MiB")
+    grown = dev_cluster.json("volume", "resize", "grow", "--size", "12MiB")
+    assert (grown["size_bytes"], grown["total_blocks"]) == (12 * MiB, 192)
+    table = dev_cluster.ok("volume", "resize", "grow", "--size", "12MiB").splitlines()
+    assert table[1].split()[:3] == ["grow", "primary", "12MiB"]  # the same size: a no-op
+    dev_cluster.ok("snapshot", "create", "grow", "grow-s")
+    error = one_error_line(dev_cluster.cli("volume", "resize", "grow", "--size", "16MiB"))
+    assert "FAILED_PRECONDITION" in error and "materialize grow-s first" in error
+    assert dev_cluster.json("volume", "show", "grow")["size_bytes"] == 12 * MiB
+    dev_cluster.ok("volume", "delete", "grow-s")
+    dev_cluster.ok("volume", "delete", "grow")
+
+
 def test_bad_requests_fail_with_one_line_and_change_nothing(dev_cluster: DevCluster) -> None:
     dev_cluster.ok("volume", "create", "keep", "--size", "4MiB")
     before = _volumes(dev_cluster)
@@ -78,6 +93,8 @@ def test_bad_requests_fail_with_one_line_and_change_nothing(dev_cluster: DevClus
         (["job", "resume", "j999"], "NOT_FOUND"),
         (["job", "wait", "j999"], "NOT_FOUND"),
         (["volume", "create", "junk", "--size", "4 megs"], "unknown unit 'megs'"),
+        (["volume", "resize", "keep", "--size", "2MiB"], "volumes only grow"),
+        (["volume", "resize", "nope", "--size", "8MiB"], "NOT_FOUND"),
     ]
     for argv, said in cases:
         done = dev_cluster.cli(*argv)

@@ -114,7 +114,7 @@ def build() -> _Parser:
         parser.set_defaults(command=command)
         return parser
 
-    volume = _group(top, "volume", "create, list, show and delete volumes")
+    volume = _group(top, "volume", "create, list, show, resize and delete volumes")
     p = leaf(volume, "create", "volume.create", "create an empty thin volume", admin)
     p.add_argument("name")
     p.add_argument("--size", required=True, type=_typed(parse_size),
@@ -130,6 +130,13 @@ def build() -> _Parser:
     leaf(volume, "list", "volume.list", "list every volume", admin)
     p = leaf(volume, "show", "volume.show", "show one volume", admin)
     p.add_argument("name")
+    p = leaf(volume, "resize", "volume.resize",
+             "grow a volume (new blocks read as zeros; NBD clients already connected keep "
+             "the old size until they reconnect)", admin)
+    p.add_argument("name")
+    p.add_argument("--size", required=True, type=_typed(parse_size),
+                   help="the new size, e.g. 2GiB; a multiple of the block size, not smaller "
+                        "than now")
     p = leaf(volume, "delete", "volume.delete", "delete a volume", admin)
     p.add_argument("name")
     p.add_argument("--force", action="store_true",

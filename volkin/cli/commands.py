@@ -57,6 +57,13 @@ def volume_show(args: argparse.Namespace, c: Controller) -> int:
     return 0
 
 
+def volume_resize(args: argparse.Namespace, c: Controller) -> int:
+    volume = c.call(f"resize volume {args.name}", c.stub.ResizeVolume,
+                    admin_pb2.ResizeVolumeRequest(name=args.name, size_bytes=args.size))
+    _show(args, [output.volume_dict(volume)], output.volume_table, single=True)
+    return 0
+
+
 def volume_delete(args: argparse.Namespace, c: Controller) -> int:
     c.call(f"delete volume {args.name}", c.stub.DeleteVolume,
            admin_pb2.DeleteVolumeRequest(name=args.name, force=args.force))
@@ -247,6 +254,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Controller], int]] = {
     "volume.create": volume_create,
     "volume.list": volume_list,
     "volume.show": volume_show,
+    "volume.resize": volume_resize,
     "volume.delete": volume_delete,
     "snapshot.create": snapshot_create,
     "snapshot.materialize": snapshot_materialize,
