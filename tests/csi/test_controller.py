@@ -228,3 +228,59 @@ def test_without_a_controller_probe_is_not_ready_and_calls_are_unavailable(
         assert error.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         lonely.stop()
+
+
+def expand_request(volume_id: str, required: int, limit: int = 0,
+                   cap: csi_pb2.VolumeCapability | None = None
+                   ) -> csi_pb2.ControllerExpandVolumeRequest:
+    return csi_pb2.ControllerExpandVolumeRequest(
+        volume_id=volume_id, capacity_range=csi_pb2.CapacityRange(required_bytes=required,
+                                                                  limit_bytes=limit),
+        volume_capability=cap)
+
+
+def test_expansion_grows_in_whole_blocks_asks_the_node_for_mounts_and_never_shrinks(
+        driver: Driver) -> None:
+    caps = driver.controller.ControllerGetCapabilities(
+        csi_pb2.ControllerGetCapabilitiesRequest())
+    assert csi_pb2.ControllerServiceCapability.RPC.EXPAND_VOLUME in {
+        c.rpc.type for c in caps.capabilities}
+    plugin = driver.identity.GetPluginCapabilities(csi_pb2.GetPluginCapabilitiesRequest())
+    assert [c.volume_expansion.type for c in plugin.capabilities
+            if c.HasField("volume_expansion")] == [
+        csi_pb2.PluginCapability.VolumeExpansion.OFFLINE]
+    driver.controller.CreateVolume(create_request("grows", 4 * MiB))
+    grown = driver.controller.ControllerExpandVolume(expand_request("grows", 8 * MiB + 1))
+    assert (grown.capacity_bytes, grown.node_expansion_required) == (8 * MiB + 65536, True)
+    block = driver.controller.ControllerExpandVolume(expand_request(
+        "grows", 12 * MiB, cap=block_capability()))
+    assert (block.capacity_bytes, block.node_expansion_required) == (12 * MiB, False)
+    same = driver.controller.ControllerExpandVolume(expand_request("grows", 6 * MiB))
+    assert same.capacity_bytes == 12 * MiB  # as large already: left as it is
+    error = refused(driver.controller.ControllerExpandVolume,
+                    expand_request("grows", 4 * MiB, limit=8 * MiB))
+    assert error.code() == grpc.StatusCode.OUT_OF_RANGE and "never shrink" in (
+        error.details() or "")
+    error = refused(driver.controller.ControllerExpandVolume,
+                    csi_pb2.ControllerExpandVolumeRequest(volume_id="grows"))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    error = refused(driver.controller.ControllerExpandVolume,
+                    expand_request("no-such-volume", 8 * MiB))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert driver.controller.ControllerGetVolume(csi_pb2.ControllerGetVolumeRequest(
+        volume_id="grows")).volume.capacity_bytes == 12 * MiB
+    driver.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id="grows"))
+
+
+def test_expanding_a_volume_with_a_snapshot_first_makes_the_snapshot_real(
+        driver: Driver) -> None:
+    driver.controller.CreateVolume(create_request("snapped", 4 * MiB))
+    driver.controller.CreateSnapshot(csi_pb2.CreateSnapshotRequest(
+        source_volume_id="snapped", name="snapped-1"))
+    grown = driver.controller.ControllerExpandVolume(expand_request("snapped", 8 * MiB))
+    assert grown.capacity_bytes == 8 * MiB
+    snapshot = driver.controller.ListSnapshots(csi_pb2.ListSnapshotsRequest(
+        snapshot_id="snapped-1")).entries[0].snapshot
+    assert (snapshot.size_bytes, snapshot.source_volume_id) == (4 * MiB, "snapped")
+    driver.controller.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id="snapped-1"))
+    driver.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id="snapped"))

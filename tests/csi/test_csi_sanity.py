@@ -78,8 +78,10 @@ def test_csi_sanity_passes_and_skips_only_what_volkin_does_not_advertise(
         pytest.skip(reason)
     caps = advertised(driver)
     assert {Ctl.CREATE_DELETE_VOLUME, Ctl.LIST_VOLUMES, Ctl.GET_VOLUME, Ctl.CLONE_VOLUME,
-            Ctl.CREATE_DELETE_SNAPSHOT, Ctl.LIST_SNAPSHOTS} <= caps["controller"]
-    assert {NodeCap.STAGE_UNSTAGE_VOLUME, NodeCap.GET_VOLUME_STATS} <= caps["node"]
+            Ctl.CREATE_DELETE_SNAPSHOT, Ctl.LIST_SNAPSHOTS, Ctl.EXPAND_VOLUME
+            } <= caps["controller"]
+    assert {NodeCap.STAGE_UNSTAGE_VOLUME, NodeCap.GET_VOLUME_STATS,
+            NodeCap.EXPAND_VOLUME} <= caps["node"]
 
     report, output = run_sanity(driver, tmp_path, access_type)
 
@@ -98,12 +100,14 @@ def test_csi_sanity_passes_and_skips_only_what_volkin_does_not_advertise(
             if capability is not None:
                 assert capability not in caps[service], f"{name} skipped, yet volkin claims it"
             skipped.append(name)
-    # The specs of everything volkin claims ran: volumes, snapshots, clones, lists, node.
+    # The specs of everything volkin claims ran: volumes, snapshots, clones, lists, node,
+    # expansion (controller and node).
     ran = " ".join(passed)
     for claim in ("CreateVolume", "DeleteVolume", "ListVolumes", "ValidateVolumeCapabilities",
                   "CreateSnapshot", "DeleteSnapshot", "ListSnapshots", "NodeStageVolume",
                   "NodeGetVolumeStats", "should work", "from an existing source snapshot",
-                  "from an existing source volume"):
+                  "from an existing source volume", "node-expand is called after node-publish",
+                  "should fail when volume is not found"):
         assert claim in ran, f"no passed spec mentions {claim!r}"
     assert " 0 Failed" in output
     print(f"csi-sanity {access_type}: {len(passed)} passed, {len(skipped)} skipped")

@@ -241,3 +241,45 @@ def test_a_staged_volume_rides_out_a_controller_restart(driver: Driver, tmp_path
     finally:
         node.detach_all()
     driver.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id="survives"))
+
+
+@pytest.mark.parametrize("fs_type", ["ext4", "xfs"])
+def test_an_offline_expansion_grows_the_file_system_after_the_next_stage_and_keeps_its_files(
+        driver: Driver, tmp_path: Path, fs_type: str) -> None:
+    node = Node(driver, tmp_path / "kubelet")
+    cap = mount_capability(fs_type)
+    name = f"expand-{fs_type}"
+    try:
+        volume = create(driver, name, 320 * MiB, cap)
+        mounted = Path(node.attach(volume.volume_id, cap))
+        written = write_tree(mounted)
+        before = os.statvfs(mounted)
+        # Grown while staged: the attached device keeps its old size (NBD cannot tell it),
+        # and the node says so instead of pretending.
+        grown = driver.controller.ControllerExpandVolume(csi_pb2.ControllerExpandVolumeRequest(
+            volume_id=volume.volume_id,
+            capacity_range=csi_pb2.CapacityRange(required_bytes=640 * MiB),
+            volume_capability=cap))
+        assert (grown.capacity_bytes, grown.node_expansion_required) == (640 * MiB, True)
+        with pytest.raises(grpc.RpcError) as caught:
+            driver.node.NodeExpandVolume(csi_pb2.NodeExpandVolumeRequest(
+                volume_id=volume.volume_id, volume_path=str(mounted),
+                capacity_range=csi_pb2.CapacityRange(required_bytes=640 * MiB)))
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "stage it again" in (caught.value.details() or "")
+        # What the CO does for an OFFLINE plugin: stage again, then expand on the node.
+        node.detach_all()
+        mounted = Path(node.attach(volume.volume_id, cap))
+        expanded = driver.node.NodeExpandVolume(csi_pb2.NodeExpandVolumeRequest(
+            volume_id=volume.volume_id, volume_path=str(mounted),
+            staging_target_path=node.staged[-1][1],
+            capacity_range=csi_pb2.CapacityRange(required_bytes=640 * MiB)))
+        assert expanded.capacity_bytes == 640 * MiB
+        after = os.statvfs(mounted)
+        assert after.f_blocks * after.f_frsize > 1.8 * before.f_blocks * before.f_frsize
+        assert read_tree(mounted, list(written)) == written
+        (mounted / "after.bin").write_bytes(os.urandom(MiB))
+    finally:
+        node.detach_all()
+    assert leftovers(driver) == []
+    driver.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=name))

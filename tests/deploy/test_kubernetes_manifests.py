@@ -319,7 +319,7 @@ def test_the_node_plugin_registers_the_driver_and_its_mounts_reach_the_host() ->
             in registrar["args"])
     assert named("CSIDriver", CSI_DRIVER)["spec"]["attachRequired"] is False
     assert named("StorageClass", "volkin")["provisioner"] == CSI_DRIVER
-    assert "allowVolumeExpansion" not in named("StorageClass", "volkin")  # not offered yet
+    assert named("StorageClass", "volkin")["allowVolumeExpansion"] is True  # offline
 
 
 def test_the_crd_serves_the_resource_the_operator_watches() -> None:

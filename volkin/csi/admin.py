@@ -68,6 +68,10 @@ class Admin:
         return await self._call(self._stub.CreateVolume, admin_pb2.CreateVolumeRequest(
             name=name, size_bytes=size, block_size=block_size))
 
+    async def resize_volume(self, name: str, size: int) -> Volume:
+        return await self._call(self._stub.ResizeVolume, admin_pb2.ResizeVolumeRequest(
+            name=name, size_bytes=size))
+
     async def delete_volume(self, name: str) -> None:
         await self._call(self._stub.DeleteVolume, admin_pb2.DeleteVolumeRequest(name=name))
 

@@ -13,10 +13,11 @@ from volkin.csi.rpc import Context, answer
 from volkin.errors import InvalidArgument
 
 RPC = csi_pb2.ControllerServiceCapability.RPC
-# Adding expansion later: EXPAND_VOLUME here, ControllerExpandVolume below (a resize on
-# the admin API), and the node's NodeExpandVolume (grow the file system).
+# EXPAND_VOLUME: ControllerExpandVolume is a ResizeVolume on the admin API; the plugin
+# says OFFLINE (identity.py) and the node grows the file system (NodeExpandVolume).
 CAPABILITIES = (RPC.CREATE_DELETE_VOLUME, RPC.LIST_VOLUMES, RPC.GET_VOLUME,
-                RPC.CREATE_DELETE_SNAPSHOT, RPC.LIST_SNAPSHOTS, RPC.CLONE_VOLUME)
+                RPC.CREATE_DELETE_SNAPSHOT, RPC.LIST_SNAPSHOTS, RPC.CLONE_VOLUME,
+                RPC.EXPAND_VOLUME)
 
 
 def _required(**fields: str) -> None:
@@ -85,6 +86,21 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         _required(volume_id=request.volume_id)
         await self._lifecycle.delete_volume(request.volume_id)
         return csi_pb2.DeleteVolumeResponse()
+
+    @answer
+    async def ControllerExpandVolume(self, request: csi_pb2.ControllerExpandVolumeRequest,
+                                     context: Context) -> csi_pb2.ControllerExpandVolumeResponse:
+        _required(volume_id=request.volume_id)
+        if not request.HasField("capacity_range"):
+            raise InvalidArgument("capacity_range is required")
+        volume = await self._lifecycle.expand_volume(
+            request.volume_id, requests.Capacity.of(request.capacity_range))
+        # A block volume needs nothing on the node: the next stage attaches it at its new
+        # size. A mount volume's file system grows there (NodeExpandVolume).
+        block = (request.HasField("volume_capability")
+                 and request.volume_capability.WhichOneof("access_type") == "block")
+        return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=volume.size_bytes,
+                                                      node_expansion_required=not block)
 
     @answer
     async def ControllerGetVolume(self, request: csi_pb2.ControllerGetVolumeRequest,

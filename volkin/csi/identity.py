@@ -12,6 +12,7 @@ from volkin.csi.rpc import Context, answer
 from volkin.errors import Unavailable
 
 Service = csi_pb2.PluginCapability.Service
+Expansion = csi_pb2.PluginCapability.VolumeExpansion
 # Liveness probes wait a few seconds: answer before they give up.
 PROBE_TIMEOUT = 2.0
 
@@ -30,8 +31,12 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):
     async def GetPluginCapabilities(self, request: csi_pb2.GetPluginCapabilitiesRequest,
                                     context: Context) -> csi_pb2.GetPluginCapabilitiesResponse:
         # No VOLUME_ACCESSIBILITY_CONSTRAINTS: every node reaches every volume over NBD.
-        # No VolumeExpansion until the admin API can grow a volume.
-        caps = []
+        # VolumeExpansion OFFLINE: an NBD connection keeps the size it negotiated, so a
+        # volume attached on a node does not see it grow until it is attached again; the
+        # CO expands a volume while it is not staged anywhere, and the node grows its file
+        # system after the next stage (docs/csi.md).
+        caps = [csi_pb2.PluginCapability(volume_expansion=csi_pb2.PluginCapability.
+                                         VolumeExpansion(type=Expansion.OFFLINE))]
         if self._serves_controller:
             caps.append(csi_pb2.PluginCapability(
                 service=Service(type=Service.CONTROLLER_SERVICE)))

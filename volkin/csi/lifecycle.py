@@ -9,7 +9,10 @@ A volume that others still read through (an origin whose snapshots are virtual, 
 snapshot that a clone is still copying) cannot be deleted in volkin. `delete` starts the
 background copies that make those volumes real, waits for them up to `delete_wait`
 seconds, and then deletes it, or raises FailedPrecondition saying which copies are still
-running; the CO retries later.
+running; the CO retries later. Expanding a volume is the same: volkin grows only a volume
+that reads through nothing and that nothing reads through, so `expand_volume` first makes
+its virtual snapshots (and, for a clone still copying, the clone itself) real, within the
+same wait.
 
 Calls on one name run one at a time (per driver process).
 """
@@ -93,13 +96,14 @@ class Lifecycle:
 
     @staticmethod
     def _check_copy_fits(source: Volume, new: NewVolume) -> None:
-        # A refresh copies between volumes of one size and block size; growing the new
-        # volume afterwards needs a resize in the admin API, which volkin has not yet.
+        # A refresh copies between volumes of one size and block size; a copy is made at
+        # its source's size, and may be expanded (ControllerExpandVolume) once it is.
         if not new.capacity.fits(source.size_bytes):
             raise OutOfRange(
                 f"a volume made from {source.name!r} has its size, {source.size_bytes} bytes, "
                 f"outside the capacity range [{new.capacity.required}, "
-                f"{new.capacity.limit or 'no limit'}]; volkin cannot grow a volume yet")
+                f"{new.capacity.limit or 'no limit'}]; create it at the source's size and "
+                f"expand it afterwards")
         if new.block_size_asked and new.block_size != source.block_size:
             raise InvalidArgument(
                 f"{PARAM_BLOCK_SIZE}={new.block_size} differs from the source's block size "
@@ -206,6 +210,43 @@ class Lifecycle:
             if not pending or time.monotonic() >= deadline:
                 return list(pending.values())
             await asyncio.sleep(_POLL)
+
+    async def expand_volume(self, volume_id: str, capacity: Capacity) -> Volume:
+        """Grows the volume to the capacity asked for (rounded up to whole blocks); one
+        as large already is left as it is. Volumes never shrink."""
+        async with self._locks.hold(volume_id):
+            volume = await self.primary(volume_id)
+            if capacity.limit and volume.size_bytes > capacity.limit:
+                raise OutOfRange(f"volume {volume_id!r} has {volume.size_bytes} bytes already, "
+                                 f"more than the limit {capacity.limit}; volumes never shrink")
+            if volume.size_bytes >= capacity.required:
+                return volume
+            size = capacity.size(volume.block_size)
+            deadline = time.monotonic() + self._delete_wait
+            while True:
+                try:
+                    return await self._admin.resize_volume(volume.name, size)
+                except FailedPrecondition as exc:
+                    refusal = exc
+                # Whatever reads through it (virtual snapshots), and itself if it still
+                # reads through another (a clone being copied): made real, then again.
+                current = await self._admin.volume(volume.name)
+                readers = [v for v in await self._admin.volumes() if v.source == volume.name]
+                if current is not None and current.source:
+                    readers.append(current)
+                if not readers:
+                    raise refusal
+                jobs = []
+                for reader in readers:
+                    with contextlib.suppress(FailedPrecondition):  # real meanwhile
+                        jobs.append(await self._admin.start_materialize(reader.name))
+                unfinished = await self._wait(jobs, deadline)
+                if unfinished or time.monotonic() >= deadline:
+                    running = ", ".join(j.id for j in unfinished) or "just finished"
+                    raise FailedPrecondition(
+                        f"{volume_id!r} cannot grow yet: {', '.join(r.name for r in readers)} "
+                        f"must be independent first; the background copies are running "
+                        f"(jobs: {running}); retry when they are done")
 
     # -- snapshots -----------------------------------------------------------------
     @staticmethod

@@ -52,6 +52,39 @@ async def ensure_fs(device: str, wanted: str) -> str:
     return wanted
 
 
+async def _ext4_bytes(device: str) -> int:
+    _, out = await run("dumpe2fs", "-h", device)
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    return int(fields["Block count"]) * int(fields["Block size"])
+
+
+async def grow_unmounted_ext4(device: str) -> bool:
+    """Grows an ext4 file system that is not mounted to its device's size, if it is
+    smaller (a volume expanded while it was not staged); returns whether it grew.
+    Offline, because an online ext4 resize needs CAP_SYS_RESOURCE, which a node plugin
+    may lack; xfs only grows online (`grow_fs`)."""
+    if await fs_type(device) != "ext4" or await _ext4_bytes(device) >= device_size(device):
+        return False
+    await run("e2fsck", "-f", "-p", device, ok=(0, 1))  # 1: errors corrected
+    await run("resize2fs", device)
+    return True
+
+
+async def grow_fs(device: str, mounted_at: str) -> str:
+    """Grows the file system on `device`, mounted at `mounted_at`, to the device's size;
+    one that fills it already is left as it is. Returns its type."""
+    found = await fs_type(device)
+    if found == "ext4":
+        if await _ext4_bytes(device) < device_size(device):
+            await run("resize2fs", device)  # online (the stage grows it offline first)
+    elif found == "xfs":
+        await run("xfs_growfs", mounted_at)  # xfs grows through its mount point
+    else:
+        raise FailedPrecondition(f"{device} holds {found or 'no'} file system; volkin-csi "
+                                 f"grows ext4 and xfs")
+    return found
+
+
 async def mount(device: str, path: str, fs: str, flags: list[str]) -> None:
     Path(path).mkdir(parents=True, exist_ok=True)
     if fs == "xfs" and "nouuid" not in flags:

@@ -18,9 +18,9 @@ from volkin.errors import AlreadyExists, FailedPrecondition, InvalidArgument, No
 from volkin.log import event
 
 RPC = csi_pb2.NodeServiceCapability.RPC
-# Adding expansion later: EXPAND_VOLUME here and NodeExpandVolume (resize2fs/xfs_growfs
-# on the staged device once the controller grew the volume).
-CAPABILITIES = (RPC.STAGE_UNSTAGE_VOLUME, RPC.GET_VOLUME_STATS)
+# EXPAND_VOLUME: NodeExpandVolume grows the file system on the staged device
+# (resize2fs / xfs_growfs) once the device shows the size the controller gave the volume.
+CAPABILITIES = (RPC.STAGE_UNSTAGE_VOLUME, RPC.GET_VOLUME_STATS, RPC.EXPAND_VOLUME)
 Usage = csi_pb2.VolumeUsage
 _log = logging.getLogger("volkin.csi.node")
 
@@ -90,6 +90,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             if access == "mount" and not mounts.is_mounted(path):
                 fs = await mounts.ensure_fs(staged.attachment.device,
                                             cap.mount.fs_type or requests.DEFAULT_FS)
+                # Expanded while not staged (OFFLINE expansion): ext4 grows here, before
+                # it is mounted; xfs grows in NodeExpandVolume, which the CO calls next.
+                if await mounts.grow_unmounted_ext4(staged.attachment.device):
+                    event(_log, "csi.expanded", volume=volume_id,
+                          device=staged.attachment.device, fs=fs)
                 await mounts.mount(staged.attachment.device, path, fs, list(cap.mount.mount_flags))
                 event(_log, "csi.staged", volume=volume_id, path=path, fs=fs)
         return csi_pb2.NodeStageVolumeResponse()
@@ -162,6 +167,39 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             elif os.path.lexists(target):
                 os.unlink(target)
         return csi_pb2.NodeUnpublishVolumeResponse()
+
+    # -- expansion ---------------------------------------------------------------------
+    @answer
+    async def NodeExpandVolume(self, request: csi_pb2.NodeExpandVolumeRequest,
+                               context: Context) -> csi_pb2.NodeExpandVolumeResponse:
+        """Grows the file system of a staged mount volume to its device's size (a block
+        volume has nothing to grow). The device must show the new size already: an NBD
+        connection keeps the size it was opened with (kernel nbd and qemu-storage-daemon
+        alike, and the loop device over the latter), so a volume grown while it was
+        attached keeps its old size here until it is unstaged and staged again. That is
+        why the plugin says expansion is OFFLINE: the CO grows a volume that is not
+        staged, stages it (a new connection, the new size) and then calls this."""
+        _required(volume_id=request.volume_id, volume_path=request.volume_path)
+        volume_id = request.volume_id
+        async with self._locks.hold(volume_id):
+            staged = self._state.load(volume_id) if names.is_volkin_name(volume_id) else None
+            if staged is None:
+                raise NotFound(f"volume {volume_id!r} is not staged on this node")
+            if not os.path.exists(request.volume_path):
+                raise NotFound(f"volume path {request.volume_path!r} does not exist")
+            device = staged.attachment.device
+            size = mounts.device_size(device)
+            wanted = request.capacity_range.required_bytes if request.HasField(
+                "capacity_range") else 0
+            if size < wanted:
+                raise FailedPrecondition(
+                    f"device {device} of volume {volume_id!r} still has {size} bytes, not "
+                    f"{wanted}: its NBD connection keeps the size it was opened with; "
+                    f"unstage the volume and stage it again (volkin-csi expands offline)")
+            if staged.access == "mount":
+                fs = await mounts.grow_fs(device, staged.staging_path)
+                event(_log, "csi.expanded", volume=volume_id, device=device, size=size, fs=fs)
+        return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=size)
 
     # -- stats -------------------------------------------------------------------------
     @answer
