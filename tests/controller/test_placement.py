@@ -168,3 +168,30 @@ def test_a_layout_that_cannot_be_is_refused_with_the_reason(
 def test_no_agent_no_volume() -> None:
     with pytest.raises(Unavailable, match="no agent is registered"):
         Placement([]).choose("V#1", 64 * MiB, BLOCK)
+
+
+@given(layouts_and_ranges(), st.integers(0, 40))
+def test_a_grown_layout_keeps_every_byte_in_its_place_and_only_adds_or_grows_extents(
+        case: tuple[Layout, int, int], more: int) -> None:
+    layout, offset, length = case
+    try:
+        grown = layout.grown(layout.size + more * 4096)
+    except FailedPrecondition:
+        assert layout.width == 1 and layout.size <= layout.extent_bytes
+        return
+    assert grown.pieces(offset, length) == layout.pieces(offset, length)
+    before = {spec.extent_id: spec for spec in layout.extents()}
+    for spec in grown.extents():
+        old = before.pop(spec.extent_id, None)
+        assert old is None or (old.node_id == spec.node_id
+                               and old.size_bytes <= spec.size_bytes), (old, spec)
+    assert not before  # no extent disappears
+
+
+def test_a_layout_never_shrinks_and_one_extent_alone_cannot_split() -> None:
+    layout = Layout(("a1",), MiB, 4 * MiB, 3 * MiB, "m1")
+    assert layout.grown(4 * MiB).extents()[0].extent_id == "m1"
+    with pytest.raises(FailedPrecondition, match="cannot grow"):
+        layout.grown(5 * MiB)
+    with pytest.raises(InvalidArgument, match="only grows"):
+        layout.grown(2 * MiB)
