@@ -16,7 +16,7 @@ import pytest
 from tests.agent.conftest import AgentFactory
 from tests.controller.conftest import ControllerFactory
 from tests.controller.test_striping import extents_on, qemu_io, read_units, write_units
-from volkin.api.v1 import admin_pb2
+from volkin.api.v1 import admin_pb2, agent_pb2
 
 pytestmark = pytest.mark.integration
 
@@ -86,3 +86,30 @@ def test_shrinking_or_growing_a_volume_something_reads_through_is_refused_and_ch
         assert c.stub.GetVolume(admin_pb2.GetVolumeRequest(name=name)).size_bytes == 12 * MiB
     read_units(c, "S1", 12, 1)
     assert c.log().count("audit.resize_volume") == len(refused)  # refused ones too
+
+
+def test_a_resize_repeated_after_a_crash_between_the_agents_and_etcd_finds_the_extents_grown(
+        start_agent: AgentFactory, start_controller: ControllerFactory) -> None:
+    agents = [start_agent(f"a{i}") for i in (1, 2, 3)]
+    c = start_controller("c1", "--extent-bytes", "4MiB")
+    c.stub.CreateVolume(admin_pb2.CreateVolumeRequest(name="V", size_bytes=10 * MiB))
+    write_units(c, "V", 10, 50)
+    # 10 MiB: columns of 4, 3 and 3 MiB, one extent each. What a controller that died
+    # after growing them for 20 MiB (columns of 7, 7 and 6 MiB), before storing the new
+    # size, leaves behind: grown extents and new ones that etcd does not know of.
+    for agent in agents:
+        (extent,) = agent.stub.ListExtents(agent_pb2.ListExtentsRequest()).extents
+        epoch = extent.epoch
+        column = int(extent.extent_id.split("-c")[1].split("-")[0])
+        agent.stub.ResizeExtent(agent_pb2.ResizeExtentRequest(
+            extent_id=extent.extent_id, size_bytes=4 * MiB, epoch=epoch))
+        agent.stub.CreateExtent(agent_pb2.CreateExtentRequest(
+            extent_id=extent.extent_id.replace("-e0", "-e1"),
+            size_bytes=(3 if column < 2 else 2) * MiB, block_size=512, epoch=epoch))
+    c.stop()
+    c.start()
+    assert c.stub.GetVolume(admin_pb2.GetVolumeRequest(name="V")).size_bytes == 10 * MiB
+    read_units(c, "V", 10, 50)
+    c.stub.ResizeVolume(admin_pb2.ResizeVolumeRequest(name="V", size_bytes=20 * MiB))
+    read_units(c, "V", 10, 50)
+    qemu_io(c, "V", "read -P 0 10M 10M", "write -P 0x77 19M 1M", "read -P 0x77 19M 1M")
