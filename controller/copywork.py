@@ -12,10 +12,11 @@ segment (RUN_BLOCKS) and asks the engine (pure, a few operations per segment):
   parts of MIN_RUN_BYTES, whose blocks are handed out one by one (the plan of
   each block then decides, as before runs existed).
 
-A run that finds more data in its source than RUN_DATA, or than half its size,
-is not carried out but cut the same way (`refine`), down to single blocks: a
-client's read or write of a block in a run waits for the whole run, so a run
-holds little data; and where the data is dense, copying block by block is what
+A run that finds more data in its source than RUN_DATA is not carried out but
+cut the same way (`finish`); one that finds more than half its size data hands
+its blocks out one by one. A client's read or write of a block in a run waits
+for the whole run, so a run holds little data; and where the data is dense,
+copying block by block is what
 the agents and the group commit are tuned for (measured: runs of dense 2 MiB
 moved a 1 GiB refresh at 0.44 of nbdcopy, blocks at 0.70, in one run of
 bench.datapath).
@@ -60,7 +61,7 @@ class CopyWork:
             while not self._pending and self._next_chunk < self._size:
                 first = self._next_chunk
                 self._next_chunk = min(self._size, first + RUN_BLOCKS)
-                self._expand(first, self._next_chunk - first)
+                self._pending.extend(self._decide(first, self._next_chunk - first))
             if self._pending:
                 item = self._pending.popleft()
                 if isinstance(item, tuple):
@@ -72,49 +73,36 @@ class CopyWork:
             await self._changed.wait()
 
     def finish(self, first: int, count: int, result: RunResult | None) -> None:
-        """A run handed out is done, or was not carried out: no longer a run (None: its
-        parts are asked again), dense (its blocks go one by one) or just too much data
-        for one run (its parts are tried)."""
+        """A run handed out is done, or was not carried out: its blocks go first in line
+        one by one if it is dense or small, else its parts are asked again (no longer a
+        run, or just too much data for one)."""
         self._runs_out -= 1
-        if result is not None and not result.done and 2 * result.data > count * self._block_size:
-            self._pending.extendleft(reversed(self._blocks(first, first + count)))
-        elif result is None or not result.done:
-            self.refine(first, count)
+        if result is None or not result.done:
+            dense = result is not None and 2 * result.data > count * self._block_size
+            items = (self._blocks(first, first + count) if dense or count <= self.min_run
+                     else self._split(first, count))
+            self._pending.extendleft(reversed(items))
         self._changed.set()
 
     def max_data(self, count: int) -> int:
         """The most data a run of `count` blocks may copy before it is cut smaller."""
         return min(RUN_DATA, count * self._block_size // 2)
 
-    def refine(self, first: int, count: int) -> None:
-        """A run that was not carried out (no longer one, or too much data): its parts go
-        first in line."""
-        if count <= self.min_run:
-            self._pending.extendleft(reversed(self._blocks(first, first + count)))
-            return
-        parts: list[Item] = []
-        for start, n in _parts(first, count):
-            parts += self._decide(start, n)
-        self._pending.extendleft(reversed(parts))
-
-    def _expand(self, first: int, count: int) -> None:
-        self._pending.extend(self._decide(first, count))
-
     def _decide(self, first: int, count: int) -> list[Item]:
         if self._engine.own_run(self._name, first, count):
             return []  # every block is the volume's own already
         if count <= self.min_run:
-            return list(self._blocks(first, first + count))
+            return self._blocks(first, first + count)
         if self._engine.plan_background_run(self._name, first, count) is not None:
             return [(first, count)]
-        items: list[Item] = []
-        for start, n in _parts(first, count):
-            items += self._decide(start, n)
-        return items
+        return self._split(first, count)
+
+    def _split(self, first: int, count: int) -> list[Item]:
+        return [item for start, n in _parts(first, count) for item in self._decide(start, n)]
 
     def _blocks(self, first: int, stop: int) -> list[Item]:
-        # Bit by bit over a few blocks (at most MIN_RUN_BYTES of them), not a walk of the
-        # map from `first`, which would cost the whole segment each time.
+        # Bit by bit: a walk of the map from `first` (`blocks_to_copy`) would cost its whole
+        # segment each time, and this is asked for many small ranges of one segment.
         return [block for block in range(first, stop)
                 if self._engine.own_run(self._name, block, 1) is False]
 

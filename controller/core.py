@@ -33,7 +33,7 @@ from controller.executor import EXTENT_BLOCK, PlanExecutor, RunResult
 from controller.fence import Deposed
 from controller.locks import FamilyLocks
 from controller.mapstore import GroupCommit, MapStore, Pending
-from controller.placement import Layout, Placement, extent_id
+from controller.placement import Layout, Placement
 from volkin import blockwire as w
 from volkin.config import check_block_size
 from volkin.engine import Loc, MapEngine, RefreshStarted, VolumeInfo
@@ -144,10 +144,9 @@ class Core:
         await self.refresh_agents()
         await self._room_in_etcd()
         async with self.locks.topology(source):
-            model = self.placement.layout_of(self.engine.volume(source).memory)
+            origin = self.engine.volume(source).memory
             info = self.engine.create_snapshot(source, name)
-            layout = (Layout(model.nodes, model.unit, model.extent_bytes, model.size,
-                             extent_id(info.memory)) if model else None)
+            layout = self.placement.like(info.memory, origin)
             put = {self.keys.extent(info.memory): layout.record()} if layout else None
             await self._store(self.store.take(self.engine), put)
             if layout is not None:

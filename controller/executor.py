@@ -93,8 +93,7 @@ class PlanExecutor:
         await self.agents.close()
 
     # -- layouts and extents ---------------------------------------------------------
-    async def place(self, memory: str, unit: int = 0, width: int = 0,
-                    like: str | None = None) -> Layout:
+    async def place(self, memory: str, unit: int = 0, width: int = 0) -> Layout:
         """The layout of `memory`, choosing and storing one the first time it is used."""
         layout = self._placement.layout_of(memory)
         if layout is not None:
@@ -103,7 +102,7 @@ class PlanExecutor:
             layout = self._placement.layout_of(memory)
             if layout is None:
                 block_size, size = self._volume_geometry(memory)
-                layout = self._placement.choose(memory, size, block_size, unit, width, like)
+                layout = self._placement.choose(memory, size, block_size, unit, width)
                 if self._persist_placement is not None:
                     await self._persist_placement(memory, layout)
                 self._placement.place(memory, layout)
@@ -149,7 +148,8 @@ class PlanExecutor:
         layout = await self.place(memory)
         pieces = layout.pieces(offset, length)
         for piece in pieces:
-            await self._create_extent_of(layout, piece.extent_id)
+            if piece.extent_id not in self._created:
+                await self._create_extent_of(layout, piece.extent_id)
         return pieces
 
     def _written(self, memory: str, pieces: list[Piece], fua: bool) -> None:

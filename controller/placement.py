@@ -14,7 +14,7 @@ Who gets what:
   memories (ties by name), the first stripe on the next of them in turn;
   `width` is the volume's own, or the controller's `stripe_width`
   (DEFAULT_WIDTH) or the number of agents, whichever is fewer;
-- a snapshot's memory: the layout of its origin's memory (`place(..., like=)`),
+- a snapshot's memory: the layout of its origin's memory (`like`),
   so a copy-before-write from the origin into the snapshot stays on one agent;
 - a spill memory (`V2#3~9`): the layout of the memory it spills for, likewise.
 
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from volkin.errors import FailedPrecondition, InvalidArgument, Unavailable
 
@@ -243,16 +243,22 @@ class Placement:
     def layout_of(self, memory: str) -> Layout | None:
         return self._layouts.get(memory)
 
+    def like(self, memory: str, model: str) -> Layout | None:
+        """`memory` laid out as `model` is (the same agents, unit and extents), if `model`
+        has a layout: a snapshot's memory like its origin's, a spill memory like its base."""
+        found = self._layouts.get(model)
+        return replace(found, base=extent_id(memory)) if found else None
+
     def choose(self, memory: str, size: int, block_size: int, unit: int = 0,
-               width: int = 0, like: str | None = None) -> Layout:
+               width: int = 0) -> Layout:
         """The layout `memory` gets when it is first placed (nothing is recorded): that
-        of `like` or of the memory it spills for if known, else a new stripe set of
-        `width` agents (0: the default) in units of `unit` bytes (0: the default, or
-        one block if that is larger)."""
+        of the memory it spills for if known, else a new stripe set of `width` agents (0:
+        the default) in units of `unit` bytes (0: the default, or one block if that is
+        larger)."""
         base, _, spill = memory.partition("~")
-        model = self._layouts.get(like or "") or (self._layouts.get(base) if spill else None)
+        model = self.like(memory, base) if spill else None
         if model is not None:
-            return Layout(model.nodes, model.unit, model.extent_bytes, size, extent_id(memory))
+            return model
         unit = unit or max(self.unit, block_size)
         if unit % block_size or unit & (unit - 1):
             raise InvalidArgument(f"stripe unit {unit} must be a power of two and a multiple "

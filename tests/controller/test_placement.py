@@ -147,7 +147,8 @@ def test_a_snapshot_and_a_spill_memory_lie_where_their_source_lies() -> None:
     placement = Placement(["a1", "a2", "a3"])
     origin = placement.choose("V#1", 64 * MiB, BLOCK, unit=2 * MiB, width=2)
     placement.place("V#1", origin)
-    snap = placement.choose("S#2", 64 * MiB, BLOCK, like="V#1")
+    snap = placement.like("S#2", "V#1")
+    assert snap is not None
     spill = placement.choose("V#1~4", 64 * MiB, BLOCK)
     for layout in (snap, spill):
         assert (layout.nodes, layout.unit) == (origin.nodes, origin.unit)

@@ -379,21 +379,12 @@ class MapEngine:
             if other.id != node.id and self.graph.maps[other.valid].uniform(
                     first, stop) is not False:
                 return None
-        current = self.graph.nodes[node.parent]
-        for _ in range(256):  # as deep as the planner goes
-            held = self.graph.maps[current.valid].uniform(first, stop)
-            if held is None:
-                return None  # some blocks resolve here, some further up
-            if held:
-                if current.memory == node.memory:
-                    return None  # a ghost's: the planner only sets the bit
-                change = BitChange(node.valid, first, True, count)
-                return CopyRun(Loc(current.memory, first), Loc(node.memory, first), count,
-                               Commit((change,)))
-            if current.parent is None:
-                return None  # resolves to nothing: the planner says so, block by block
-            current = self.graph.nodes[current.parent]
-        return None
+        # None of them is its own: they resolve through its ancestors, alike or not.
+        source = self.locate_run(name, first, count)
+        if source is None or source.memory == node.memory:
+            return None  # several memories, or a ghost's (the planner only sets the bit)
+        return CopyRun(source, Loc(node.memory, first), count,
+                       Commit((BitChange(node.valid, first, True, count),)))
 
     def apply(self, commit: Commit) -> None:
         """Records a commit that the caller has made durable."""
