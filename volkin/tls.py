@@ -1,0 +1,224 @@
+"""Mutual TLS for every channel: one CA, one certificate and key per process.
+
+Both daemons and the CLI take the same three settings (`tls_ca`, `tls_cert`,
+`tls_key`: PEM files). With them, every server asks for and checks a client
+certificate signed by the CA, and every client checks that the server's
+certificate is signed by the CA and names the host it dialled. Without them
+everything is plaintext, as before.
+
+The files are read again when they change (checked at most once a second, on the
+next handshake), so a renewed certificate takes effect without a restart: gRPC
+servers fetch it through `dynamic_ssl_server_credentials`, the `ssl.SSLContext`s
+of the NBD server and the block data ports load it in place, and clients open new
+channels with it (`Tls.generation` tells them when).
+
+`Tls.check()` is what a process runs at start-up: a missing file, a key that does
+not belong to the certificate, or a certificate that expired gives one readable
+line (`InvalidArgument`), not a handshake failure later.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import ssl
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from volkin.errors import InvalidArgument
+
+# Shared by the daemons and the CLI when their own settings do not name the files.
+ENV_CA, ENV_CERT, ENV_KEY = "VOLKIN_TLS_CA", "VOLKIN_TLS_CERT", "VOLKIN_TLS_KEY"
+_RECHECK = 1.0  # seconds between looks at the files' modification times
+
+
+@dataclass(frozen=True)
+class Material:
+    ca: bytes
+    cert: bytes
+    key: bytes
+
+
+class Tls:
+    """The TLS files of one process, re-read when they change."""
+
+    def __init__(self, ca: str | Path, cert: str | Path, key: str | Path) -> None:
+        self.paths = (Path(ca), Path(cert), Path(key))
+        self._lock = threading.Lock()
+        self._stamp: tuple[float, ...] = ()
+        self._checked = 0.0
+        self._material: Material | None = None
+        self.generation = 0  # bumped each time the files are re-read after a change
+        self._contexts: list[tuple[ssl.SSLContext, bool]] = []
+
+    @property
+    def ca_path(self) -> Path:
+        return self.paths[0]
+
+    def __repr__(self) -> str:
+        return f"Tls(ca={self.paths[0]}, cert={self.paths[1]}, key={self.paths[2]})"
+
+    # -- the files --------------------------------------------------------------------
+    def check(self) -> None:
+        """Raises InvalidArgument (one line) unless the files can be used now."""
+        material = self.material()
+        try:
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+            context.load_verify_locations(cadata=material.ca.decode())
+            context.load_cert_chain(self.paths[1], self.paths[2])
+        except (ssl.SSLError, ValueError, OSError) as exc:
+            raise InvalidArgument(f"TLS files {self.paths[1]} and {self.paths[2]}: "
+                                  f"{exc}") from None
+        for path in (self.paths[0], self.paths[1]):
+            not_after = expiry(path.read_bytes())
+            if not_after is not None and not_after < datetime.datetime.now(datetime.UTC):
+                raise InvalidArgument(f"TLS certificate {path} expired on "
+                                      f"{not_after:%Y-%m-%d %H:%M:%S} UTC")
+
+    def material(self) -> Material:
+        """The files' contents, re-read if they changed since the last look."""
+        with self._lock:
+            now = time.monotonic()
+            if self._material is not None and now - self._checked < _RECHECK:
+                return self._material
+            self._checked = now
+            try:
+                stamp = tuple(p.stat().st_mtime for p in self.paths)
+            except OSError as exc:
+                if self._material is not None:
+                    return self._material  # being replaced: keep what worked
+                raise InvalidArgument(f"TLS file {exc.filename}: {exc.strerror}") from None
+            if stamp == self._stamp and self._material is not None:
+                return self._material
+            try:
+                material = Material(*(p.read_bytes() for p in self.paths))
+            except OSError as exc:
+                if self._material is not None:
+                    return self._material
+                raise InvalidArgument(f"TLS file {exc.filename}: {exc.strerror}") from None
+            changed = self._material is not None
+            self._material, self._stamp = material, stamp
+            if changed:
+                self.generation += 1
+                self._reload_contexts()
+            return material
+
+    # -- gRPC ---------------------------------------------------------------------------
+    def server_credentials(self) -> grpc.ServerCredentials:
+        """Server credentials that demand a client certificate signed by the CA and
+        pick up renewed files on the next handshake."""
+        def configuration() -> grpc.ServerCertificateConfiguration:
+            m = self.material()
+            return grpc.ssl_server_certificate_configuration([(m.key, m.cert)], m.ca)
+
+        served = [self.generation]
+
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            self.material()
+            if self.generation == served[0]:
+                return None
+            served[0] = self.generation
+            return configuration()
+
+        return grpc.dynamic_ssl_server_credentials(configuration(), fetch,
+                                                   require_client_authentication=True)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        m = self.material()
+        return grpc.ssl_channel_credentials(root_certificates=m.ca, private_key=m.key,
+                                            certificate_chain=m.cert)
+
+    # -- asyncio streams (NBD, block data ports) ----------------------------------------
+    def server_context(self) -> ssl.SSLContext:
+        """A context for servers: the peer must present a certificate the CA signed."""
+        return self._context(server=True)
+
+    def client_context(self) -> ssl.SSLContext:
+        """A context for clients: the server's certificate must be the CA's and name
+        the host dialled."""
+        return self._context(server=False)
+
+    def _context(self, server: bool) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.verify_mode = ssl.CERT_REQUIRED
+        self._load(context)
+        with self._lock:
+            self._contexts.append((context, server))
+        return context
+
+    def _load(self, context: ssl.SSLContext) -> None:
+        m = self.material()
+        context.load_verify_locations(cadata=m.ca.decode())
+        context.load_cert_chain(self.paths[1], self.paths[2])
+
+    def _reload_contexts(self) -> None:
+        """Loads renewed files into every context handed out (called under the lock):
+        connections made from now on use them."""
+        m = self._material
+        assert m is not None
+        for context, _ in self._contexts:
+            try:
+                context.load_verify_locations(cadata=m.ca.decode())
+                context.load_cert_chain(self.paths[1], self.paths[2])
+            except (ssl.SSLError, OSError):
+                pass  # a half-written pair: the next look loads it
+
+
+def expiry(pem: bytes) -> datetime.datetime | None:
+    """The not-after time of the first certificate in `pem` (None if it cannot be read)."""
+    try:
+        from cryptography import x509
+        return x509.load_pem_x509_certificate(pem).not_valid_after_utc
+    except (ImportError, ValueError):
+        return None
+
+
+def from_settings(ca: str, cert: str, key: str, what: str,
+                  environ: Mapping[str, str] | None = None) -> Tls | None:
+    """The process's TLS from its settings, else from VOLKIN_TLS_*; None for plaintext.
+    All three files or none: anything else is an InvalidArgument naming `what`."""
+    env = os.environ if environ is None else environ
+    chosen = (ca or env.get(ENV_CA, ""), cert or env.get(ENV_CERT, ""),
+              key or env.get(ENV_KEY, ""))
+    if not any(chosen):
+        return None
+    if not all(chosen):
+        names = ("tls_ca", "tls_cert", "tls_key")
+        missing = [n for n, v in zip(names, chosen, strict=True) if not v]
+        raise InvalidArgument(f"{what}: TLS needs tls_ca, tls_cert and tls_key; "
+                              f"missing {', '.join(missing)}")
+    return Tls(*chosen)
+
+
+def from_env(environ: Mapping[str, str] | None = None) -> Tls | None:
+    """TLS from VOLKIN_TLS_CA, VOLKIN_TLS_CERT and VOLKIN_TLS_KEY, or None."""
+    return from_settings("", "", "", "environment", environ)
+
+
+def peer_name(auth_context: Mapping[str, list[bytes]]) -> str:
+    """The common name of a gRPC peer's certificate ('' without one)."""
+    names = auth_context.get("x509_common_name") or []
+    return names[0].decode(errors="replace") if names else ""
+
+
+def ssl_peer_name(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str:
+    """The common name of a TLS stream's peer certificate ('' without one)."""
+    if ssl_object is None:
+        return ""
+    cert = ssl_object.getpeercert() or {}
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return ""
+
+
+def server_host(address: str) -> str:
+    """The host part of host:port, without IPv6 brackets (the name TLS verifies)."""
+    return address.rpartition(":")[0].strip("[]")
