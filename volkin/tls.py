@@ -27,6 +27,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -125,8 +126,9 @@ class Tls:
             served[0] = self.generation
             return configuration()
 
-        return grpc.dynamic_ssl_server_credentials(configuration(), fetch,
-                                                   require_client_authentication=True)
+        return grpc.dynamic_ssl_server_credentials(
+            configuration(), fetch,  # type: ignore[arg-type]  # None means unchanged
+            require_client_authentication=True)
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
         m = self.material()
@@ -211,11 +213,11 @@ def ssl_peer_name(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str:
     """The common name of a TLS stream's peer certificate ('' without one)."""
     if ssl_object is None:
         return ""
-    cert = ssl_object.getpeercert() or {}
+    cert: dict[str, Any] = dict(ssl_object.getpeercert() or {})
     for rdn in cert.get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
-                return str(value)
+        for pair in rdn:
+            if pair[0] == "commonName":
+                return str(pair[1])
     return ""
 
 
