@@ -48,6 +48,11 @@ class AgentConfig:
     # Seconds a mutation waits for the agent to prove, through etcd, that no newer
     # controller took over, before it fails UNAVAILABLE (see agent/fencing.py).
     fence_wait: float = 5.0
+    # mTLS on every channel (volkin.tls): the cluster CA, this node's certificate and
+    # key (PEM files); empty: VOLKIN_TLS_CA/_CERT/_KEY, and without those plaintext.
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
     log_level: str = "info"
 
 
@@ -65,6 +70,7 @@ _HELP = {
     "fence_wait": "seconds a mutation waits for the agent to reach etcd (to prove no newer "
                   "controller took over) before it fails UNAVAILABLE",
     "log_level": "debug, info, warning or error",
+    **config.TLS_HELP,
 }
 
 
@@ -105,6 +111,7 @@ def load(argv: Sequence[str], environ: Mapping[str, str]) -> AgentConfig:
     config.check_address("advertise", settings.advertise, allow_empty=True)
     config.check_address("data_listen", settings.data_listen, allow_empty=True)
     config.check_address("metrics_listen", settings.metrics_listen, allow_empty=True)
+    config.tls_of(settings.tls_ca, settings.tls_cert, settings.tls_key, environ)
     if not settings.node_id or "/" in settings.node_id:
         raise InvalidArgument(f"node_id {settings.node_id!r} must be non-empty without '/'")
     return settings

@@ -32,6 +32,7 @@ from volkin.coalesce import CoalescingWriter
 from volkin.errors import FencedOut, InvalidArgument, VolkinError
 from volkin.log import event
 from volkin.rpc_status import status_of
+from volkin.tls import Tls
 
 _log = logging.getLogger("agent.dataport")
 # Requests of one connection being served at once; more wait in the socket.
@@ -42,8 +43,9 @@ _OPS = {w.Op.READ: "read", w.Op.WRITE: "write", w.Op.FLUSH: "flush", w.Op.ZERO: 
 
 class DataPort:
     def __init__(self, store: BlockStore, metrics: AgentMetrics,
-                 peers: peer.PeerChannels | None = None) -> None:
+                 peers: peer.PeerChannels | None = None, tls: Tls | None = None) -> None:
         self._store = store
+        self._tls = tls
         self._metrics = metrics
         self._peers = peers or peer.PeerChannels()
         # The metric children of each operation, looked up once: `labels()` per request
@@ -54,7 +56,8 @@ class DataPort:
         self._connections: set[asyncio.Task[None]] = set()
 
     async def start(self, host: str, port: int) -> int:
-        self._server = await streams.start_server(self._serve, host, port)
+        self._server = await streams.start_server(
+            self._serve, host, port, self._tls.server_context() if self._tls else None)
         return int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:

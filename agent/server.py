@@ -22,6 +22,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
+import volkin.tls
 from agent import peer
 from agent.blockstore import BlockStore
 from agent.config import AgentConfig, advertised_address
@@ -46,6 +47,8 @@ async def serve(config: AgentConfig) -> None:
     # default pool (cores + 4) would let a few long copies starve everything else.
     loop = asyncio.get_running_loop()
     loop.set_default_executor(ThreadPoolExecutor(IO_THREADS, thread_name_prefix="io"))
+    tls = volkin.tls.from_settings(config.tls_ca, config.tls_cert, config.tls_key, "settings")
+    volkin.tls.configure(tls)  # every channel of this process: etcd, peers, servers
     store = await asyncio.to_thread(BlockStore, config.data_dir, node_id=config.node_id,
                                     fence_wait=config.fence_wait)
     metrics = AgentMetrics()
@@ -57,13 +60,13 @@ async def serve(config: AgentConfig) -> None:
         BlockStoreService(store, peers, metrics), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    port = server.add_insecure_port(config.listen)
+    port = volkin.tls.add_port(server, config.listen)
     await server.start()
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     metrics_address = metrics.serve(config.metrics_listen) if config.metrics_listen else ""
     address = advertised_address(config, port)
-    data_port = DataPort(store, metrics, peers)
+    data_port = DataPort(store, metrics, peers, tls)
     data_host, _, data_wanted = (config.data_listen or config.listen.rpartition(":")[0] + ":0"
                                  ).rpartition(":")
     bound = await data_port.start(data_host.strip("[]") or "0.0.0.0", int(data_wanted))
@@ -78,7 +81,7 @@ async def serve(config: AgentConfig) -> None:
     event(_log, "agent.serving", node=config.node_id, address=address,
           metrics=metrics_address or "off", data_dir=config.data_dir, extents=store.count(),
           etcd=",".join(config.etcd_endpoints), epoch=store.fence.epoch, pid=os.getpid(),
-          data=data_address)
+          data=data_address, tls="on" if tls else "off")
 
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

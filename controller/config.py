@@ -51,6 +51,15 @@ class ControllerConfig:
     # for an etcd that something else compacts).
     compact_every: float = 60.0
     shutdown_grace: float = 5.0
+    # mTLS on every channel (volkin.tls): the cluster CA, this node's certificate and
+    # key (PEM files); empty: VOLKIN_TLS_CA/_CERT/_KEY, and without those plaintext.
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    # Admin API identities (client certificates' common names; `*` any): admins may
+    # call everything, readers only what reads (controller.authz).
+    tls_admins: tuple[str, ...] = ("*",)
+    tls_readers: tuple[str, ...] = ("*",)
     log_level: str = "info"
 
 
@@ -75,12 +84,21 @@ _HELP = {
                      "leads (0: never)",
     "shutdown_grace": "seconds in-flight calls get to finish on SIGTERM",
     "log_level": "debug, info, warning or error",
+    **config.TLS_HELP,
 }
+_HELP.update({
+    "tls_admins": "client certificate names (comma-separated, * for any) that may change "
+                  "the cluster through the admin API",
+    "tls_readers": "client certificate names (comma-separated, * for any) that may read "
+                   "through the admin API",
+})
 
 
 def _convert(name: str, raw: Any) -> Any:
     if name == "etcd_endpoints":
         return config.endpoints(raw)
+    if name in ("tls_admins", "tls_readers"):
+        return names(raw)
     if name in ("lease_ttl", "block_size", "stripe_width"):
         return config.positive_int(raw)
     if name in ("stripe_unit", "extent_bytes"):
@@ -109,6 +127,12 @@ def _convert(name: str, raw: Any) -> Any:
     return str(raw)
 
 
+def names(raw: Any) -> tuple[str, ...]:
+    """A comma-separated string (flag, env) or a list (file) of certificate names."""
+    items = raw if isinstance(raw, list) else str(raw).split(",")
+    return tuple(str(n).strip() for n in items if str(n).strip())
+
+
 def load(argv: Sequence[str], environ: Mapping[str, str]) -> ControllerConfig:
     """Builds the configuration; raises InvalidArgument with the offending setting."""
     chosen = config.load_settings(
@@ -126,6 +150,7 @@ def load(argv: Sequence[str], environ: Mapping[str, str]) -> ControllerConfig:
     if settings.extent_bytes % settings.stripe_unit:
         raise InvalidArgument(f"setting extent_bytes={settings.extent_bytes} must be a "
                               f"multiple of stripe_unit={settings.stripe_unit}")
+    config.tls_of(settings.tls_ca, settings.tls_cert, settings.tls_key, environ)
     if not settings.node_id or "/" in settings.node_id:
         raise InvalidArgument(f"node_id {settings.node_id!r} must be non-empty without '/'")
     return settings

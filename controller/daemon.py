@@ -27,6 +27,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
+import volkin.tls
+from controller.authz import Authorizer
 from controller.config import ControllerConfig, advertised
 from controller.leadership import Leadership
 from controller.mapstore import LayoutError
@@ -46,25 +48,27 @@ SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 
 
 async def serve(config: ControllerConfig) -> None:
+    tls = volkin.tls.from_settings(config.tls_ca, config.tls_cert, config.tls_key, "settings")
+    volkin.tls.configure(tls)  # every channel of this process: etcd, agents, servers
     keys = Keys(config.etcd_prefix)
     client = await etcd.connect(config.etcd_endpoints)
     leadership = Leadership(client, keys, config.node_id, config.lease_ttl)
     nbd = NbdServer(io_wait=config.io_wait)
     survey = ClusterSurvey(client, keys)
     admin = AdminService(nbd, config.block_size, config.node_id, survey)
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=[Authorizer(config.tls_admins, config.tls_readers)])
     admin_pb2_grpc.add_AdminServicer_to_server(admin, server)  # type: ignore[no-untyped-call]
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     try:
         _, nbd_port = await nbd.start(*_split(config.nbd_listen))
-        port = server.add_insecure_port(config.listen)
+        port = volkin.tls.add_port(server, config.listen)
         await server.start()
         await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
         addresses = {"admin": advertised(config.listen, port),
                      "nbd": advertised(config.nbd_listen, nbd_port)}
         event(_log, "controller.listening", node=config.node_id, admin=addresses["admin"],
-              nbd=addresses["nbd"], pid=os.getpid())
+              nbd=addresses["nbd"], pid=os.getpid(), tls="on" if tls else "off")
 
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -12,8 +12,9 @@ Audit: `_answer` is also the one place that logs every mutation of the cluster
 
     event=audit.<rpc> who=<peer> <what it named> [error=...] result=ok|<status code>
 
-`who` is the gRPC peer's address (`ipv4:127.0.0.1:40312`); with TLS it will be the
-client certificate's identity. Reads are not audited.
+`who` is the client certificate's common name with TLS, else the gRPC peer's
+address (`ipv4:127.0.0.1:40312`). Reads are not audited; who may call what is
+`controller.authz`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from volkin.engine import Kind, VolumeInfo
 from volkin.errors import FailedPrecondition, InvalidArgument, Unavailable, VolkinError
 from volkin.log import event
 from volkin.rpc_status import status_of
+from volkin.tls import peer_name
 
 _log = logging.getLogger("controller.service")
 _audit = logging.getLogger("controller.audit")
@@ -61,7 +63,12 @@ READS = frozenset({"GetVolume", "ListVolumes", "GetJob", "ListJobs", "WatchJob",
                    "GetClusterStatus", "ListAgents"})
 
 
-def _audit_name(rpc: str) -> str:
+def identity(context: Context) -> str:
+    """The caller's certificate name with TLS, else its address."""
+    return peer_name(context.auth_context()) or context.peer() or "-"
+
+
+def audit_name(rpc: str) -> str:
     """`CreateVolume` -> `create_volume`."""
     return "".join(f"_{c.lower()}" if c.isupper() else c for c in rpc).lstrip("_")
 
@@ -86,9 +93,9 @@ async def _answer(context: Context, call: Callable[[], Awaitable[T]], rpc: str =
         raise
     finally:
         if rpc in MUTATIONS:
-            fields: dict[str, Any] = {"who": context.peer() or "-", **what,
+            fields: dict[str, Any] = {"who": identity(context), **what,
                                       **({"error": error} if error else {}), "result": result}
-            event(_audit, f"audit.{_audit_name(rpc)}",
+            event(_audit, f"audit.{audit_name(rpc)}",
                   logging.INFO if result == "ok" else logging.WARNING, **fields)
 
 

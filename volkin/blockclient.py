@@ -16,22 +16,26 @@ import asyncio
 import contextlib
 import itertools
 from collections.abc import Sequence
+from ssl import SSLContext
 
 import grpc
 
+import volkin.tls
 from volkin import blockwire as w
 from volkin import streams
 from volkin.api.v1 import agent_pb2_grpc
 from volkin.coalesce import CoalescingWriter
 from volkin.errors import Unavailable, VolkinError
 from volkin.rpc_status import error_from_code
+from volkin.tls import Tls
 
 CONNECT_TIMEOUT = 3.0
 
 
 class DataConnection:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, ssl: SSLContext | None = None) -> None:
         self.address = address
+        self._ssl = ssl
         self._stream: streams.Stream | None = None
         self._out: CoalescingWriter | None = None
         self._reading: asyncio.Task[None] | None = None
@@ -50,8 +54,9 @@ class DataConnection:
             host, _, port = self.address.rpartition(":")
             try:
                 async with asyncio.timeout(CONNECT_TIMEOUT):
-                    stream = await streams.open_connection(host.strip("[]"), int(port))
-            except (OSError, TimeoutError) as exc:
+                    stream = await streams.open_connection(host.strip("[]"), int(port),
+                                                           self._ssl)
+            except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
                 raise Unavailable(f"data port {self.address}: {exc or 'connect timed out'}") \
                     from exc
             self._stream = stream
@@ -131,26 +136,45 @@ class AgentConnections:
     per data port, each opened on first use and kept: the controller's agent client and
     an agent's peer copies both hold one."""
 
-    def __init__(self, channel_options: Sequence[tuple[str, int]]) -> None:
+    def __init__(self, channel_options: Sequence[tuple[str, int]],
+                 tls: Tls | None = None) -> None:
         self._options = list(channel_options)
+        self._tls = tls if tls is not None else volkin.tls.current()
+        self._ssl = self._tls.client_context() if self._tls is not None else None
+        self._generation = self._tls.generation if self._tls is not None else 0
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._retired: list[grpc.aio.Channel] = []  # opened with files since renewed
         self._data: dict[str, DataConnection] = {}
 
     def stub(self, address: str) -> agent_pb2_grpc.BlockStoreStub:
         channel = self._channels.get(address)
-        if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=self._options)
+        if channel is None or self._renewed():
+            channel = volkin.tls.aio_channel(address, self._options, self._tls)
             self._channels[address] = channel
         return agent_pb2_grpc.BlockStoreStub(channel)  # type: ignore[no-untyped-call]
+
+    def _renewed(self) -> bool:
+        """True once after the TLS files changed: channels are opened again with them
+        (the old ones finish their calls and are dropped)."""
+        if self._tls is None:
+            return False
+        self._tls.material()
+        if self._tls.generation == self._generation:
+            return False
+        self._generation = self._tls.generation
+        self._retired += self._channels.values()
+        self._channels.clear()
+        return True
 
     def data(self, address: str) -> DataConnection:
         connection = self._data.get(address)
         if connection is None:
-            connection = self._data[address] = DataConnection(address)
+            connection = self._data[address] = DataConnection(address, self._ssl)
         return connection
 
     async def close(self) -> None:
-        channels, self._channels = list(self._channels.values()), {}
+        channels, self._channels = [*self._channels.values(), *self._retired], {}
+        self._retired = []
         for channel in channels:
             await channel.close(None)
         connections, self._data = list(self._data.values()), {}

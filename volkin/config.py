@@ -15,6 +15,7 @@ from dataclasses import fields
 from typing import Any, TypeVar
 
 from volkin.errors import InvalidArgument
+from volkin.tls import Tls, from_settings
 
 T = TypeVar("T")
 
@@ -97,3 +98,21 @@ def check_address(name: str, value: str, allow_empty: bool = False) -> None:
 def env_names(cls: type[Any], env_prefix: str) -> list[str]:
     """Every environment variable a daemon reads (for the docs and --help)."""
     return [env_prefix + "CONFIG"] + [env_prefix + f.name.upper() for f in fields(cls)]
+
+
+TLS_HELP = {
+    "tls_ca": "PEM file of the cluster's CA: peers' certificates must be signed by it "
+              "(env VOLKIN_TLS_CA is the default of all volkin programs)",
+    "tls_cert": "PEM file of this node's certificate (default env VOLKIN_TLS_CERT)",
+    "tls_key": "PEM file of this node's private key (default env VOLKIN_TLS_KEY)",
+}
+
+
+def tls_of(ca: str, cert: str, key: str, environ: Mapping[str, str],
+           what: str = "settings") -> Tls | None:
+    """The process's TLS from its settings (else VOLKIN_TLS_*), checked now: a missing
+    file or an expired certificate is an InvalidArgument, not a failed handshake later."""
+    found = from_settings(ca, cert, key, what, environ)
+    if found is not None:
+        found.check()
+    return found

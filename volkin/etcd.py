@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import etcd3aio
 import grpc
 
+import volkin.tls
 from volkin.errors import NotFound, StorageFull, Unavailable
+from volkin.tls import Tls
 
 # A page of `get_prefix`: few enough keys that a page of map segments (4 KiB each,
 # at worst incompressible) stays well under gRPC's 4 MiB receive limit. A page of
@@ -129,8 +131,9 @@ class Etcd(Protocol):
 class _Etcd3aio:
     """`Etcd` on etcd3aio (grpc.aio). Each call is bounded by `timeout` seconds."""
 
-    def __init__(self, endpoints: Sequence[str], timeout: float) -> None:
-        self._client = etcd3aio.Etcd3Client(list(endpoints), rpc_max_attempts=2)
+    def __init__(self, endpoints: Sequence[str], timeout: float, tls: Tls | None) -> None:
+        self._client = etcd3aio.Etcd3Client(list(endpoints), rpc_max_attempts=2,
+                                            **client_tls(endpoints, tls))
         self._timeout = timeout
         self._endpoints = ",".join(endpoints)
 
@@ -320,9 +323,23 @@ def _is(exc: BaseException, code: grpc.StatusCode, text: str) -> bool:
             and text in (exc.details() or ""))
 
 
-async def connect(endpoints: Sequence[str], timeout: float = 3.0) -> Etcd:
-    """A client for the etcd cluster at `endpoints` (host:port). Does not wait for etcd."""
-    client = _Etcd3aio(endpoints, timeout)
+def client_tls(endpoints: Sequence[str], tls: Tls | None = None) -> dict[str, Any]:
+    """etcd3aio's TLS arguments for `tls` (default: the process's; none for plaintext):
+    the CA checks etcd's certificate, which must name the first endpoint's host, and
+    the certificate and key are the client's (etcd's --client-cert-auth)."""
+    tls = tls if tls is not None else volkin.tls.current()
+    if tls is None:
+        return {}
+    m = tls.material()
+    return {"ca_cert": m.ca, "cert_key": m.key, "cert_chain": m.cert,
+            "tls_server_name": volkin.tls.server_host(endpoints[0])}
+
+
+async def connect(endpoints: Sequence[str], timeout: float = 3.0,
+                  tls: Tls | None = None) -> Etcd:
+    """A client for the etcd cluster at `endpoints` (host:port), over mTLS if `tls` or
+    the process's TLS says so. Does not wait for etcd."""
+    client = _Etcd3aio(endpoints, timeout, tls)
     await client.open()
     return client
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from ssl import SSLContext
 from typing import Any
 
 # Reads at least this large are received in place, into a buffer of their own.
@@ -227,15 +228,19 @@ class Stream(asyncio.BufferedProtocol):
         return self.transport.get_extra_info(name, default)
 
 
-async def open_connection(host: str, port: int) -> Stream:
+async def open_connection(host: str, port: int, ssl: SSLContext | None = None) -> Stream:
+    """A connection to host:port; with `ssl`, over TLS, checking the server is `host`."""
     loop = asyncio.get_running_loop()
-    _, stream = await loop.create_connection(Stream, host, port)
+    _, stream = await loop.create_connection(Stream, host, port, ssl=ssl,
+                                             server_hostname=host if ssl else None)
     return stream
 
 
 async def start_server(handler: Callable[[Stream], Awaitable[None]], host: str | None,
-                       port: int) -> asyncio.Server:
+                       port: int, ssl: SSLContext | None = None) -> asyncio.Server:
     """Serves each connection with `handler(stream)` in a task of its own; the
-    connection is closed when the handler returns."""
-    return await asyncio.get_running_loop().create_server(lambda: Stream(handler), host, port)
+    connection is closed when the handler returns. With `ssl`, connections are TLS
+    (the handler starts after the handshake)."""
+    return await asyncio.get_running_loop().create_server(lambda: Stream(handler), host, port,
+                                                          ssl=ssl)
 

@@ -24,7 +24,7 @@ import os
 import ssl
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,6 +146,11 @@ class Tls:
         return self._context(server=False)
 
     def _context(self, server: bool) -> ssl.SSLContext:
+        """One context of each kind per process, shared: renewed files are loaded into it."""
+        with self._lock:
+            for context, is_server in self._contexts:
+                if is_server == server:
+                    return context
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.verify_mode = ssl.CERT_REQUIRED
@@ -193,7 +198,7 @@ def from_settings(ca: str, cert: str, key: str, what: str,
     if not all(chosen):
         names = ("tls_ca", "tls_cert", "tls_key")
         missing = [n for n, v in zip(names, chosen, strict=True) if not v]
-        raise InvalidArgument(f"{what}: TLS needs tls_ca, tls_cert and tls_key; "
+        raise InvalidArgument(f"{what}: TLS needs a CA, a certificate and a key; "
                               f"missing {', '.join(missing)}")
     return Tls(*chosen)
 
@@ -203,10 +208,10 @@ def from_env(environ: Mapping[str, str] | None = None) -> Tls | None:
     return from_settings("", "", "", "environment", environ)
 
 
-def peer_name(auth_context: Mapping[str, list[bytes]]) -> str:
+def peer_name(auth_context: Mapping[str, Iterable[bytes]]) -> str:
     """The common name of a gRPC peer's certificate ('' without one)."""
-    names = auth_context.get("x509_common_name") or []
-    return names[0].decode(errors="replace") if names else ""
+    name = next(iter(auth_context.get("x509_common_name") or ()), b"")
+    return name.decode(errors="replace")
 
 
 def ssl_peer_name(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str:
@@ -224,3 +229,61 @@ def ssl_peer_name(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str:
 def server_host(address: str) -> str:
     """The host part of host:port, without IPv6 brackets (the name TLS verifies)."""
     return address.rpartition(":")[0].strip("[]")
+
+
+# -- the process's TLS ---------------------------------------------------------------------
+_configured: list[Tls | None] = []
+
+
+def configure(tls: Tls | None) -> None:
+    """Sets the TLS this process's channels and servers use (a daemon calls it once
+    with its settings); until then `current()` reads the environment."""
+    _configured[:] = [tls]
+
+
+def current() -> Tls | None:
+    if not _configured:
+        _configured.append(from_env())
+    return _configured[0]
+
+
+def aio_channel(address: str, options: list[tuple[str, Any]] | None = None,
+                tls: Tls | None = None) -> grpc.aio.Channel:
+    """An asyncio gRPC channel to `address`: mTLS with `tls` (default: the process's)."""
+    tls = tls if tls is not None else current()
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=options)
+    return grpc.aio.secure_channel(address, tls.channel_credentials(), options=options)
+
+
+def channel(address: str, options: list[tuple[str, Any]] | None = None,
+            tls: Tls | None = None) -> grpc.Channel:
+    """A blocking gRPC channel to `address`, as `aio_channel`."""
+    tls = tls if tls is not None else current()
+    if tls is None:
+        return grpc.insecure_channel(address, options=options)
+    return grpc.secure_channel(address, tls.channel_credentials(), options=options)
+
+
+def add_port(server: grpc.Server | grpc.aio.Server, address: str,
+             tls: Tls | None = None) -> int:
+    """Binds `address` on `server`, with mTLS if the process has TLS; the bound port."""
+    tls = tls if tls is not None else current()
+    if tls is None:
+        return server.add_insecure_port(address)
+    return server.add_secure_port(address, tls.server_credentials())
+
+
+def scheme() -> str:
+    """'https' or 'http', as the process's TLS says (for etcd's URLs)."""
+    return "https" if current() is not None else "http"
+
+
+def etcd_server_flags(tls: Tls | None) -> list[str]:
+    """The flags that make etcd serve clients over mTLS with these files (its URLs must
+    then be https)."""
+    if tls is None:
+        return []
+    ca, cert, key = tls.paths
+    return ["--cert-file", str(cert), "--key-file", str(key), "--trusted-ca-file", str(ca),
+            "--client-cert-auth"]

@@ -3,6 +3,9 @@
     server = EtcdServer(tmp_path / "etcd"); server.start()
     EtcdServer(path, args=["--quota-backend-bytes", "4194304"])   # more etcd flags
     server.endpoint          # "127.0.0.1:PORT" for clients
+
+With the process's TLS (VOLKIN_TLS_*, set by tests/conftest.py unless
+VOLKIN_TEST_TLS=0), etcd serves clients over mTLS with the same CA.
     server.restart()         # same ports, same data: what a real etcd restart looks like
     server.stop()
 
@@ -20,6 +23,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+
+import volkin.tls
 
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 
@@ -57,7 +62,8 @@ class EtcdServer:
         raise RuntimeError(f"etcd did not become healthy; see {self._log}")
 
     def _spawn(self) -> None:
-        client_url = f"http://127.0.0.1:{self.client_port}"
+        tls = volkin.tls.current()
+        client_url = f"{volkin.tls.scheme()}://127.0.0.1:{self.client_port}"
         peer_url = f"http://127.0.0.1:{self.peer_port}"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self._log, "ab")  # noqa: SIM115 - owned by the child from here on
@@ -66,7 +72,7 @@ class EtcdServer:
              "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
              "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
              "--initial-cluster", f"test={peer_url}", "--log-level", "warn",
-             "--logger", "zap", *self.args],
+             "--logger", "zap", *volkin.tls.etcd_server_flags(tls), *self.args],
             stdout=log, stderr=subprocess.STDOUT)
         log.close()
 
@@ -77,8 +83,10 @@ class EtcdServer:
             if self.process.poll() is not None:
                 return False
             try:
-                url = f"http://{self.endpoint}/health"
-                with urllib.request.urlopen(url, timeout=1) as response:
+                tls = volkin.tls.current()
+                url = f"{volkin.tls.scheme()}://{self.endpoint}/health"
+                context = tls.client_context() if tls is not None else None
+                with urllib.request.urlopen(url, timeout=1, context=context) as response:
                     if b'"health":"true"' in response.read():
                         return True
             except OSError:

@@ -9,3 +9,9 @@ Each module has one reason to change:
     commands.py  what each admin command does
     dev.py       `volkin dev up/status/down/demo` on top of volkin.devcluster
 """
+
+import os
+
+# gRPC's C core logs a failed TLS handshake on stderr by itself; a command says what
+# went wrong in its own one line.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")

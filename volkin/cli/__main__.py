@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from volkin.cli import commands, dev
 from volkin.cli.args import parse
 from volkin.cli.client import CommandError, Controller, controller_address
+from volkin.config import tls_of
 from volkin.errors import InvalidArgument, VolkinError
 
 DEBUG_ENV = "VOLKIN_DEBUG"
@@ -32,7 +33,9 @@ def run(argv: Sequence[str], environ: Mapping[str, str]) -> int:
         args = parse(argv)
         if args.command in dev.COMMANDS:
             return dev.COMMANDS[args.command](args)
-        with Controller(controller_address(args.controller, environ)) as controller:
+        tls = tls_of(args.tls_ca or "", args.tls_cert or "", args.tls_key or "", environ,
+                     "--tls-ca/--tls-cert/--tls-key or VOLKIN_TLS_*")
+        with Controller(controller_address(args.controller, environ), tls) as controller:
             return commands.COMMANDS[args.command](args, controller)
     except InvalidArgument as exc:
         _fail(exc.message)

@@ -83,6 +83,7 @@ def _common(controller: bool, output: bool) -> list[_Parser]:
         # SUPPRESS: a leaf's unset flag must not overwrite the top-level one.
         p.add_argument("--controller", default=argparse.SUPPRESS, metavar="HOST:PORT",
                        help="admin address of the controller (env VOLKIN_CONTROLLER)")
+        _tls_flags(p, argparse.SUPPRESS)
         parents.append(p)
     if output:
         p = _Parser(add_help=False)
@@ -92,6 +93,13 @@ def _common(controller: bool, output: bool) -> list[_Parser]:
     return parents
 
 
+def _tls_flags(p: _Parser, default: str | None) -> None:
+    for name, what in (("ca", "the cluster's CA"), ("cert", "your client certificate"),
+                       ("key", "your certificate's key")):
+        p.add_argument(f"--tls-{name}", default=default, metavar="PEM",
+                       help=f"{what}, for mTLS (env VOLKIN_TLS_{name.upper()})")
+
+
 def _group(sub: argparse._SubParsersAction[_Parser], name: str, help_text: str
            ) -> argparse._SubParsersAction[_Parser]:
     parser = sub.add_parser(name, help=help_text, description=help_text)
@@ -99,10 +107,13 @@ def _group(sub: argparse._SubParsersAction[_Parser], name: str, help_text: str
 
 
 def build() -> _Parser:
-    root = _Parser(prog="volkin", description="volkin admin CLI: volumes, PIT snapshots, "
+    # No abbreviations: `dev up --tls` must not read as an abbreviation of --tls-ca.
+    root = _Parser(prog="volkin", allow_abbrev=False,
+                   description="volkin admin CLI: volumes, PIT snapshots, "
                    "instant refresh, background jobs, and a local dev cluster.")
     root.add_argument("--controller", default=None, metavar="HOST:PORT",
                       help="admin address of the controller (env VOLKIN_CONTROLLER)")
+    _tls_flags(root, None)
     root.add_argument("-o", "--output", choices=["table", "json"], default="table",
                       help="output format of listing and show commands (default: table)")
     top = root.add_subparsers(dest="group", metavar="COMMAND", required=True)
@@ -205,6 +216,9 @@ def build() -> _Parser:
     p.add_argument("--new-ports", action="store_true",
                    help="give what it starts new ports instead of the recorded ones (another "
                         "program took one); the data stays")
+    p.add_argument("--tls", action="store_true",
+                   help="mTLS on every channel (etcd, agents, admin API, NBD) with a throwaway CA "
+                        "in DIR/tls; prints VOLKIN_TLS_* for the CLI (kept by later dev up)")
     p = leaf(dev, "status", "dev.status", "show each component: pid, address, running",
              _common(controller=False, output=True))
     p.add_argument("--dir", required=True, help=dir_help)
@@ -221,6 +235,8 @@ def build() -> _Parser:
                    help="size of each demo volume (default: 64MiB)")
     p.add_argument("--rate", type=_typed(parse_rate), default=16 << 20, metavar="BYTES_PER_S",
                    help="background copy limit, so the progress can be seen (default: 16MiB)")
+    p.add_argument("--tls", action="store_true",
+                   help="run the cluster with mTLS on every channel (as dev up --tls)")
     return root
 
 

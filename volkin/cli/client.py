@@ -11,13 +11,31 @@ from typing import TypeVar
 
 import grpc
 
+import volkin.tls
 from volkin.api.v1 import admin_pb2, admin_pb2_grpc
 from volkin.errors import InvalidArgument, VolkinError
+from volkin.tls import Tls
 
 ENV = "VOLKIN_CONTROLLER"
 CALL_TIMEOUT = 30.0
 _PROBE_TIMEOUT = 1.0
 T = TypeVar("T")
+
+
+_HANDSHAKE = "andshake"  # gRPC's "Ssl handshake failed" / "Handshake failed"
+
+
+def _tls_reason(details: str) -> str:
+    """The part of gRPC's handshake failure a person can act on."""
+    for marks, reason in ((("BAD_SIGNATURE", "CERTIFICATE_VERIFY_FAILED", "UNKNOWN_CA"),
+                           "its certificate is not signed by the CA you trust (--tls-ca)"),
+                          (("CERTIFICATE_EXPIRED", "certificate has expired"),
+                           "its certificate has expired"),
+                          (("Peer name", "hostname", "HOSTNAME"),
+                           "its certificate does not name the address you dialled")):
+        if any(mark in details for mark in marks):
+            return reason
+    return " ".join(details.split())[-160:]
 
 
 class CommandError(VolkinError):
@@ -43,9 +61,11 @@ def controller_address(flag: str | None, environ: Mapping[str, str]) -> str:
 class Controller:
     """A channel to one controller; use as a context manager."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, tls: Tls | None = None) -> None:
         self.address = address
-        self._channel = grpc.insecure_channel(address)
+        self.tls = tls
+        self._channel = volkin.tls.channel(address, tls=tls) if tls else \
+            grpc.insecure_channel(address)
         self.stub = admin_pb2_grpc.AdminStub(self._channel)  # type: ignore[no-untyped-call]
 
     def __enter__(self) -> Controller:
@@ -75,10 +95,23 @@ class Controller:
     def error(self, what: str, exc: grpc.RpcError) -> CommandError:
         code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
         details = (exc.details() if isinstance(exc, grpc.Call) else None) or str(exc)
+        if code == grpc.StatusCode.UNAVAILABLE and _HANDSHAKE in details:
+            return CommandError(f"TLS handshake with the controller at {self.address} failed: "
+                                f"{_tls_reason(details)} (check --tls-ca, --tls-cert and "
+                                f"--tls-key or VOLKIN_TLS_*)")
+        if code == grpc.StatusCode.UNAVAILABLE and "Socket closed" in details:
+            if self.tls:
+                return CommandError(f"the controller at {self.address} refused the TLS "
+                                    f"handshake: is your certificate signed by the cluster's "
+                                    f"CA and still valid? (--tls-cert or VOLKIN_TLS_CERT)")
+            return CommandError(f"the controller at {self.address} closed the connection: it "
+                                f"may require TLS (--tls-ca, --tls-cert and --tls-key or "
+                                f"VOLKIN_TLS_*)")
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) \
                 and not self._reachable():
+            hint = "" if self.tls else "; if the cluster uses TLS, set VOLKIN_TLS_*"
             return CommandError(f"cannot reach the controller at {self.address}: is it running? "
-                                f"(--controller or {ENV})")
+                                f"(--controller or {ENV}{hint})")
         return CommandError(f"{what}: {details} ({code.name})")
 
     def _reachable(self) -> bool:

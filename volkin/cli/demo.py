@@ -13,6 +13,7 @@ qemu-io over NBD, the way a VM would; nothing looks inside volkin.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import volkin.tls
+from volkin import nbdargs
 from volkin.api.v1 import admin_pb2
 from volkin.cli import commands, output
 from volkin.cli.client import CommandError, Controller
@@ -48,8 +51,8 @@ def _step(text: str) -> None:
 
 
 def _qemu_io(nbd: str, volume: str, command: str, read_only: bool) -> tuple[bool, str]:
-    argv = ["qemu-io", "-f", "raw", *(["-r"] if read_only else []),
-            f"nbd://{nbd}/{volume}", "-c", command]
+    argv = ["qemu-io", *(["-r"] if read_only else []),
+            *nbdargs.qemu(nbd, volume, os.environ.get(nbdargs.ENV_TLS_DIR)), "-c", command]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
     text = (done.stdout + done.stderr).strip()
     ok = done.returncode == 0 and "fail" not in text.lower() and "error" not in text.lower()
@@ -84,21 +87,23 @@ def _remove_earlier_demo(c: Controller) -> None:
                    admin_pb2.DeleteVolumeRequest(name=name))
 
 
-def run(directory: Path, size: int, rate: int) -> int:
+def run(directory: Path, size: int, rate: int, tls: bool = False) -> int:
     if not shutil.which("qemu-io"):
         raise FailedPrecondition("qemu-io is not on PATH: install it (Debian: apt-get install "
                                  "qemu-utils)")
     if size < 2 * MiB:
         raise InvalidArgument(f"demo volumes need at least 2MiB, not {format_size(size)}")
-    _step(f"volkin dev up --dir {directory}")
+    _step(f"volkin dev up --dir {directory}{' --tls' if tls else ''}")
     state = cluster.up(directory, None, 60.0,
-                       lambda text: print(f"   {text}", flush=True))
-    env = cluster.addresses(state)
+                       lambda text: print(f"   {text}", flush=True), tls=tls)
+    env = cluster.addresses(state, directory)
+    os.environ.update(env)  # qemu-io's certificates, as a user's shell would have them
     for name, value in env.items():
         print(f"{name}={value}")
     nbd = env["VOLKIN_NBD"]
 
-    with Controller(env["VOLKIN_CONTROLLER"]) as c:
+    admin_tls = volkin.tls.from_env(env)
+    with Controller(env["VOLKIN_CONTROLLER"], admin_tls) as c:
         _remove_earlier_demo(c)
         for name in (V1, V2):
             _step(f"volkin volume create {name} --size {format_size(size)}")

@@ -27,8 +27,8 @@ def _narrator(args: argparse.Namespace) -> Callable[[str], None]:
 
 def up(args: argparse.Namespace) -> int:
     state = cluster.up(Path(args.dir), args.agents, args.timeout, _narrator(args),
-                       args.new_ports)
-    for name, value in cluster.addresses(state).items():
+                       args.new_ports, args.tls)
+    for name, value in cluster.addresses(state, Path(args.dir)).items():
         print(f"{name}={value}")
     return 0
 
@@ -51,7 +51,7 @@ def down(args: argparse.Namespace) -> int:
 def demo(args: argparse.Namespace) -> int:
     from volkin.cli.demo import run  # the demo's imports only when asked
 
-    return run(Path(args.dir), args.size, args.rate)
+    return run(Path(args.dir), args.size, args.rate, args.tls)
 
 
 COMMANDS = {"dev.up": up, "dev.status": status, "dev.down": down, "dev.demo": demo}

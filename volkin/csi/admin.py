@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+import volkin.tls
 from volkin.api.v1 import admin_pb2, admin_pb2_grpc
 from volkin.errors import InvalidArgument, NotFound
 from volkin.rpc_status import error_from_rpc
@@ -32,7 +33,7 @@ class Admin:
 
     def __init__(self, address: str) -> None:
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address)
+        self._channel = volkin.tls.aio_channel(address)
         self._stub = admin_pb2_grpc.AdminStub(self._channel)  # type: ignore[no-untyped-call]
 
     async def close(self) -> None:

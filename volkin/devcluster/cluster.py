@@ -17,7 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from volkin.devcluster import components, processes, state
+from volkin.devcluster import certs, components, processes, state
+from volkin.devcluster.certs import ADMIN
 from volkin.devcluster.components import ComponentFailed, Launch
 from volkin.devcluster.state import ClusterState, Component
 from volkin.errors import FailedPrecondition, InvalidArgument
@@ -63,15 +64,23 @@ def _running(c: Component) -> bool:
 
 
 def up(directory: Path, agents: int | None, timeout: float, say: Say,
-       new_ports: bool = False) -> ClusterState:
+       new_ports: bool = False, tls: bool = False) -> ClusterState:
     """Starts whatever is not running; returns the state once everything is healthy. With
     `new_ports`, what it starts gets new ports instead of its recorded ones (a program took
-    one); the data stays."""
+    one); the data stays. With `tls` every channel is mTLS from then on (a throwaway CA in
+    DIR/tls); a cluster made with TLS keeps it."""
     directory = directory.resolve()
     with _locked(directory):
         cluster = state.load(directory) or _initial(agents or DEFAULT_AGENTS)
         if new_ports:
             _forget_ports(cluster)
+        if tls and not cluster.tls:
+            if any(_running(c) for c in cluster.components):
+                raise InvalidArgument(f"the dev cluster in {directory} runs without TLS: "
+                                      f"volkin dev down first, then dev up --tls")
+            cluster.tls = True
+        if cluster.tls:
+            certs.ensure(directory)
         have = len(cluster.by_kind("agent"))
         if agents is not None and agents < have:
             raise InvalidArgument(f"the dev cluster in {directory} has {have} agents; it cannot "
@@ -88,7 +97,7 @@ def up(directory: Path, agents: int | None, timeout: float, say: Say,
                 pending.append(components.launch(directory, cluster, c))
                 state.save(directory, cluster)
             _wait_all(pending, timeout, say)
-            _wait_registered(cluster, timeout)
+            _wait_registered(directory, cluster, timeout)
         except ComponentFailed as exc:
             if new_ports:
                 raise
@@ -140,11 +149,13 @@ def _wait_all(pending: list[Launch], timeout: float, say: Say) -> None:
         say(f"{c.name} is serving at {c.address} (pid {c.pid})")
 
 
-def _wait_registered(cluster: ClusterState, timeout: float) -> None:
+def _wait_registered(directory: Path, cluster: ClusterState, timeout: float) -> None:
     etcd_address = cluster.by_kind("etcd")[0].address
+    dev_certs = certs.of(directory, cluster.tls)
+    admin_tls = dev_certs.tls(ADMIN) if dev_certs else None
     deadline = time.monotonic() + timeout
     while True:
-        registered = components.registered_agents(etcd_address)
+        registered = components.registered_agents(etcd_address, admin_tls)
         missing = [a.name for a in cluster.by_kind("agent") if registered.get(a.name) != a.pid]
         if not missing:
             return
@@ -181,10 +192,14 @@ def down(directory: Path, timeout: float, say: Say) -> None:
         state.save(directory, cluster)
 
 
-def addresses(cluster: ClusterState) -> dict[str, str]:
-    """The environment a user needs: VOLKIN_CONTROLLER and VOLKIN_NBD."""
+def addresses(cluster: ClusterState, directory: Path) -> dict[str, str]:
+    """The environment a user needs: VOLKIN_CONTROLLER and VOLKIN_NBD; with TLS also
+    VOLKIN_TLS_CA, _CERT and _KEY (the admin identity) and VOLKIN_NBD_TLS_DIR."""
     controller = cluster.by_kind("controller")[0]
-    return {"VOLKIN_CONTROLLER": controller.address, "VOLKIN_NBD": controller.extra["nbd"]}
+    found = {"VOLKIN_CONTROLLER": controller.address, "VOLKIN_NBD": controller.extra["nbd"]}
+    dev_certs = certs.of(directory.resolve(), cluster.tls)
+    return {**found, **(dev_certs.environment() if dev_certs else {})}
+
 
 
 def _existing(directory: Path) -> ClusterState:

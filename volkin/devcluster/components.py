@@ -29,10 +29,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import volkin
+import volkin.tls
 from volkin import etcd
+from volkin.devcluster import certs as devcerts
 from volkin.devcluster import processes
+from volkin.devcluster.certs import ADMIN, NODE
 from volkin.devcluster.state import ClusterState, Component
 from volkin.errors import FailedPrecondition
+from volkin.tls import Tls, etcd_server_flags
 
 HOST = "127.0.0.1"
 ETCD_PREFIX = "/volkin"
@@ -42,7 +46,7 @@ AGENT_LEASE_TTL = 5
 CONTROLLER_LEASE_TTL = 5
 # Environment variables the daemons would read as settings: the dev cluster's
 # flags must be the whole story, whatever the caller's shell holds.
-_SCRUBBED_ENV = ("ETCD_", "VOLKIN_AGENT_", "VOLKIN_CONTROLLER")
+_SCRUBBED_ENV = ("ETCD_", "VOLKIN_AGENT_", "VOLKIN_CONTROLLER", "VOLKIN_TLS_")
 _SERVING = {
     "agent": re.compile(r"event=agent\.serving .*?address=(\S+) metrics=(\S+)"),
     "controller": re.compile(r"event=controller\.serving .*?admin=(\S+) nbd=(\S+)"),
@@ -78,15 +82,19 @@ def _with_port(address: str, default_port: int = 0) -> str:
 
 def command(directory: Path, state: ClusterState, component: Component) -> list[str]:
     """The command line that starts `component` with its recorded addresses."""
+    certs = devcerts.of(directory, state.tls)
+    tls_flags = certs.flags(NODE) if certs else []
     if component.kind == "etcd":
         if not component.address:
             component.address = f"{HOST}:{free_port()}"
             component.extra["peer"] = f"{HOST}:{free_port()}"
-        client, peer = f"http://{component.address}", f"http://{component.extra['peer']}"
+        scheme = "https" if certs else "http"
+        client, peer = f"{scheme}://{component.address}", f"http://{component.extra['peer']}"
         return [etcd_binary(), "--name", "volkin-dev", "--data-dir", str(directory / "etcd"),
                 "--listen-client-urls", client, "--advertise-client-urls", client,
                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                "--initial-cluster", f"volkin-dev={peer}", "--log-level", "warn", "--logger", "zap"]
+                "--initial-cluster", f"volkin-dev={peer}", "--log-level", "warn", "--logger", "zap",
+                *etcd_server_flags(certs.tls(NODE) if certs else None)]
     endpoint = state.by_kind("etcd")[0].address
     if component.kind == "agent":
         return [sys.executable, "-m", "agent", "--node-id", component.name,
@@ -94,13 +102,14 @@ def command(directory: Path, state: ClusterState, component: Component) -> list[
                 "--listen", _with_port(component.address),
                 "--metrics-listen", _with_port(component.extra.get("metrics", "")),
                 "--etcd-endpoints", endpoint, "--etcd-prefix", ETCD_PREFIX,
-                "--lease-ttl", str(AGENT_LEASE_TTL)]
+                "--lease-ttl", str(AGENT_LEASE_TTL), *tls_flags]
     if component.kind == "controller":
         return [sys.executable, "-m", "controller", "--node-id", component.name,
                 "--listen", _with_port(component.address),
                 "--nbd-listen", _with_port(component.extra.get("nbd", "")),
                 "--etcd-endpoints", endpoint, "--etcd-prefix", ETCD_PREFIX,
-                "--lease-ttl", str(CONTROLLER_LEASE_TTL)]
+                "--lease-ttl", str(CONTROLLER_LEASE_TTL), *tls_flags,
+                *(["--tls-admins", ADMIN] if certs else [])]
     raise ValueError(f"unknown component kind {component.kind!r}")
 
 
@@ -120,6 +129,7 @@ class Launch:
     process: subprocess.Popen[bytes]
     log: Path
     log_offset: int
+    tls: Tls | None  # what checks its health (the admin certificate), if the cluster has TLS
 
     def stop(self) -> None:
         """SIGKILL; for a start that failed, there is nothing to shut down gracefully."""
@@ -135,7 +145,8 @@ def launch(directory: Path, state: ClusterState, component: Component) -> Launch
     argv = command(directory, state, component)
     process = processes.start_detached(argv, log, environment(), directory)
     component.pid, component.argv = process.pid, argv
-    return Launch(component, process, log, offset)
+    certs = devcerts.of(directory, state.tls)
+    return Launch(component, process, log, offset, certs.tls(ADMIN) if certs else None)
 
 
 def _log_tail(log: Path, offset: int, lines: int = 1) -> str:
@@ -170,7 +181,7 @@ def wait_healthy(started: Launch, deadline: float) -> None:
 def _ready(started: Launch) -> bool:
     c = started.component
     if c.kind == "etcd":
-        return etcd_healthy(c.address)
+        return etcd_healthy(c.address, started.tls)
     found = None
     try:
         with open(started.log, "rb") as f:
@@ -181,19 +192,22 @@ def _ready(started: Launch) -> bool:
     if not found:
         return False
     c.address, c.extra[_EXTRA[c.kind]] = found.group(1), found.group(2)
-    return grpc_healthy(c.address)
+    return grpc_healthy(c.address, started.tls)
 
 
-def etcd_healthy(address: str) -> bool:
+def etcd_healthy(address: str, tls: Tls | None = None) -> bool:
+    url = f"{'https' if tls else 'http'}://{address}/health"
     try:
-        with urllib.request.urlopen(f"http://{address}/health", timeout=1) as response:
+        with urllib.request.urlopen(url, timeout=1,
+                                    context=tls.client_context() if tls else None) as response:
             return b'"health":"true"' in response.read()
     except OSError:
         return False
 
 
-def grpc_healthy(address: str, timeout: float = 1.0) -> bool:
-    with grpc.insecure_channel(address) as channel:
+def grpc_healthy(address: str, tls: Tls | None = None, timeout: float = 1.0) -> bool:
+    with (volkin.tls.channel(address, tls=tls) if tls else grpc.insecure_channel(address)
+          ) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
@@ -202,11 +216,11 @@ def grpc_healthy(address: str, timeout: float = 1.0) -> bool:
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
-def registered_agents(etcd_address: str) -> dict[str, int]:
+def registered_agents(etcd_address: str, tls: Tls | None = None) -> dict[str, int]:
     """Agents registered in etcd: node id -> the pid they registered with."""
 
     async def fetch() -> dict[str, bytes]:
-        client = await etcd.connect([etcd_address])
+        client = await etcd.connect([etcd_address], tls=tls)
         try:
             return await client.get_prefix(f"{ETCD_PREFIX}/agents/")
         finally:

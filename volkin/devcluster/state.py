@@ -37,6 +37,8 @@ class Component:
 @dataclass
 class ClusterState:
     components: list[Component]
+    # Every channel over mTLS with the certificates in DIR/tls (`dev up --tls`).
+    tls: bool = False
 
     def by_kind(self, kind: str) -> list[Component]:
         return [c for c in self.components if c.kind == kind]
@@ -65,13 +67,13 @@ def load(directory: Path) -> ClusterState | None:
     if raw.get("version") != VERSION:
         raise InvalidArgument(f"{path} is of another version ({raw.get('version')!r}); "
                                  "run volkin dev down and remove the directory")
-    return ClusterState([Component(**c) for c in raw["components"]])
+    return ClusterState([Component(**c) for c in raw["components"]], bool(raw.get("tls")))
 
 
 def save(directory: Path, state: ClusterState) -> None:
     """Writes the state atomically (a crash leaves the old file or the new one)."""
     path = state_path(directory)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"version": VERSION,
+    tmp.write_text(json.dumps({"version": VERSION, "tls": state.tls,
                                "components": [asdict(c) for c in state.components]}, indent=2))
     os.replace(tmp, path)

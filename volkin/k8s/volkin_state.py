@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import grpc
-
+import volkin.tls
 from volkin.api.v1 import admin_pb2, admin_pb2_grpc
 from volkin.k8s.decision import Cluster, Job, Start, Volume
 
@@ -29,7 +28,7 @@ class VolkinAdmin:
     """The two admin calls the operator makes, on one channel to the active controller."""
 
     def __init__(self, address: str, timeout: float = 10.0) -> None:
-        self._channel = grpc.insecure_channel(address)
+        self._channel = volkin.tls.channel(address)
         self._stub = admin_pb2_grpc.AdminStub(self._channel)  # type: ignore[no-untyped-call]
         self._timeout = timeout
 
