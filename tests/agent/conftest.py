@@ -16,6 +16,7 @@ from typing import Protocol
 import grpc
 import pytest
 
+import volkin.tls
 from agent.blockstore import BlockStore
 from tests.support.etcd import EtcdServer, etcd_server
 from volkin import etcd as volkin_etcd
@@ -78,7 +79,7 @@ class Agent:
     @property
     def stub(self) -> agent_pb2_grpc.BlockStoreStub:
         if self._channel is None:
-            self._channel = grpc.insecure_channel(self.address, options=[
+            self._channel = volkin.tls.channel(self.address, options=[
                 ("grpc.max_send_message_length", 64 * MiB),
                 ("grpc.max_receive_message_length", 64 * MiB)])
         return agent_pb2_grpc.BlockStoreStub(self._channel)  # type: ignore[no-untyped-call]

@@ -9,6 +9,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+import volkin.tls
 from tests.agent.conftest import LEASE_TTL, AgentFactory, MiB, create, pattern, read, write
 from volkin.api.v1 import agent_pb2
 
@@ -85,7 +86,7 @@ def test_peer_copies_move_data_agent_to_agent_among_three(start_agent: AgentFact
 
 def test_health_and_metrics_report_the_work_done(start_agent: AgentFactory) -> None:
     a1 = start_agent("a1")
-    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(a1.address))
+    health = health_pb2_grpc.HealthStub(volkin.tls.channel(a1.address))
     for service in ("", "volkin.api.v1.BlockStore"):
         reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING

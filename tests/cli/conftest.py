@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from tests.support import tls
 from volkin.devcluster import processes
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,7 +45,9 @@ class DevCluster:
         self.env: dict[str, str] = {}
 
     def up(self, *extra: str) -> subprocess.CompletedProcess[str]:
-        done = volkin("dev", "up", "--dir", str(self.dir), *extra)
+        """`dev up`, with --tls while the suite runs with TLS."""
+        done = volkin("dev", "up", "--dir", str(self.dir), *extra,
+                      *(["--tls"] if tls.enabled() else []))
         if done.returncode == 0:
             self.env = dict(line.split("=", 1) for line in done.stdout.splitlines())
         return done

@@ -14,13 +14,18 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.cli.conftest import DevCluster, one_error_line, volkin
+from tests.support import tls
+from volkin import tls as vtls
 from volkin.devcluster import processes
 
 pytestmark = pytest.mark.integration
 
 
-def _serving(address: str) -> bool:
-    with grpc.insecure_channel(address) as channel:
+def _serving(address: str, env: dict[str, str]) -> bool:
+    """gRPC health says SERVING (over mTLS with the dev cluster's admin identity if
+    `env`, what `dev up` printed, has one)."""
+    tls = vtls.from_env(env)
+    with vtls.channel(address, tls=tls) if tls else grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
@@ -37,10 +42,12 @@ def test_up_is_idempotent_restarts_only_what_died_and_down_leaves_nothing(
     first = dev_dir.up("--agents", "2")
     assert first.returncode == 0, first.stderr
     lines = first.stdout.splitlines()
-    assert [line.split("=")[0] for line in lines] == ["VOLKIN_CONTROLLER", "VOLKIN_NBD"]
+    tls_names = ["VOLKIN_TLS_CA", "VOLKIN_TLS_CERT", "VOLKIN_TLS_KEY", "VOLKIN_NBD_TLS_DIR"]
+    assert [line.split("=")[0] for line in lines] == \
+        ["VOLKIN_CONTROLLER", "VOLKIN_NBD", *(tls_names if tls.enabled() else [])]
     controller, nbd = dev_dir.env["VOLKIN_CONTROLLER"], dev_dir.env["VOLKIN_NBD"]
     assert controller.startswith("127.0.0.1:") and nbd.startswith("127.0.0.1:")
-    assert _serving(controller)
+    assert _serving(controller, dev_dir.env)
 
     status = dev_dir.status()
     assert list(status) == ["etcd", "agent1", "agent2", "controller"]
@@ -49,7 +56,7 @@ def test_up_is_idempotent_restarts_only_what_died_and_down_leaves_nothing(
     assert status["controller"]["extra"] == {"nbd": nbd}
     assert len({c["pid"] for c in status.values()}) == 4
     for name in ("agent1", "agent2"):
-        assert _serving(str(status[name]["address"]))
+        assert _serving(str(status[name]["address"]), dev_dir.env)
     assert all(Path(str(c["log"])).is_file() for c in status.values())
 
     again = dev_dir.up("--verbose")
@@ -69,7 +76,7 @@ def test_up_is_idempotent_restarts_only_what_died_and_down_leaves_nothing(
     assert after["agent2"]["pid"] != status["agent2"]["pid"]
     assert after["agent2"]["address"] == status["agent2"]["address"], "same port again"
     assert all(after[n] == status[n] for n in ("etcd", "agent1", "controller"))
-    assert _serving(str(after["agent2"]["address"]))
+    assert _serving(str(after["agent2"]["address"]), dev_dir.env)
 
     pids = dev_dir.recorded_pids()
     down = volkin("dev", "down", "--dir", str(dev_dir.dir))

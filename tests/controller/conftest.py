@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+import volkin.tls
 from controller.agents import AgentClient, AgentDirectory
 from controller.fence import Fence
 from controller.guarded import GuardedEtcd
@@ -91,7 +92,7 @@ class Controller:
     @property
     def stub(self) -> admin_pb2_grpc.AdminStub:
         if self._channel is None:
-            self._channel = grpc.insecure_channel(self.admin)
+            self._channel = volkin.tls.channel(self.admin)
         return admin_pb2_grpc.AdminStub(self._channel)  # type: ignore[no-untyped-call]
 
     def stop(self) -> int:

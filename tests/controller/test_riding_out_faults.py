@@ -15,6 +15,7 @@ import time
 import grpc
 import pytest
 
+import volkin.tls
 from tests.agent.conftest import Agent, AgentFactory, wait_until
 from tests.controller.conftest import Controller, ControllerFactory, wait_for_log
 from tests.controller.test_daemon import qemu_io, status_of, wait_job
@@ -135,7 +136,7 @@ def test_a_standby_refuses_admin_calls_and_nbd_clients_with_a_readable_reason(
     assert found, standby.log()
     admin = found[0].split("admin=")[1].split()[0]
     nbd = found[0].split("nbd=")[1].split()[0]
-    channel = grpc.insecure_channel(admin)
+    channel = volkin.tls.channel(admin)
     try:
         stub = admin_pb2_grpc.AdminStub(channel)  # type: ignore[no-untyped-call]
         with pytest.raises(grpc.RpcError) as caught:

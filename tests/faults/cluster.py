@@ -39,6 +39,7 @@ from typing import TypeVar
 
 import grpc
 
+import volkin.tls
 from tests.support.etcd import EtcdServer
 from volkin.api.v1 import admin_pb2_grpc
 from volkin.keys import Keys
@@ -426,7 +427,7 @@ class Cluster:
         with self._lock:
             channel = self._channels.get(address)
             if channel is None:
-                channel = self._channels[address] = grpc.insecure_channel(address)
+                channel = self._channels[address] = volkin.tls.channel(address)
         return admin_pb2_grpc.AdminStub(channel)  # type: ignore[no-untyped-call]
 
     # -- reports ---------------------------------------------------------------------

@@ -1,0 +1,57 @@
+"""TLS for the tests: the whole suite runs with it unless VOLKIN_TEST_TLS=0.
+
+tests/conftest.py makes one CA for the session and exports VOLKIN_TLS_CA, _CERT and
+_KEY (a certificate named `node`, for this machine's names) and VOLKIN_NBD_TLS_DIR:
+every daemon the tests start, every in-process client (`volkin.tls.current()`),
+etcd (tests/support/etcd.py) and every NBD client (`volkin.nbdargs`) then use it.
+`Pki` makes further identities (another CA, an expired or read-only certificate)
+for the tests of refusals.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import volkin.tls
+from volkin import pki
+from volkin.nbdargs import ENV_TLS_DIR
+
+ENV_SWITCH = "VOLKIN_TEST_TLS"
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV_SWITCH, "1") != "0"
+
+
+@dataclass
+class Pki:
+    directory: Path
+    ca: pki.Issued
+
+    @classmethod
+    def make(cls, directory: Path, name: str = "test CA") -> Pki:
+        return cls(directory, pki.make_ca(directory, name))
+
+    def issue(self, name: str, expired: bool = False) -> pki.Issued:
+        return pki.issue(self.ca, self.directory, name, expired=expired)
+
+    def tls(self, name: str, expired: bool = False) -> volkin.tls.Tls:
+        issued = self.issue(name, expired)
+        return volkin.tls.Tls(self.ca.cert, issued.cert, issued.key)
+
+    def nbd_dir(self, name: str) -> Path:
+        return pki.nbd_client_dir(self.ca.cert, self.issue(name),
+                                  self.directory / f"{name}-nbd")
+
+    def environment(self, name: str = "node") -> dict[str, str]:
+        """VOLKIN_TLS_* for a process with identity `name`, and its NBD client directory."""
+        issued = self.issue(name)
+        return {volkin.tls.ENV_CA: str(self.ca.cert), volkin.tls.ENV_CERT: str(issued.cert),
+                volkin.tls.ENV_KEY: str(issued.key), ENV_TLS_DIR: str(self.nbd_dir(name))}
+
+
+def nbd_tls_dir() -> str | None:
+    """The NBD clients' certificate directory while the suite runs with TLS."""
+    return os.environ.get(ENV_TLS_DIR) or None
