@@ -36,6 +36,18 @@ def blockdev(address: str, export: str, tls_dir: str | Path | None = None,
     return options + (f",tls-creds={creds_id}" if tls_dir else "")
 
 
+def linked_dir(ca: Path, cert: Path, key: Path, directory: Path) -> Path:
+    """A certificate directory for the NBD clients made of links to a process's TLS files
+    (so renewed files are what the next connection reads)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, target in (("ca-cert.pem", ca), ("client-cert.pem", cert),
+                         ("client-key.pem", key)):
+        link = directory / name
+        link.unlink(missing_ok=True)
+        link.symlink_to(target.resolve())
+    return directory
+
+
 def tls_object(tls_dir: str | Path, creds_id: str = "volkin-tls") -> str:
     return f"tls-creds-x509,id={creds_id},dir={tls_dir},endpoint=client"
 

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from volkin import nbdargs
 from volkin.csi.commands import run
 from volkin.errors import StorageIOError
 from volkin.log import event
@@ -65,10 +66,14 @@ def _split(address: str) -> tuple[str, str]:
 
 
 # -- the kernel's NBD client ---------------------------------------------------------
-def nbd_client_command(nbd: str, export: str, device: str) -> list[str]:
+def nbd_client_command(nbd: str, export: str, device: str,
+                       tls_dir: Path | None = None) -> list[str]:
     host, port = _split(nbd)
     # -N: the export's name (fixed newstyle); -b 4096: the block size the kernel uses.
-    return ["nbd-client", host, port, device, "-N", export, "-b", "4096"]
+    tls = ["-cacertfile", str(tls_dir / "ca-cert.pem"),
+           "-certfile", str(tls_dir / "client-cert.pem"),
+           "-keyfile", str(tls_dir / "client-key.pem"), "-tlshostname", host] if tls_dir else []
+    return ["nbd-client", host, port, device, "-N", export, "-b", "4096", *tls]
 
 
 def free_nbd_device(sys_block: Path = Path("/sys/block")) -> str:
@@ -85,15 +90,16 @@ def free_nbd_device(sys_block: Path = Path("/sys/block")) -> str:
 class KernelNbd:
     method = "kernel"
 
-    def __init__(self, nbd: str) -> None:
+    def __init__(self, nbd: str, tls_dir: Path | None = None) -> None:
         self._nbd = nbd
+        self._tls_dir = tls_dir
         # Two volumes staged at once must not pick the same free device.
         self._choosing = asyncio.Lock()
 
     async def attach(self, volume: str, workdir: Path) -> Attachment:
         async with self._choosing:
             device = free_nbd_device()
-            await run(*nbd_client_command(self._nbd, volume, device))
+            await run(*nbd_client_command(self._nbd, volume, device, self._tls_dir))
         return Attachment(volume, self.method, device)
 
     async def detach(self, attachment: Attachment) -> None:
@@ -108,11 +114,11 @@ class KernelNbd:
 RECONNECT_DELAY = 30
 
 
-def qsd_command(nbd: str, export: str, export_file: Path, pidfile: Path) -> list[str]:
-    host, port = _split(nbd)
-    return ["qemu-storage-daemon",
-            "--blockdev", f"driver=nbd,node-name=volume,server.type=inet,server.host={host},"
-                          f"server.port={port},export={export},"
+def qsd_command(nbd: str, export: str, export_file: Path, pidfile: Path,
+                tls_dir: Path | None = None) -> list[str]:
+    tls = ["--object", nbdargs.tls_object(tls_dir)] if tls_dir else []
+    return ["qemu-storage-daemon", *tls,
+            "--blockdev", f"{nbdargs.blockdev(nbd, export, tls_dir)},node-name=volume,"
                           f"reconnect-delay={RECONNECT_DELAY}",
             "--export", f"type=fuse,id=fuse,node-name=volume,mountpoint={export_file},"
                         "writable=on",
@@ -140,8 +146,9 @@ def _loop_backing(device: str) -> str:
 class FuseLoop:
     method = "fuse"
 
-    def __init__(self, nbd: str) -> None:
+    def __init__(self, nbd: str, tls_dir: Path | None = None) -> None:
         self._nbd = nbd
+        self._tls_dir = tls_dir
 
     async def attach(self, volume: str, workdir: Path) -> Attachment:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -149,7 +156,7 @@ class FuseLoop:
         export_file.touch()  # the FUSE export mounts over a regular file
         pidfile.unlink(missing_ok=True)
         # --daemonize returns once the export is mounted (or fails and says why).
-        await run(*qsd_command(self._nbd, volume, export_file, pidfile))
+        await run(*qsd_command(self._nbd, volume, export_file, pidfile, self._tls_dir))
         pid = int(pidfile.read_text().strip())
         attachment = Attachment(volume, self.method, "", pid, str(export_file))
         try:
@@ -211,24 +218,28 @@ async def kernel_has_nbd() -> bool:
     return code == 0 and Path("/sys/module/nbd").exists()
 
 
-async def choose(setting: str, nbd: str) -> Attacher:
+async def choose(setting: str, nbd: str, tls_dir: Path | None = None) -> Attacher:
     """The attacher `setting` names; `auto` picks the kernel's NBD where it is there. The
-    choice and its reason are logged."""
+    choice and its reason are logged. With `tls_dir` (ca-cert.pem, client-cert.pem,
+    client-key.pem) the NBD connection is TLS."""
     chosen: Attacher
     if setting == "kernel":
-        chosen, reason = KernelNbd(nbd), "configured"
+        chosen, reason = KernelNbd(nbd, tls_dir), "configured"
     elif setting == "fuse":
-        chosen, reason = FuseLoop(nbd), "configured"
+        chosen, reason = FuseLoop(nbd, tls_dir), "configured"
     elif await kernel_has_nbd() and shutil.which("nbd-client"):
-        chosen, reason = KernelNbd(nbd), "the kernel has nbd and nbd-client is installed"
+        chosen, reason = (KernelNbd(nbd, tls_dir),
+                          "the kernel has nbd and nbd-client is installed")
     else:
-        chosen, reason = FuseLoop(nbd), "no kernel nbd (or no nbd-client): FUSE and loop"
+        chosen, reason = (FuseLoop(nbd, tls_dir),
+                          "no kernel nbd (or no nbd-client): FUSE and loop")
     event(_log, "csi.attach_method", method=chosen.method, reason=reason)
     return chosen
 
 
 def attacher_for(method: str, nbd: str) -> Attacher:
-    """The attacher that detaches what `method` attached (whatever is chosen now)."""
+    """The attacher that detaches what `method` attached (whatever is chosen now; detaching
+    needs no connection)."""
     return KernelNbd(nbd) if method == "kernel" else FuseLoop(nbd)
 
 

@@ -44,6 +44,11 @@ class CsiConfig:
     # Below the 10 s the Kubernetes sidecars give a call by default.
     delete_wait: float = 5.0
     log_level: str = "info"
+    # mTLS to the controller's admin API and NBD server (volkin.tls); empty:
+    # VOLKIN_TLS_CA/_CERT/_KEY, and without those plaintext.
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
 
 
 _HELP = {
@@ -58,6 +63,7 @@ _HELP = {
     "delete_wait": "seconds a delete waits for dependent volumes' copies before "
                    "FAILED_PRECONDITION",
     "log_level": "debug, info, warning or error",
+    **config.TLS_HELP,
 }
 
 
@@ -114,4 +120,5 @@ def load(argv: Sequence[str], environ: Mapping[str, str]) -> CsiConfig:
         raise InvalidArgument(f"setting block_size: {exc.message}") from None
     if not settings.node_id:
         raise InvalidArgument("setting node_id must not be empty")
+    config.tls_of(settings.tls_ca, settings.tls_cert, settings.tls_key, environ)
     return settings

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import grpc
 
+import volkin.tls
+from volkin import nbdargs
 from volkin.api.csi.v1 import csi_pb2_grpc
 from volkin.csi import DRIVER_NAME, attach
 from volkin.csi.admin import Admin
@@ -25,6 +27,11 @@ _GRACE = 5.0
 
 
 async def serve(config: CsiConfig) -> None:
+    tls = volkin.tls.from_settings(config.tls_ca, config.tls_cert, config.tls_key, "settings")
+    volkin.tls.configure(tls)  # the admin API's channel
+    # NBD clients (qemu-storage-daemon, nbd-client) read a directory of fixed names.
+    tls_dir = nbdargs.linked_dir(*tls.paths, Path(config.state_dir) / "nbd-tls") if tls \
+        else None
     admin = Admin(config.controller)
     server = grpc.aio.server()
     serves_controller = config.mode in ("controller", "all")
@@ -34,7 +41,7 @@ async def serve(config: CsiConfig) -> None:
         csi_pb2_grpc.add_ControllerServicer_to_server(  # type: ignore[no-untyped-call]
             ControllerService(admin, config.block_size, config.delete_wait), server)
     if config.mode in ("node", "all"):
-        attacher = await attach.choose(config.attach, config.nbd)
+        attacher = await attach.choose(config.attach, config.nbd, tls_dir)
         csi_pb2_grpc.add_NodeServicer_to_server(  # type: ignore[no-untyped-call]
             NodeService(config.node_id, admin, config.nbd, attacher,
                         StateDir(Path(config.state_dir))), server)
@@ -45,7 +52,8 @@ async def serve(config: CsiConfig) -> None:
     server.add_insecure_port(f"unix://{path}")
     await server.start()
     event(_log, "csi.serving", driver=DRIVER_NAME, endpoint=f"unix://{path}", mode=config.mode,
-          node=config.node_id, controller=config.controller, pid=os.getpid())
+          node=config.node_id, controller=config.controller, pid=os.getpid(),
+          tls="on" if tls else "off")
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
