@@ -22,8 +22,8 @@ stream changes, and a stream that never upgrades has no extra layer at all.
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections.abc import Awaitable, Callable
+from ssl import SSLContext
 from typing import Any
 
 # Reads at least this large are received in place, into a buffer of their own.
@@ -196,15 +196,15 @@ class Stream(asyncio.BufferedProtocol):
         """Bytes received and not yet read."""
         return self._end - self._start
 
-    async def start_tls(self, context: ssl.SSLContext, server_side: bool,
+    async def start_tls(self, context: SSLContext, server_side: bool,
                         server_hostname: str | None = None,
                         timeout: float | None = None) -> None:
         """Upgrades the connection to TLS where it stands: the handshake runs now, and
         every read and write after it is encrypted. Nothing may have been received past
         the request to upgrade (the protocol's peer waits for the answer first): such
         bytes would be plaintext the handshake never covered, so that is a
-        `ConnectionError`. A failed or timed-out handshake closes the connection and
-        raises (`ssl.SSLError`, `ConnectionError` or `TimeoutError`)."""
+        `ConnectionError`. A handshake that fails, or is not done within `timeout`
+        seconds, closes the connection and raises (`ssl.SSLError` or `ConnectionError`)."""
         if self.transport is None or self.transport.is_closing():
             raise ConnectionResetError("connection lost")
         if self.buffered:
