@@ -13,6 +13,10 @@ object the caller gets (a `bytearray`).
 Writes go to the transport as they are, with `drain()` for flow control; reading
 pauses while more than `PAUSE_ABOVE` unread bytes wait in the staging buffer.
 One task reads a stream at a time (as with `StreamReader`).
+
+`start_tls` upgrades a connection in place (NBD's STARTTLS): asyncio's TLS
+layer takes the socket and decrypts into the same buffers, so nothing above the
+stream changes, and a stream that never upgrades has no extra layer at all.
 """
 
 from __future__ import annotations
@@ -186,6 +190,36 @@ class Stream(asyncio.BufferedProtocol):
         partial = bytes(self._buffer[self._start:self._end])
         self._consumed(self._end)
         return asyncio.IncompleteReadError(partial, n)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet read."""
+        return self._end - self._start
+
+    async def start_tls(self, context: SSLContext, server_side: bool,
+                        server_hostname: str | None = None,
+                        timeout: float | None = None) -> None:
+        """Upgrades the connection to TLS where it stands: the handshake runs now, and
+        every read and write after it is encrypted. Nothing may have been received past
+        the request to upgrade (the protocol's peer waits for the answer first): such
+        bytes would be plaintext the handshake never covered, so that is a
+        `ConnectionError`. A handshake that fails, or is not done within `timeout`
+        seconds, closes the connection and raises (`ssl.SSLError` or `ConnectionError`)."""
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("connection lost")
+        if self.buffered:
+            raise ConnectionError(f"{self.buffered} bytes arrived before the TLS handshake")
+        loop = asyncio.get_running_loop()
+        try:
+            transport = await loop.start_tls(
+                self.transport, self, context, server_side=server_side,
+                server_hostname=server_hostname, ssl_handshake_timeout=timeout)
+        except BaseException as exc:
+            # asyncio closed the socket; this protocol is told nothing of it.
+            self.connection_lost(exc if isinstance(exc, Exception) else None)
+            raise
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
 
     # -- the writer's side --------------------------------------------------------------
     def write(self, data: bytes | bytearray | memoryview) -> None:

@@ -1,14 +1,23 @@
 """The NBD protocol, server side, without sockets: bytes in, bytes and decisions out.
 
 Fixed newstyle negotiation (NBD_OPT_GO, NBD_OPT_INFO, NBD_OPT_LIST,
-NBD_OPT_EXPORT_NAME, NBD_OPT_ABORT, NBD_OPT_STRUCTURED_REPLY and the meta
-context options for `base:allocation`; every other option is answered
-NBD_REP_ERR_UNSUP), the older non-fixed newstyle (NBD_OPT_EXPORT_NAME only, as
-the protocol allows), and simple or structured replies in the transmission
-phase, with NBD_CMD_BLOCK_STATUS once a meta context is chosen. The server in
-`controller.nbd.server` reads exact byte counts from its socket and hands them
-here, so everything a client can send is parsed by pure functions that tests
-(and fuzzers) call directly. Numbers are from the NBD protocol document
+NBD_OPT_EXPORT_NAME, NBD_OPT_ABORT, NBD_OPT_STRUCTURED_REPLY, NBD_OPT_STARTTLS
+and the meta context options for `base:allocation`; every other option is
+answered NBD_REP_ERR_UNSUP), the older non-fixed newstyle (NBD_OPT_EXPORT_NAME
+only, as the protocol allows, and only without TLS), and simple or structured
+replies in the transmission phase, with NBD_CMD_BLOCK_STATUS once a meta context
+is chosen.
+
+TLS follows the protocol's FORCEDTLS mode when the server has certificates
+(`Session.tls_required`): before NBD_OPT_STARTTLS every option but ABORT is
+answered NBD_REP_ERR_TLS_REQD, and NBD_OPT_EXPORT_NAME, which has no error
+reply, ends the connection. Without certificates the server is in NOTLS mode
+and answers NBD_OPT_STARTTLS with NBD_REP_ERR_UNSUP, as servers without TLS do
+(the protocol allows it or NBD_REP_ERR_POLICY; clients treat both alike).
+
+The server in `controller.nbd.server` reads exact byte counts from its socket
+and hands them here, so everything a client can send is parsed by pure functions
+that tests (and fuzzers) call directly. Numbers are from the NBD protocol document
 (NetworkBlockDevice/nbd, doc/proto.md); everything is big-endian.
 """
 
@@ -45,6 +54,7 @@ class Option(IntEnum):
     EXPORT_NAME = 1
     ABORT = 2
     LIST = 3
+    STARTTLS = 5
     INFO = 6
     GO = 7
     STRUCTURED_REPLY = 8
@@ -60,6 +70,7 @@ class Rep(IntEnum):
     ERR_UNSUP = (1 << 31) + 1
     ERR_POLICY = (1 << 31) + 2
     ERR_INVALID = (1 << 31) + 3
+    ERR_TLS_REQD = (1 << 31) + 5
     ERR_UNKNOWN = (1 << 31) + 6
     ERR_SHUTDOWN = (1 << 31) + 7
 
@@ -168,9 +179,15 @@ class Session:
     no_zeroes: bool = False
     structured: bool = False  # NBD_OPT_STRUCTURED_REPLY was acknowledged
     allocation: bool = False  # base:allocation was chosen (NBD_OPT_SET_META_CONTEXT)
+    tls_required: bool = False  # FORCEDTLS: nothing but STARTTLS and ABORT before TLS
+    tls: bool = False  # NBD_OPT_STARTTLS was acknowledged: TLS from then on, or nothing
 
     def transmission_flags(self) -> int:
         return TRANSMISSION_FLAGS | (TxFlag.SEND_DF if self.structured else 0)
+
+    def needs_tls(self) -> bool:
+        """Options other than STARTTLS and ABORT are refused until TLS is up."""
+        return self.tls_required and not self.tls
 
 
 @dataclass(frozen=True)
@@ -180,6 +197,10 @@ class OptionOutcome:
     reply: bytes
     export: ExportInfo | None = None  # set: enter the transmission phase on this export
     close: bool = False  # the client aborted, or the connection must end
+    # Set: once the reply is sent the server starts the TLS handshake, reading nothing
+    # in plaintext before it (the client may send nothing until it has the reply).
+    start_tls: bool = False
+    tls_refused: bool = False  # refused because TLS is required first (FORCEDTLS)
 
 
 @dataclass(frozen=True)
@@ -205,6 +226,14 @@ def parse_client_flags(data: bytes) -> int:
     return int(flags)
 
 
+def refusal(flags: int, session: Session) -> str:
+    """Why a client with these flags cannot be served ('' if it can): TLS needs fixed
+    newstyle negotiation, so a server that requires TLS cannot serve the older one."""
+    if session.tls_required and not flags & HANDSHAKE_FIXED_NEWSTYLE:
+        return "TLS is required, and a client without fixed newstyle negotiation cannot start it"
+    return ""
+
+
 def preferred_block(volume_block: int) -> int:
     """The preferred block size to advertise for a volume's block size: the largest power
     of two that divides it, at most MAX_PREFERRED_BLOCK (and at least 512)."""
@@ -222,6 +251,14 @@ def parse_option_header(data: bytes) -> tuple[int, int]:
     return int(option), int(length)
 
 
+def option_name(option: int) -> str:
+    """NBD_OPT_GO for 7, and the number for options volkin does not know."""
+    try:
+        return f"NBD_OPT_{Option(option).name}"
+    except ValueError:
+        return str(option)
+
+
 def option_reply(option: int, rep: int, data: bytes = b"") -> bytes:
     return struct.pack(">QIII", OPTION_REPLY_MAGIC, option, rep, len(data)) + data
 
@@ -232,6 +269,14 @@ def handle_option(option: int, data: bytes, exports: Mapping[str, ExportInfo],
     something); never raises for bad option data (it answers an error)."""
     if option == Option.ABORT:
         return OptionOutcome(option_reply(option, Rep.ACK), close=True)
+    if option == Option.STARTTLS:
+        return _start_tls(data, session)
+    if session.needs_tls():
+        if option == Option.EXPORT_NAME:
+            # No error reply exists for NBD_OPT_EXPORT_NAME: the server closes.
+            return OptionOutcome(b"", close=True, tls_refused=True)
+        return OptionOutcome(option_reply(option, Rep.ERR_TLS_REQD, TLS_REQUIRED.encode()),
+                             tls_refused=True)
     if option == Option.LIST:
         if data:
             return _error(option, Rep.ERR_INVALID, "NBD_OPT_LIST takes no data")
@@ -256,6 +301,24 @@ def handle_option(option: int, data: bytes, exports: Mapping[str, ExportInfo],
     if option in (Option.LIST_META_CONTEXT, Option.SET_META_CONTEXT):
         return _meta_context(option, data, exports, session)
     return _error(option, Rep.ERR_UNSUP, f"option {option} is not supported by volkin")
+
+
+TLS_REQUIRED = "this server requires TLS: send NBD_OPT_STARTTLS first"
+
+
+def _start_tls(data: bytes, session: Session) -> OptionOutcome:
+    option = Option.STARTTLS
+    if not session.tls_required:
+        return _error(option, Rep.ERR_UNSUP, "this server is not configured for TLS")
+    if session.tls:
+        return _error(option, Rep.ERR_INVALID, "TLS is already started")
+    if data:
+        return _error(option, Rep.ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
+    # Nothing negotiated in plaintext survives the upgrade (the protocol forbids it, as a
+    # man in the middle could have chosen it); the client's handshake flags stay.
+    session.structured = session.allocation = False
+    session.tls = True
+    return OptionOutcome(option_reply(option, Rep.ACK), start_tls=True)
 
 
 def _meta_context(option: int, data: bytes, exports: Mapping[str, ExportInfo],

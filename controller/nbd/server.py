@@ -21,12 +21,19 @@ through an old connection. Nothing is acknowledged unless the device says so
 seconds (an agent or etcd away) gets EIO; a request the device refuses gets an
 NBD error reply and the connection goes on; a client that breaks the protocol
 is disconnected.
+
+With a `volkin.tls.Tls` the server demands TLS (the protocol's FORCEDTLS): a
+client must send NBD_OPT_STARTTLS first and present a certificate the CA signed;
+everything after the handshake runs as without TLS, on the encrypted stream.
+A refused client costs one `nbd.tls_refused` line.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
+from typing import Any
 
 from controller.fence import Deposed
 from controller.nbd import protocol as p
@@ -37,22 +44,42 @@ from volkin.blockwire import Data, Received
 from volkin.coalesce import CoalescingWriter
 from volkin.errors import NotFound, OutOfRange, StorageFull, Unavailable, VolkinError
 from volkin.log import event
+from volkin.tls import Tls, ssl_peer_name
 
 log = logging.getLogger("volkin.nbd")
 STANDBY = "this volkin controller is a standby; connect to the active controller"
 # Requests of one connection running at once; more wait in the socket.
 IN_FLIGHT = 64
+# Seconds a client has to complete the TLS handshake after NBD_OPT_STARTTLS.
+HANDSHAKE_WAIT = 10.0
 
 
 class _Connection:
     def __init__(self, task: asyncio.Task[None], stream: streams.Stream) -> None:
         self.task = task
         self.stream = stream
+        self.peer = stream.get_extra_info("peername")
+        self.client = ""  # the common name of the client's certificate, over TLS
+        self.refused = False  # nbd.tls_refused was logged
         self.volume = ""  # set once the client chose an export
 
     def close(self) -> None:
         self.task.cancel()
         self.stream.abort()
+
+
+def _client(connection: _Connection) -> dict[str, Any]:
+    """The `client` field of a connection's log lines: its certificate's name, over TLS."""
+    return {"client": connection.client} if connection.client else {}
+
+
+def _handshake_failure(exc: BaseException) -> str:
+    """One line on why a TLS handshake failed."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"client certificate refused: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed: {exc.reason or exc}"
+    return f"TLS handshake failed: {exc or type(exc).__name__}"
 
 
 # Commands that change the volume: they keep their order with overlapping requests.
@@ -84,10 +111,18 @@ class _NotFast(Exception):
     """A WRITE_ZEROES with FAST_ZERO that would be no faster than writing zeros."""
 
 
+class _Refused(Exception):
+    """The client cannot be served without TLS, or failed its handshake (logged)."""
+
+
 class NbdServer:
-    def __init__(self, device: Device | None = None, io_wait: float = 30.0) -> None:
+    def __init__(self, device: Device | None = None, io_wait: float = 30.0, *,
+                 tls: Tls | None = None) -> None:
         self.device = device
         self.io_wait = io_wait
+        self.tls = tls
+        # One context for every connection: `tls` loads renewed files into it in place.
+        self._tls_context = tls.server_context() if tls is not None else None
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
         self._by_volume: dict[str, set[_Connection]] = {}
@@ -126,25 +161,28 @@ class NbdServer:
 
     # -- one connection -----------------------------------------------------------------
     async def _serve(self, stream: streams.Stream) -> None:
-        peer = stream.get_extra_info("peername")
         task = asyncio.current_task()
         assert task is not None
         connection = _Connection(task, stream)
+        peer = connection.peer
         self._connections.add(connection)
         try:
-            opened = await self._negotiate(stream)
+            opened = await self._negotiate(connection)
             if opened is not None:
                 device, volume, session = opened
                 connection.volume = volume.export.name
                 self._by_volume.setdefault(connection.volume, set()).add(connection)
                 await self._transmit(device, volume, stream, session)
         except (p.ProtocolError, asyncio.IncompleteReadError, ConnectionError) as exc:
-            event(log, "nbd.disconnected", peer=peer, reason=str(exc))
+            event(log, "nbd.disconnected", peer=peer, reason=str(exc),
+                  **_client(connection))
         except (_Stop, Deposed, Unavailable) as exc:
             # Deposed, unable to prove the lease for io_wait, or the volume is gone: what
             # is in flight stays unanswered (its outcome is unknown, as after a crash).
             event(log, "nbd.closed", logging.WARNING, peer=peer,
-                  reason=getattr(exc, "message", str(exc)))
+                  reason=getattr(exc, "message", str(exc)), **_client(connection))
+        except _Refused:
+            pass  # logged where it was decided
         except asyncio.CancelledError:
             pass  # closed by detach or disconnect
         finally:
@@ -156,12 +194,17 @@ class NbdServer:
                     self._by_volume.pop(connection.volume, None)
             stream.close()
 
-    async def _negotiate(self, stream: streams.Stream
+    async def _negotiate(self, connection: _Connection
                          ) -> tuple[Device, Volume, p.Session] | None:
+        stream = connection.stream
         stream.write(p.greeting())
         await stream.drain()
         flags = p.parse_client_flags(await stream.readexactly(4))
-        session = p.Session(no_zeroes=bool(flags & p.HANDSHAKE_NO_ZEROES))
+        session = p.Session(no_zeroes=bool(flags & p.HANDSHAKE_NO_ZEROES),
+                            tls_required=self.tls is not None)
+        refusal = p.refusal(flags, session)
+        if refusal:
+            raise self._refusal(connection, refusal)
         while True:
             option, length = p.parse_option_header(await stream.readexactly(16))
             data = await stream.readexactly(length)
@@ -170,7 +213,8 @@ class NbdServer:
                 raise p.ProtocolError(f"option {option} from a client without fixed newstyle "
                                       f"negotiation, which allows only NBD_OPT_EXPORT_NAME")
             device = self.device
-            if device is None and option != p.Option.ABORT:
+            if (device is None and option not in (p.Option.ABORT, p.Option.STARTTLS)
+                    and not session.needs_tls()):
                 if option == p.Option.EXPORT_NAME:
                     return None  # no error reply exists for it: close
                 stream.write(p.option_reply(option, p.Rep.ERR_SHUTDOWN, STANDBY.encode()))
@@ -178,12 +222,51 @@ class NbdServer:
                 continue
             outcome = p.handle_option(option, data, device.exports() if device else {},
                                       session)
+            if outcome.start_tls:
+                await self._start_tls(connection, outcome.reply)
+                continue
             stream.write(outcome.reply)
             await stream.drain()
+            if outcome.tls_refused:
+                refused = self._refusal(connection, f"option {p.option_name(option)} before "
+                                                    f"NBD_OPT_STARTTLS (a client without TLS)")
+                if outcome.close:
+                    raise refused
             if outcome.close:
                 return None
             if outcome.export is not None and device is not None:
                 return device, device.open(outcome.export.name), session
+
+    async def _start_tls(self, connection: _Connection, ack: bytes) -> None:
+        """Acknowledges NBD_OPT_STARTTLS and runs the handshake, which must prove a
+        client certificate the CA signed; refuses the client if it fails."""
+        stream = connection.stream
+        assert self.tls is not None and self._tls_context is not None
+        if stream.buffered:
+            # The client sent more before our answer: a plaintext tail the handshake
+            # would not cover.
+            raise p.ProtocolError("data after NBD_OPT_STARTTLS before its reply")
+        self.tls.material()  # loads renewed files into the context (at most once a second)
+        # No await between the ack and the handshake: the next bytes the client sends
+        # are its TLS hello, and only asyncio's TLS layer may read them.
+        stream.write(ack)
+        try:
+            await stream.start_tls(self._tls_context, server_side=True,
+                                   timeout=HANDSHAKE_WAIT)
+        except (ssl.SSLError, OSError) as exc:  # OSError: lost, or HANDSHAKE_WAIT passed
+            raise self._refusal(connection, _handshake_failure(exc)) from None
+        connection.client = ssl_peer_name(stream.get_extra_info("ssl_object"))
+
+    @staticmethod
+    def _refusal(connection: _Connection, reason: str) -> _Refused:
+        """Logs that a client was refused for want of TLS (once per connection: a client
+        without TLS may try several options); returns what ends the connection, for the
+        caller to raise where it must end."""
+        if not connection.refused:
+            connection.refused = True
+            event(log, "nbd.tls_refused", logging.WARNING, peer=connection.peer,
+                  reason=reason)
+        return _Refused(reason)
 
     async def _transmit(self, device: Device, volume: Volume, stream: streams.Stream,
                         session: p.Session) -> None:
