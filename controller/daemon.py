@@ -53,7 +53,7 @@ async def serve(config: ControllerConfig) -> None:
     keys = Keys(config.etcd_prefix)
     client = await etcd.connect(config.etcd_endpoints)
     leadership = Leadership(client, keys, config.node_id, config.lease_ttl)
-    nbd = NbdServer(io_wait=config.io_wait)
+    nbd = NbdServer(io_wait=config.io_wait, tls=tls)
     survey = ClusterSurvey(client, keys)
     admin = AdminService(nbd, config.block_size, config.node_id, survey)
     server = grpc.aio.server(interceptors=[Authorizer(config.tls_admins, config.tls_readers)])

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from tests.cli.conftest import DevCluster, one_error_line
+from volkin import nbdargs
 
 pytestmark = pytest.mark.integration
 MiB = 1 << 20
@@ -141,8 +142,9 @@ def test_pause_holds_a_job_still_and_resume_lets_wait_finish(dev_cluster: DevClu
     for name in ("p-src", "p-dst"):
         dev_cluster.ok("volume", "create", name, "--size", "16MiB")
     # Data to copy: a copy's rate counts the data it moves, and holes move none.
-    written = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 16M",
-                              f"nbd://{dev_cluster.env['VOLKIN_NBD']}/p-src"],
+    written = subprocess.run(["qemu-io", "-c", "write -P 0x5a 0 16M",
+                              *nbdargs.qemu(dev_cluster.env["VOLKIN_NBD"], "p-src",
+                                            dev_cluster.env.get(nbdargs.ENV_TLS_DIR))],
                              capture_output=True, text=True, timeout=60, check=False)
     assert written.returncode == 0, written.stdout + written.stderr
     started = dev_cluster.json("refresh", "p-dst", "--from", "p-src", "--rate", "4MiB")

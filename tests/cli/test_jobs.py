@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from tests.cli.conftest import DevCluster, one_error_line
+from volkin import nbdargs
 
 pytestmark = pytest.mark.integration
 MiB = 1 << 20
@@ -68,7 +69,8 @@ def test_a_resumed_job_keeps_its_rate_instead_of_bursting_to_catch_up(
 
 def _qemu_io(cluster: DevCluster, volume: str, command: str) -> None:
     """Runs one qemu-io command on the volume over NBD; a failed pattern check fails."""
-    done = subprocess.run(["qemu-io", "-f", "raw", f"nbd://{cluster.env['VOLKIN_NBD']}/{volume}",
+    done = subprocess.run(["qemu-io", *nbdargs.qemu(cluster.env["VOLKIN_NBD"], volume,
+                                                     cluster.env.get(nbdargs.ENV_TLS_DIR)),
                            "-c", command], capture_output=True, text=True, timeout=120)
     text = done.stdout + done.stderr
     assert done.returncode == 0 and "fail" not in text.lower(), f"{volume}: {command}: {text}"

@@ -11,6 +11,7 @@ import pytest
 
 from tests.agent.conftest import AgentFactory
 from tests.controller.conftest import Controller, ControllerFactory
+from tests.support.tls import qemu_nbd
 from volkin.api.v1 import admin_pb2
 
 pytestmark = pytest.mark.integration
@@ -19,10 +20,10 @@ MiB = 1 << 20
 
 
 def qemu_io(nbd: str, volume: str, *commands: str) -> str:
-    argv = ["qemu-io", "-f", "raw"]
+    argv = ["qemu-io"]
     for command in commands:
         argv += ["-c", command]
-    result = subprocess.run([*argv, f"nbd://{nbd}/{volume}"], capture_output=True, text=True,
+    result = subprocess.run([*argv, *qemu_nbd(nbd, volume)], capture_output=True, text=True,
                             timeout=60, check=False)
     assert result.returncode == 0 and "verification failed" not in result.stdout, (
         result.stdout + result.stderr)

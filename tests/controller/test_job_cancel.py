@@ -10,6 +10,7 @@ import pytest
 
 from tests.agent.conftest import AgentFactory
 from tests.controller.conftest import ControllerFactory
+from tests.support.tls import qemu_nbd
 from volkin.api.v1 import admin_pb2
 
 pytestmark = pytest.mark.integration
@@ -24,8 +25,8 @@ def test_a_cancelled_job_stays_cancelled_and_a_set_rate_stays_set_across_a_failo
         c1.stub.CreateVolume(admin_pb2.CreateVolumeRequest(name=name, size_bytes=8 * MiB),
                              timeout=30)
     # Data to copy: a copy's rate counts the data it moves, and holes move none.
-    written = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 8M",
-                              f"nbd://{c1.nbd}/V1"], capture_output=True, text=True,
+    written = subprocess.run(["qemu-io", "-c", "write -P 0x5a 0 8M", *qemu_nbd(c1.nbd, "V1")],
+                             capture_output=True, text=True,
                              timeout=60, check=False)
     assert written.returncode == 0, written.stdout + written.stderr
     cancelled = c1.stub.StartRefresh(admin_pb2.StartRefreshRequest(

@@ -24,6 +24,7 @@ from tests.agent.conftest import AgentFactory
 from tests.cli.conftest import one_error_line, volkin
 from tests.controller.conftest import ControllerFactory
 from tests.support.etcd import EtcdServer
+from tests.support.tls import qemu_nbd
 from volkin import etcd
 from volkin.errors import StorageFull
 from volkin.rpc_status import status_of
@@ -158,10 +159,10 @@ def test_a_guarded_transaction_fails_at_once_without_deposing_the_term(
 
 
 def qemu_io(nbd: str, volume: str, *commands: str) -> str:
-    argv = ["qemu-io", "-f", "raw"]
+    argv = ["qemu-io"]
     for command in commands:
         argv += ["-c", command]
-    done = subprocess.run([*argv, f"nbd://{nbd}/{volume}"], capture_output=True, text=True,
+    done = subprocess.run([*argv, *qemu_nbd(nbd, volume)], capture_output=True, text=True,
                           timeout=60, check=False)
     return done.stdout + done.stderr
 

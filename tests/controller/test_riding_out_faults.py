@@ -19,6 +19,7 @@ import volkin.tls
 from tests.agent.conftest import Agent, AgentFactory, wait_until
 from tests.controller.conftest import Controller, ControllerFactory, wait_for_log
 from tests.controller.test_daemon import qemu_io, status_of, wait_job
+from tests.support.tls import nbd_uri, qemu_nbd
 from volkin import etcd
 from volkin.api.v1 import admin_pb2, admin_pb2_grpc
 from volkin.keys import Keys
@@ -33,7 +34,7 @@ class QemuIoSession:
 
     def __init__(self, nbd: str, volume: str) -> None:
         self.process = subprocess.Popen(
-            ["qemu-io", "-f", "raw", f"nbd://{nbd}/{volume}"], stdin=subprocess.PIPE,
+            ["qemu-io", *qemu_nbd(nbd, volume)], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.output: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -145,7 +146,7 @@ def test_a_standby_refuses_admin_calls_and_nbd_clients_with_a_readable_reason(
         assert "standby" in (caught.value.details() or "")
     finally:
         channel.close()
-    result = subprocess.run(["nbdinfo", f"nbd://{nbd}/V"], capture_output=True, text=True,
+    result = subprocess.run(["nbdinfo", nbd_uri(nbd, "V")], capture_output=True, text=True,
                             timeout=30, check=False)
     # NBD_REP_ERR_SHUTDOWN, which libnbd renders as ESHUTDOWN's text (the server's own
     # message, "... is a standby ...", is shown by clients that print it, e.g. nbdinfo -v).
@@ -177,8 +178,8 @@ def test_nbd_io_waits_for_a_restarting_agent_and_then_completes(
     qemu_io(c.nbd, "V", "write -P 0x44 0 4M")
     agent.kill()
     writing = subprocess.Popen(
-        ["qemu-io", "-f", "raw", "-c", "write -P 0x45 1M 1M", "-c", "read -P 0x44 0 1M",
-         f"nbd://{c.nbd}/V"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        ["qemu-io", "-c", "write -P 0x45 1M 1M", "-c", "read -P 0x44 0 1M",
+         *qemu_nbd(c.nbd, "V")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     time.sleep(2.0)
     assert writing.poll() is None  # waiting, not failed
     agent.start()
@@ -196,9 +197,8 @@ def test_nbd_io_gets_eio_only_past_io_wait(
     c.stub.CreateVolume(admin_pb2.CreateVolumeRequest(name="V", size_bytes=MiB))
     agent.kill()
     started = time.monotonic()
-    result = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x46 0 4k",
-                             f"nbd://{c.nbd}/V"], capture_output=True, text=True, timeout=60,
-                            check=False)
+    result = subprocess.run(["qemu-io", "-c", "write -P 0x46 0 4k", *qemu_nbd(c.nbd, "V")],
+                            capture_output=True, text=True, timeout=60, check=False)
     waited = time.monotonic() - started
     assert "Input/output error" in result.stdout + result.stderr, result
     assert waited >= 1.5, waited

@@ -17,6 +17,7 @@ import pytest
 
 from tests.agent.conftest import Agent, AgentFactory
 from tests.controller.conftest import Controller, ControllerFactory
+from tests.support.tls import nbd_uri, qemu_nbd
 from volkin.api.v1 import admin_pb2
 
 pytestmark = pytest.mark.integration
@@ -26,10 +27,10 @@ BLOCK = 64 * 1024
 
 
 def qemu_io(c: Controller, volume: str, *commands: str) -> str:
-    argv = ["qemu-io", "-f", "raw"]
+    argv = ["qemu-io"]
     for command in commands:
         argv += ["-c", command]
-    result = subprocess.run([*argv, f"nbd://{c.nbd}/{volume}"], capture_output=True, text=True,
+    result = subprocess.run([*argv, *qemu_nbd(c.nbd, volume)], capture_output=True, text=True,
                             timeout=120, check=False)
     out = result.stdout + result.stderr
     assert result.returncode == 0 and "failed" not in out, out
@@ -74,7 +75,7 @@ def test_a_volume_lies_in_stripes_over_every_agent_and_reads_back_through_all(
     write_units(c, "V", 24, 1)
     read_units(c, "V", 24, 1)
     # One read across every stripe at once, by another client.
-    out = subprocess.run(["nbdcopy", f"nbd://{c.nbd}/V", "-"], capture_output=True,
+    out = subprocess.run(["nbdcopy", nbd_uri(c.nbd, "V"), "-"], capture_output=True,
                          timeout=60, check=True).stdout
     assert out == b"".join(bytes([(1 + u) % 256]) * MiB for u in range(24))
     for agent in agents:

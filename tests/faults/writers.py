@@ -23,6 +23,7 @@ from typing import Any
 from tests.faults.cluster import Cluster, Leader
 from tests.faults.model import CELL, Model, WriteRecord, cell_bytes
 from tests.support.libnbd import load
+from tests.support.tls import libnbd_tls
 
 nbd: ModuleType = load()
 
@@ -68,6 +69,7 @@ class Connection:
         host, _, port = leader.nbd.rpartition(":")
         handle = nbd.NBD()
         try:
+            libnbd_tls(handle, nbd)
             handle.set_export_name(volume)
             handle.aio_connect_tcp(host, port)
             deadline = time.monotonic() + timeout

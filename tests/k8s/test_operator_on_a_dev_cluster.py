@@ -15,6 +15,7 @@ from tests.agent.conftest import AgentFactory, start_agent
 from tests.controller.conftest import ControllerFactory, etcd_server, start_controller
 from tests.controller.test_daemon import qemu_io
 from tests.support import libnbd
+from tests.support.tls import libnbd_tls, nbd_tls_dir
 from volkin.api.v1 import admin_pb2
 from volkin.k8s import CSI_DRIVER
 from volkin.k8s.decision import Phase, Resolution, Status, Unresolved
@@ -125,7 +126,8 @@ def test_a_target_with_an_nbd_client_waits_and_starts_once_the_client_is_gone(
     kube = FakeKube({"prod": "vol-prod", "staging": "vol-staging"})
     nbd = libnbd.load()
     client = nbd.NBD()
-    client.connect_uri(f"nbd://{nbd_address}/vol-staging")
+    libnbd_tls(client, nbd)
+    client.connect_uri(f"{'nbds' if nbd_tls_dir() else 'nbd'}://{nbd_address}/vol-staging")
     try:
         status = reconcile("ns", "refresh-staging", SPEC, kube.status, kube, admin)
         assert status.phase is Phase.WAITING and "in use" in status.message

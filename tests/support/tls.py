@@ -13,9 +13,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import volkin.tls
-from volkin import pki
+from volkin import nbdargs, pki
 from volkin.nbdargs import ENV_TLS_DIR
 
 ENV_SWITCH = "VOLKIN_TEST_TLS"
@@ -55,3 +56,22 @@ class Pki:
 def nbd_tls_dir() -> str | None:
     """The NBD clients' certificate directory while the suite runs with TLS."""
     return os.environ.get(ENV_TLS_DIR) or None
+
+
+def nbd_uri(address: str, export: str) -> str:
+    """The libnbd URI of a volume of a controller the tests started (TLS as the suite)."""
+    return nbdargs.uri(address, export, nbd_tls_dir())
+
+
+def qemu_nbd(address: str, export: str) -> list[str]:
+    """qemu-io's or qemu-img's arguments for a volume of a controller the tests started."""
+    return nbdargs.qemu(address, export, nbd_tls_dir())
+
+
+def libnbd_tls(handle: Any, nbd: Any) -> None:
+    """Makes a libnbd handle require TLS with the suite's client certificate (if the suite
+    runs with TLS); call before connecting."""
+    directory = nbd_tls_dir()
+    if directory:
+        handle.set_tls(nbd.TLS_REQUIRE)
+        handle.set_tls_certificates(directory)

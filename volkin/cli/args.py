@@ -235,8 +235,9 @@ def build() -> _Parser:
                    help="size of each demo volume (default: 64MiB)")
     p.add_argument("--rate", type=_typed(parse_rate), default=16 << 20, metavar="BYTES_PER_S",
                    help="background copy limit, so the progress can be seen (default: 16MiB)")
-    p.add_argument("--tls", action="store_true",
-                   help="run the cluster with mTLS on every channel (as dev up --tls)")
+    p.add_argument("--no-tls", dest="tls", action="store_false",
+                   help="a cluster without TLS (by default every channel is mTLS, as with "
+                        "dev up --tls)")
     return root
 
 

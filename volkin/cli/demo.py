@@ -1,6 +1,7 @@
 """`volkin dev demo`: the main job of the method on a real dev cluster, checked over NBD.
 
-    1. dev up; V1 and V2, unrelated volumes; qemu-io fills V1 with 0xa1, V2 with 0xb2
+    1. dev up (with mTLS on every channel unless --no-tls); V1 and V2, unrelated
+       volumes; qemu-io fills V1 with 0xa1, V2 with 0xb2
     2. snapshot S2 of V2; refresh V2 from V1 (rate-limited, so the copy can be seen)
     3. while the background copy runs: V2 already reads as V1, S2 as V2's old data
        (checked on the first and last MiB, which the copy has not reached yet);
@@ -27,7 +28,8 @@ from volkin.api.v1 import admin_pb2
 from volkin.cli import commands, output
 from volkin.cli.client import CommandError, Controller
 from volkin.cli.sizes import format_size
-from volkin.devcluster import cluster
+from volkin.devcluster import cluster, processes
+from volkin.devcluster import state as recorded_state
 from volkin.errors import FailedPrecondition, InvalidArgument
 
 V1, V2, S2 = "V1", "V2", "S2"
@@ -87,12 +89,18 @@ def _remove_earlier_demo(c: Controller) -> None:
                    admin_pb2.DeleteVolumeRequest(name=name))
 
 
-def run(directory: Path, size: int, rate: int, tls: bool = False) -> int:
+def run(directory: Path, size: int, rate: int, tls: bool = True) -> int:
     if not shutil.which("qemu-io"):
         raise FailedPrecondition("qemu-io is not on PATH: install it (Debian: apt-get install "
                                  "qemu-utils)")
     if size < 2 * MiB:
         raise InvalidArgument(f"demo volumes need at least 2MiB, not {format_size(size)}")
+    recorded = recorded_state.load(directory.resolve())
+    if tls and recorded is not None and not recorded.tls and any(
+            processes.is_running(c.pid, c.argv) for c in recorded.components):
+        print(f"   (the dev cluster in {directory} runs without TLS: the demo uses it as it is; "
+              f"dev down first to have TLS)", flush=True)
+        tls = False
     _step(f"volkin dev up --dir {directory}{' --tls' if tls else ''}")
     state = cluster.up(directory, None, 60.0,
                        lambda text: print(f"   {text}", flush=True), tls=tls)
