@@ -46,7 +46,7 @@ class Driver:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 self.argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                env={**os.environ, "PYTHONPATH": str(REPO)})
+                env=self.environment())
         deadline = time.monotonic() + 30
         while self.log().count("event=csi.serving") == served:
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -57,6 +57,12 @@ class Driver:
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def environment(self) -> dict[str, str]:
+        """The driver's environment: the dev cluster's TLS identity (admin), if it has one."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VOLKIN_TLS_")}
+        env.update({k: v for k, v in self.cluster.env.items() if k.startswith("VOLKIN_TLS_")})
+        return {**env, "PYTHONPATH": str(REPO)}
 
     @property
     def channel(self) -> grpc.Channel:

@@ -37,6 +37,23 @@ def test_the_fuse_way_exports_the_volume_over_nbd_as_a_writable_fuse_file(
     assert "writable=on" in export
 
 
+def test_with_tls_both_ways_present_the_node_certificate_and_require_tls(
+        tmp_path: Path) -> None:
+    tls_dir = tmp_path / "nbd-tls"
+    argv = attach.qsd_command("127.0.0.1:10809", "pvc-1", tmp_path / "export",
+                              tmp_path / "qsd.pid", tls_dir)
+    creds = argv[argv.index("--object") + 1]
+    assert creds.startswith("tls-creds-x509,") and f"dir={tls_dir}" in creds
+    assert "endpoint=client" in creds
+    blockdev = argv[argv.index("--blockdev") + 1]
+    assert f"tls-creds={creds.split('id=')[1].split(',')[0]}" in blockdev
+    kernel = attach.nbd_client_command("10.0.0.5:10809", "pvc-1", "/dev/nbd3", tls_dir)
+    assert kernel[kernel.index("-certfile") + 1] == str(tls_dir / "client-cert.pem")
+    assert kernel[kernel.index("-keyfile") + 1] == str(tls_dir / "client-key.pem")
+    assert kernel[kernel.index("-cacertfile") + 1] == str(tls_dir / "ca-cert.pem")
+    assert kernel[kernel.index("-tlshostname") + 1] == "10.0.0.5"
+
+
 def test_auto_picks_the_kernel_only_where_the_kernel_has_nbd() -> None:
     chosen = asyncio.run(attach.choose("auto", "127.0.0.1:10809"))
     kernel = asyncio.run(attach.kernel_has_nbd()) and shutil.which("nbd-client")
