@@ -132,10 +132,37 @@ class _Etcd3aio:
     """`Etcd` on etcd3aio (grpc.aio). Each call is bounded by `timeout` seconds."""
 
     def __init__(self, endpoints: Sequence[str], timeout: float, tls: Tls | None) -> None:
-        self._client = etcd3aio.Etcd3Client(list(endpoints), rpc_max_attempts=2,
-                                            **client_tls(endpoints, tls))
+        self._tls = tls if tls is not None else volkin.tls.current()
+        self._generation = self._tls.generation if self._tls is not None else 0
+        self._endpoint_list = list(endpoints)
+        self._client = self._new_client()
+        self._retired: set[asyncio.Task[None]] = set()
         self._timeout = timeout
         self._endpoints = ",".join(endpoints)
+
+    def _new_client(self) -> etcd3aio.Etcd3Client:
+        return etcd3aio.Etcd3Client(self._endpoint_list, rpc_max_attempts=2,
+                                    **client_tls(self._endpoint_list, self._tls))
+
+    async def _fresh(self) -> None:
+        """Once the TLS files were renewed, calls go over a new channel that uses them;
+        calls in flight finish on the old one, which is closed a little later."""
+        if self._tls is None:
+            return
+        self._tls.material()
+        if self._tls.generation == self._generation:
+            return
+        self._generation = self._tls.generation
+        old, self._client = self._client, self._new_client()
+        await self._client.connect()
+
+        async def retire() -> None:
+            await asyncio.sleep(2 * self._timeout)
+            await old.close()
+
+        task = asyncio.create_task(retire())
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
 
     async def open(self) -> None:
         await self._client.connect()
@@ -150,6 +177,7 @@ class _Etcd3aio:
                                f"{_one_line(exc)}")
 
     async def grant_lease(self, ttl: int) -> int:
+        await self._fresh()
         assert self._client.lease is not None
         try:
             response = await self._client.lease.grant(ttl, timeout=self._timeout)
@@ -158,6 +186,7 @@ class _Etcd3aio:
         return int(response.ID)
 
     async def keep_alive(self, lease_id: int) -> int:
+        await self._fresh()
         assert self._client.lease is not None
         stream = self._client.lease.keep_alive(lease_id)
         try:
@@ -173,6 +202,7 @@ class _Etcd3aio:
         raise self._failed("a lease renewal", RuntimeError("stream closed"))
 
     async def revoke_lease(self, lease_id: int) -> None:
+        await self._fresh()
         assert self._client.lease is not None
         try:
             await self._client.lease.revoke(lease_id, timeout=self._timeout)
@@ -184,6 +214,7 @@ class _Etcd3aio:
             raise self._failed("a lease revoke", exc) from exc
 
     async def lease_ttl(self, lease_id: int) -> int:
+        await self._fresh()
         assert self._client.lease is not None
         try:
             response = await self._client.lease.time_to_live(lease_id, timeout=self._timeout)
@@ -192,6 +223,7 @@ class _Etcd3aio:
         return int(response.TTL)
 
     async def put(self, key: str, value: bytes, lease_id: int = 0) -> None:
+        await self._fresh()
         assert self._client.kv is not None
         try:
             await self._client.kv.put(key, value, lease=lease_id, timeout=self._timeout)
@@ -203,6 +235,7 @@ class _Etcd3aio:
             raise self._failed(f"a put of {key}", exc) from exc
 
     async def get(self, key: str) -> bytes | None:
+        await self._fresh()
         assert self._client.kv is not None
         try:
             response = await self._client.kv.get(key, timeout=self._timeout)
@@ -214,6 +247,7 @@ class _Etcd3aio:
         # In pages, each starting after the last key of the one before, all read at the
         # revision of the first, so the result is one consistent snapshot whatever its
         # size. If that revision is compacted away meanwhile, it starts over.
+        await self._fresh()
         kv = self._client.kv
         assert kv is not None
         end = etcd3aio.prefix_range_end(prefix)
@@ -247,6 +281,7 @@ class _Etcd3aio:
                 raise self._failed(f"a get of {prefix}*", exc) from exc
 
     async def delete(self, key: str) -> None:
+        await self._fresh()
         assert self._client.kv is not None
         try:
             await self._client.kv.delete(key, timeout=self._timeout)
@@ -254,6 +289,7 @@ class _Etcd3aio:
             raise self._failed(f"a delete of {key}", exc) from exc
 
     async def revision(self) -> int:
+        await self._fresh()
         assert self._client.kv is not None
         try:  # any linearizable read reports the current revision in its header
             response = await self._client.kv.get(b"\0", count_only=True, timeout=self._timeout)
@@ -262,6 +298,7 @@ class _Etcd3aio:
         return int(response.header.revision)
 
     async def compact(self, revision: int) -> None:
+        await self._fresh()
         assert self._client.kv is not None
         try:
             await self._client.kv.compact(revision, timeout=self._timeout)
@@ -273,6 +310,7 @@ class _Etcd3aio:
             raise self._failed(f"a compaction to revision {revision}", exc) from exc
 
     async def status(self) -> EtcdStatus:
+        await self._fresh()
         assert self._client.maintenance is not None
         try:
             response = await self._client.maintenance.status(timeout=self._timeout)
@@ -283,6 +321,7 @@ class _Etcd3aio:
                           db_size_quota=int(response.dbSizeQuota))
 
     async def alarms(self) -> list[str]:
+        await self._fresh()
         assert self._client.maintenance is not None
         try:
             response = await self._client.maintenance.alarms(timeout=self._timeout)
@@ -301,6 +340,7 @@ class _Etcd3aio:
                   if_absent: Sequence[str] = (),
                   put: Mapping[str, bytes] | None = None,
                   delete: Sequence[str] = (), lease_id: int = 0) -> bool:
+        await self._fresh()
         kv = self._client.kv
         assert kv is not None
         compare = [kv.txn_compare_value(k, v) for k, v in (if_values or {}).items()]
@@ -314,6 +354,8 @@ class _Etcd3aio:
         return bool(response.succeeded)
 
     async def close(self) -> None:
+        for task in list(self._retired):
+            task.cancel()
         await self._client.close()
 
 
