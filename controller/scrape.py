@@ -173,7 +173,11 @@ class AllocatedBytes:
                     return  # deleted meanwhile, or an agent away: the old value stays
                 self._known[name] = (memory, found, time.monotonic())
 
-        await asyncio.gather(*(one(name) for name in names))
+        results = await asyncio.gather(*(one(name) for name in names), return_exceptions=True)
+        failed = [r for r in results if isinstance(r, Exception)]
+        if failed:  # not an agent away (the old values stay): say so, once per refresh
+            event(_log, "metrics.allocated_failed", logging.WARNING, volumes=len(failed),
+                  error=repr(failed[0]))
 
 
 class TermState(Collector):
