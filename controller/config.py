@@ -27,6 +27,8 @@ class ControllerConfig:
     listen: str = "0.0.0.0:7470"
     # host:port of the NBD server; port 0 picks a free port.
     nbd_listen: str = "0.0.0.0:10809"
+    # host:port of the Prometheus endpoint; empty disables it; port 0 picks one.
+    metrics_listen: str = "127.0.0.1:9470"
     # Block size of new volumes unless they name one: the unit of maps and copies.
     block_size: int = 65536
     # How new volumes are striped unless they say: units of this many bytes (a power of
@@ -69,6 +71,7 @@ _HELP = {
     "etcd_prefix": "etcd key prefix",
     "listen": "host:port of the admin gRPC API; port 0 picks a free port",
     "nbd_listen": "host:port of the NBD server; port 0 picks a free port",
+    "metrics_listen": "host:port of the Prometheus endpoint; empty disables it",
     "block_size": "block size of new volumes in bytes (a power of two, 4KiB to 16MiB)",
     "stripe_unit": "stripe unit of new volumes in bytes (a power of two, 1MiB by default)",
     "stripe_width": "agents a new volume is striped over, at most (8 by default)",
@@ -143,6 +146,7 @@ def load(argv: Sequence[str], environ: Mapping[str, str]) -> ControllerConfig:
     settings = ControllerConfig(**chosen)
     config.check_address("listen", settings.listen)
     config.check_address("nbd_listen", settings.nbd_listen)
+    config.check_address("metrics_listen", settings.metrics_listen, allow_empty=True)
     try:
         config.check_block_size(settings.block_size)
     except InvalidArgument as exc:

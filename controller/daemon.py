@@ -32,7 +32,9 @@ from controller.authz import Authorizer
 from controller.config import ControllerConfig, advertised
 from controller.leadership import Leadership
 from controller.mapstore import LayoutError
+from controller.metrics import ControllerMetrics
 from controller.nbd.server import NbdServer
+from controller.scrape import TermState
 from controller.service import AdminService
 from controller.status import ClusterSurvey
 from controller.term import Term
@@ -53,7 +55,10 @@ async def serve(config: ControllerConfig) -> None:
     keys = Keys(config.etcd_prefix)
     client = await etcd.connect(config.etcd_endpoints)
     leadership = Leadership(client, keys, config.node_id, config.lease_ttl)
-    nbd = NbdServer(io_wait=config.io_wait, tls=tls)
+    metrics = ControllerMetrics()
+    nbd = NbdServer(io_wait=config.io_wait, metrics=metrics.nbd, tls=tls)
+    state = TermState(asyncio.get_running_loop(), nbd)
+    metrics.registry.register(state)
     survey = ClusterSurvey(client, keys)
     admin = AdminService(nbd, config.block_size, config.node_id, survey)
     server = grpc.aio.server(interceptors=[Authorizer(config.tls_admins, config.tls_readers)])
@@ -65,10 +70,12 @@ async def serve(config: ControllerConfig) -> None:
         port = volkin.tls.add_port(server, config.listen)
         await server.start()
         await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
+        metrics_address = metrics.serve(config.metrics_listen) if config.metrics_listen else ""
         addresses = {"admin": advertised(config.listen, port),
                      "nbd": advertised(config.nbd_listen, nbd_port)}
         event(_log, "controller.listening", node=config.node_id, admin=addresses["admin"],
-              nbd=addresses["nbd"], pid=os.getpid(), tls="on" if tls else "off")
+              nbd=addresses["nbd"], metrics=metrics_address or "off", pid=os.getpid(),
+              tls="on" if tls else "off")
 
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -76,7 +83,7 @@ async def serve(config: ControllerConfig) -> None:
             loop.add_signal_handler(sig, stopping.set)
         while not stopping.is_set():
             await _one_term(config, client, keys, leadership, nbd, admin, health, addresses,
-                            stopping)
+                            stopping, metrics, state)
         event(_log, "controller.stopping", node=config.node_id)
         await health.enter_graceful_shutdown()
         await nbd.stop()
@@ -86,6 +93,7 @@ async def serve(config: ControllerConfig) -> None:
         await leadership.release()  # the next controller must not wait out the lease
         await nbd.stop()
         await server.stop(0)
+        metrics.stop()
         await survey.close()
         await client.close()
 
@@ -93,7 +101,8 @@ async def serve(config: ControllerConfig) -> None:
 async def _one_term(config: ControllerConfig, client: etcd.Etcd, keys: Keys,
                     leadership: Leadership, nbd: NbdServer, admin: AdminService,
                     health: HealthServicer, addresses: dict[str, str],
-                    stopping: asyncio.Event) -> None:
+                    stopping: asyncio.Event, metrics: ControllerMetrics,
+                    state: TermState) -> None:
     """Waits to lead, serves one term until it ends or the process stops."""
     acquiring = asyncio.create_task(leadership.acquire())
     stop = asyncio.create_task(stopping.wait())
@@ -108,7 +117,7 @@ async def _one_term(config: ControllerConfig, client: etcd.Etcd, keys: Keys,
     term: Term | None = None
     try:
         try:
-            term = await Term.begin(config, client, keys, fence)
+            term = await Term.begin(config, client, keys, fence, metrics)
         except LayoutError:
             raise  # not a passing fault: this version must not serve this cluster
         except VolkinError as exc:
@@ -120,6 +129,7 @@ async def _one_term(config: ControllerConfig, client: etcd.Etcd, keys: Keys,
             return
         nbd.attach(CoreDevice(term.core))
         admin.attach(term)
+        state.attach(term)
         await term.etcd.put(keys.controller_address, json.dumps(
             {"node_id": config.node_id, **addresses, "pid": os.getpid()}).encode(),
             lease_id=leadership.lease)
@@ -140,6 +150,7 @@ async def _one_term(config: ControllerConfig, client: etcd.Etcd, keys: Keys,
         await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
         nbd.detach()
         admin.detach()
+        state.detach()
         if stopping.is_set():
             fence.depose("the controller is stopping")
         if term is not None:

@@ -31,6 +31,7 @@ import time
 from collections.abc import Mapping, Sequence
 
 from controller.fence import Deposed, Fence
+from controller.metrics import EtcdMetrics
 from volkin.errors import Unavailable
 from volkin.etcd import Etcd, EtcdFull, EtcdUnavailable, LeaseLost
 from volkin.log import event
@@ -40,10 +41,12 @@ RETRY_PAUSE = (0.05, 0.1, 0.2, 0.4, 0.8)
 
 
 class GuardedEtcd:
-    def __init__(self, etcd: Etcd, fence: Fence, give_up_after: float = 60.0) -> None:
+    def __init__(self, etcd: Etcd, fence: Fence, give_up_after: float = 60.0,
+                 metrics: EtcdMetrics | None = None) -> None:
         self.etcd = etcd
         self.fence = fence
         self.give_up_after = give_up_after
+        self.metrics = metrics or EtcdMetrics()
         self.transactions = 0  # sent (not counting repeats), for tests and metrics
         self.last_error = ""  # the most recent etcd failure, for job and status reports
         self.full = False  # etcd refused the last transaction for want of space
@@ -61,14 +64,17 @@ class GuardedEtcd:
         while True:
             if self.fence.deposed:
                 self.fence.check()
+            sent = time.perf_counter()
             try:
                 done = await self.etcd.txn(
                     if_values={**self.fence.guard, **(if_values or {})}, if_absent=if_absent,
                     put=put, delete=delete, lease_id=lease_id)
             except EtcdFull as exc:
+                self.metrics.seconds.observe(time.perf_counter() - sent)
                 self._refused_for_space(exc, attempt)
                 raise
             except (EtcdUnavailable, LeaseLost) as exc:
+                self.metrics.retries.inc()
                 self.last_error = exc.message
                 if attempt == 0:
                     event(_log, "etcd.retrying", logging.WARNING, keys=len(put or {}) + len(
@@ -81,6 +87,7 @@ class GuardedEtcd:
                 await asyncio.sleep(RETRY_PAUSE[min(attempt, len(RETRY_PAUSE) - 1)])
                 attempt += 1
                 continue
+            self.metrics.seconds.observe(time.perf_counter() - sent)
             if attempt:
                 event(_log, "etcd.recovered", attempts=attempt + 1,
                       waited=f"{time.monotonic() - started:.2f}")

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 from controller.batching import Batcher
 from controller.guarded import GuardedEtcd
+from controller.metrics import CommitMetrics
 from volkin.engine import Changes, Commit, MapEngine
 from volkin.engine import records as rec
 from volkin.engine.bitmap import SEGMENT_BITS, SegmentedBitmap
@@ -68,9 +69,11 @@ TXN_SEGMENTS = 100
 
 
 class MapStore:
-    def __init__(self, etcd: GuardedEtcd, keys: Keys) -> None:
+    def __init__(self, etcd: GuardedEtcd, keys: Keys,
+                 metrics: CommitMetrics | None = None) -> None:
         self._etcd = etcd
         self._keys = keys
+        self.metrics = metrics or CommitMetrics()
         # What etcd holds, as last written or read: segment bytes, and per map its
         # stored segment indexes.
         self._segments: dict[tuple[str, int], bytes] = {}
@@ -210,6 +213,14 @@ class MapStore:
     async def commit(self, engine: MapEngine, commits: Sequence[Commit]) -> None:
         """Makes several plans' commits durable in as few transactions as etcd takes (at
         most TXN_SEGMENTS segments each; one commit is never split), then applies them."""
+        try:
+            await self._commit(engine, commits)
+        except Exception:
+            self.metrics.failed.inc(len(commits))  # each of their plans stops (Batcher)
+            raise
+        self.metrics.committed(len(commits))
+
+    async def _commit(self, engine: MapEngine, commits: Sequence[Commit]) -> None:
         group: list[Commit] = []
         segments: set[tuple[str, int]] = set()
         for commit in commits:

@@ -32,6 +32,7 @@ from controller.history import HistoryCompactor
 from controller.jobs import Jobs
 from controller.leadership import lease_margin
 from controller.mapstore import MapStore
+from controller.metrics import ControllerMetrics
 from controller.migration import migrate
 from controller.placement import Placement
 from volkin.engine import MapEngine, VolumeNotFound
@@ -57,13 +58,16 @@ class Term:
         return self.fence.epoch
 
     @staticmethod
-    async def begin(config: ControllerConfig, client: Etcd, keys: Keys, fence: Fence) -> Term:
-        guarded = GuardedEtcd(client, fence, give_up_after=max(config.io_wait, 10.0))
+    async def begin(config: ControllerConfig, client: Etcd, keys: Keys, fence: Fence,
+                    metrics: ControllerMetrics | None = None) -> Term:
+        metrics = metrics or ControllerMetrics()
+        guarded = GuardedEtcd(client, fence, give_up_after=max(config.io_wait, 10.0),
+                              metrics=metrics.etcd)
         directory = AgentDirectory(client, keys)
         agents = AgentClient(directory, fence, config.io_wait)
         await agents.fence_all(client, margin=lease_margin(config.lease_ttl))
         await migrate(guarded, keys)
-        store = MapStore(guarded, keys)
+        store = MapStore(guarded, keys, metrics.commits)
         engine = await store.load()
         placement = Placement(directory.nodes(), config.stripe_unit, config.stripe_width,
                               config.extent_bytes)

@@ -33,9 +33,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from typing import Any
 
 from controller.fence import Deposed
+from controller.metrics import NbdMetrics
 from controller.nbd import protocol as p
 from controller.nbd.device import Device, Volume
 from controller.nbd.ordering import Entry, InFlight
@@ -103,6 +105,11 @@ def _reply(out: CoalescingWriter, session: p.Session, request: p.Request, error:
             out.write(data)
 
 
+def _length(request: p.Request) -> int:
+    """The bytes a request other than a READ counts: its range (a FLUSH has none)."""
+    return 0 if request.command == p.Cmd.FLUSH else request.length
+
+
 class _Stop(Exception):
     """Ends a connection without another answer (deposed, or the volume is gone)."""
 
@@ -116,10 +123,11 @@ class _Refused(Exception):
 
 
 class NbdServer:
-    def __init__(self, device: Device | None = None, io_wait: float = 30.0, *,
-                 tls: Tls | None = None) -> None:
+    def __init__(self, device: Device | None = None, io_wait: float = 30.0,
+                 metrics: NbdMetrics | None = None, *, tls: Tls | None = None) -> None:
         self.device = device
         self.io_wait = io_wait
+        self.metrics = metrics or NbdMetrics()
         self.tls = tls
         # One context for every connection: `tls` loads renewed files into it in place.
         self._tls_context = tls.server_context() if tls is not None else None
@@ -278,6 +286,7 @@ class NbdServer:
         try:
             while not stopped.done():
                 request = p.parse_request(await stream.readexactly(p.REQUEST_SIZE))
+                started = time.perf_counter()
                 payload: Received = b""
                 if request.command == p.Cmd.WRITE:
                     if request.length > p.MAX_REQUEST_LENGTH:
@@ -292,6 +301,7 @@ class NbdServer:
                 if error:
                     await device.acknowledge(self.io_wait)
                     _reply(out, session, request, error, b"")
+                    self.metrics.answered(request.command, error, 0, started)
                     continue
                 await slots.acquire()
                 if request.command == p.Cmd.FLUSH:
@@ -301,7 +311,7 @@ class NbdServer:
                                                writes=request.command in _WRITES)
                 one = asyncio.create_task(self._serve_one(
                     device, volume, session, request, payload, entry, in_flight, slots, out,
-                    stream, stopped))
+                    stream, stopped, started))
                 running.add(one)
                 one.add_done_callback(running.discard)
         finally:
@@ -316,14 +326,19 @@ class NbdServer:
                          request: p.Request, payload: Received, entry: Entry,
                          in_flight: InFlight,
                          slots: asyncio.Semaphore, out: CoalescingWriter,
-                         stream: streams.Stream, stopped: asyncio.Future[None]) -> None:
+                         stream: streams.Stream, stopped: asyncio.Future[None],
+                         started: float) -> None:
         flush = request.command == p.Cmd.FLUSH
+        answered = False
         try:
             await in_flight.wait(entry, flush)
             error, data = await self._execute(volume, request, payload)
             # The acknowledgement: only while this term can prove it still leads.
             await device.acknowledge(self.io_wait)
             _reply(out, session, request, error, data)
+            answered = True
+            self.metrics.answered(request.command, error, len(data) if request.command
+                                  == p.Cmd.READ else _length(request), started)
             if error == p.Errno.ESHUTDOWN:
                 raise _Stop(f"volume {volume.export.name} is gone")
         except (_Stop, Deposed, Unavailable) as exc:
@@ -331,6 +346,8 @@ class NbdServer:
                 stopped.set_exception(exc)
             stream.abort()  # wakes the reader, which ends the connection
         finally:
+            if not answered:
+                self.metrics.unanswered(request.command)
             in_flight.finish(entry)
             slots.release()
 

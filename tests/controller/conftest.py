@@ -60,8 +60,8 @@ class Controller:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "controller", "--node-id", self.node_id,
                  "--etcd-endpoints", self.etcd.endpoint, "--listen", "127.0.0.1:0",
-                 "--nbd-listen", "127.0.0.1:0", "--lease-ttl", "2", "--shutdown-grace", "2",
-                 *self.extra],
+                 "--nbd-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
+                 "--lease-ttl", "2", "--shutdown-grace", "2", *self.extra],
                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
                 env={**os.environ, "PYTHONPATH": str(REPO)})
 

@@ -24,3 +24,12 @@ def test_background_copies_start_at_most_100_blocks_a_second_while_clients_are_b
     assert config.load(["--node-id", "c1"], environ).busy_copy_blocks == 400
     with pytest.raises(InvalidArgument, match="busy_copy_blocks"):
         config.load(["--node-id", "c1", "--busy-copy-blocks", "-5"], {})
+
+
+def test_metrics_are_served_on_loopback_port_9470_unless_told_otherwise() -> None:
+    assert config.load(["--node-id", "c1"], {}).metrics_listen == "127.0.0.1:9470"
+    assert config.load(["--node-id", "c1", "--metrics-listen", ""], {}).metrics_listen == ""
+    environ = {"VOLKIN_CONTROLLER_METRICS_LISTEN": "0.0.0.0:0"}
+    assert config.load(["--node-id", "c1"], environ).metrics_listen == "0.0.0.0:0"
+    with pytest.raises(InvalidArgument, match="metrics_listen"):
+        config.load(["--node-id", "c1", "--metrics-listen", "9470"], {})

@@ -106,7 +106,8 @@ def test_a_layout_from_a_newer_version_is_refused_with_what_to_do(
     result = subprocess.run(
         [sys.executable, "-m", "controller", "--node-id", "c1", "--etcd-endpoints",
          etcd_server.endpoint, "--listen", "127.0.0.1:0", "--nbd-listen", "127.0.0.1:0",
-         "--lease-ttl", "2"], capture_output=True, text=True, timeout=60, cwd=REPO, check=False)
+         "--metrics-listen", "127.0.0.1:0", "--lease-ttl", "2"], capture_output=True, text=True,
+        timeout=60, cwd=REPO, check=False)
     assert result.returncode == 1, result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("volkin-controller: cannot start:") and "layout 99" in last, last

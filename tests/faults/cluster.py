@@ -255,6 +255,8 @@ class Cluster:
         # Pass the new settings only to a controller that has them.
         if "--io-wait" in controller_flags():
             extra += ["--io-wait", str(io_wait)]
+        if "--metrics-listen" in controller_flags():  # not its default port: trials run at once
+            extra += ["--metrics-listen", "127.0.0.1:0"]
         self.agents = [AgentDaemon(f"a{i + 1}", root, self.etcd, lease_ttl)
                        for i in range(agents)]
         self.controllers = [ControllerDaemon(f"c{i + 1}", root, self.etcd, lease_ttl, extra)

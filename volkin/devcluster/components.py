@@ -107,6 +107,7 @@ def command(directory: Path, state: ClusterState, component: Component) -> list[
         return [sys.executable, "-m", "controller", "--node-id", component.name,
                 "--listen", _with_port(component.address),
                 "--nbd-listen", _with_port(component.extra.get("nbd", "")),
+                "--metrics-listen", f"{HOST}:0",
                 "--etcd-endpoints", endpoint, "--etcd-prefix", ETCD_PREFIX,
                 "--lease-ttl", str(CONTROLLER_LEASE_TTL), *tls_flags,
                 *(["--tls-admins", ADMIN] if certs else [])]
