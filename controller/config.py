@@ -49,6 +49,9 @@ class ControllerConfig:
     # Background block copies started per second, all jobs together, while clients do
     # I/O (0: no such limit; at most two are in flight then either way).
     busy_copy_blocks: int = 100
+    # Done and cancelled jobs kept (`volkin job list`); older ones are deleted from etcd,
+    # so that a cluster that refreshes all day does not fill it (0: keep every one).
+    job_history: int = 1000
     # Seconds between compactions of etcd's history by the active controller (0: never,
     # for an etcd that something else compacts).
     compact_every: float = 60.0
@@ -81,6 +84,8 @@ _HELP = {
     "io_wait": "seconds an NBD request waits for a restarting agent or etcd before EIO",
     "job_fail_after": "seconds a background job retries an unreachable agent or etcd "
                       "before it fails",
+    "job_history": "done and cancelled jobs kept for `volkin job list`; older ones are "
+                   "deleted (0: keep all)",
     "busy_copy_blocks": "background block copies started per second, all jobs together, "
                         "while clients do I/O (0: no limit)",
     "compact_every": "seconds between compactions of etcd's history while this controller "
@@ -112,11 +117,11 @@ def _convert(name: str, raw: Any) -> Any:
         if size < 4096 or size & (size - 1):
             raise ValueError("must be a power of two of at least 4KiB")
         return size
-    if name == "busy_copy_blocks":
-        blocks = int(raw)
-        if blocks < 0:
-            raise ValueError("must be 0 (no limit) or a positive number of blocks a second")
-        return blocks
+    if name in ("busy_copy_blocks", "job_history"):
+        count = int(raw)
+        if count < 0:
+            raise ValueError("must be 0 (no limit) or a positive number")
+        return count
     if name == "compact_every":
         value = float(raw)
         if not value >= 0:

@@ -70,6 +70,12 @@ JOB_CALL_BUDGET = 3.0
 # Seconds one block's copy may take (agent calls and the map commit) before the job
 # reports `waiting`; the copy stops where it was, as after a crash, and is retried.
 JOB_STEP_TIMEOUT = 15.0
+# Done and cancelled jobs kept for `volkin job list` (the controller's `job_history`); the
+# oldest beyond are deleted from etcd, at most FORGET_PER_TXN in one transaction.
+DEFAULT_HISTORY = 1000
+FORGET_PER_TXN = 100
+# The error of a refresh's job that a newer refresh of its target cancelled.
+SUPERSEDED = "superseded by refresh"
 
 
 def backoff(failures: int) -> float:
@@ -206,8 +212,10 @@ class _Throttle:
 
 class Jobs:
     def __init__(self, core: Core, etcd: GuardedEtcd, keys: Keys,
-                 fail_after: float = 3600.0, busy_copy_blocks: int = 100) -> None:
+                 fail_after: float = 3600.0, busy_copy_blocks: int = 100,
+                 history: int = DEFAULT_HISTORY) -> None:
         self._core = core
+        self._history = history
         self._etcd = etcd
         self._keys = keys
         self._fail_after = fail_after
@@ -228,6 +236,7 @@ class Jobs:
             self._records[record.id] = record
             if record.state in (JobState.RUNNING, JobState.PAUSED):
                 self._start(record)
+        await self._forget_old()
 
     # -- queries ---------------------------------------------------------------
     def get(self, job_id: str) -> JobRecord:
@@ -266,7 +275,9 @@ class Jobs:
         if rate < 0:
             raise InvalidArgument(f"rate must be >= 0 bytes per second, got {rate}")
         job_id = await self._new_id()
-        superseded = [replace(other, state=JobState.DONE, error="superseded by a newer refresh")
+        # The older copy into the target is abandoned, not finished: cancelled, for good.
+        superseded = [replace(other, state=JobState.CANCELLED,
+                              error=f"{SUPERSEDED} {job_id} (from {source})")
                       for other in self._records.values()
                       if other.target == target
                       and other.state in (JobState.RUNNING, JobState.PAUSED)]
@@ -288,6 +299,8 @@ class Jobs:
         record = made[0]
         self._records[record.id] = record
         self._start(record)
+        if superseded:
+            await self._forget_old()
         return record
 
     async def start_materialize(self, name: str, rate: int) -> JobRecord:
@@ -352,6 +365,7 @@ class Jobs:
             self._waiting[job_id].succeeded()
         event(_log, "job.finished", job=job_id, state=JobState.CANCELLED.value,
               target=record.target, error="-")
+        await self._forget_old()
         return self._records[job_id]
 
     def _real(self, name: str) -> bool:
@@ -377,6 +391,9 @@ class Jobs:
         record = self.get(job_id)
         if record.state is JobState.RUNNING:
             return record
+        if record.state is JobState.CANCELLED and record.error.startswith(SUPERSEDED):
+            raise FailedPrecondition(f"job {job_id} was {record.error}: {record.target} is "
+                                     f"that refresh's now; nothing of {job_id} is left to copy")
         if record.state in (JobState.FAILED, JobState.CANCELLED):
             self._core.engine.info(record.target)  # NotFound if the target is gone
             for other in self._records.values():
@@ -570,6 +587,44 @@ class Jobs:
             self._waiting[record.id].succeeded()
         event(_log, "job.finished", job=record.id, state=state.value, target=record.target,
               error=error or "-")
+        await self._forget_old()
+
+    def _over(self, record: JobRecord) -> bool:
+        """Whether nothing is left to do for the job: done, cancelled, or failed with its
+        target deleted (a failed job whose target exists is work left: kept)."""
+        if record.state in (JobState.DONE, JobState.CANCELLED):
+            return True
+        if record.state is not JobState.FAILED:
+            return False
+        try:
+            self._core.engine.info(record.target)
+        except NotFound:
+            return True
+        return False
+
+    async def _forget_old(self) -> None:
+        """Deletes the oldest jobs that are over beyond the newest `history` of them. Each
+        record goes only if etcd still holds it as it ended, so a job resumed meanwhile is
+        kept."""
+        if not self._history:
+            return
+        ended = sorted((r for r in self._records.values() if self._over(r)), key=_order)
+        old = ended[:max(0, len(ended) - self._history)]
+        forgotten = 0
+        for first in range(0, len(old), FORGET_PER_TXN):
+            chunk = old[first:first + FORGET_PER_TXN]
+            keys = {self._keys.job(r.id): r for r in chunk}
+            if not await self._etcd.txn(delete=list(keys), if_values={
+                    key: r.to_json() for key, r in keys.items()}):
+                return  # one of them changed meanwhile: the next end tries again
+            for r in chunk:
+                if self._records.get(r.id) is r:
+                    del self._records[r.id]
+                    self._waiting.pop(r.id, None)
+            forgotten += len(chunk)
+        if forgotten:
+            event(_log, "job.forgotten", jobs=forgotten, oldest=old[0].id, newest=old[-1].id,
+                  kept=self._history)
 
     async def _store(self, record: JobRecord) -> None:
         """Stores the record (guarded by the term's fence), then adopts it: what etcd says

@@ -75,7 +75,8 @@ class Term:
                                 (await client.get_prefix(keys.extents)).items()},
                                lambda memory: _memory_size(engine, memory))
         core = Core(engine, store, placement, agents, keys)
-        jobs = Jobs(core, guarded, keys, config.job_fail_after, config.busy_copy_blocks)
+        jobs = Jobs(core, guarded, keys, config.job_fail_after, config.busy_copy_blocks,
+                    config.job_history)
         await jobs.load()
         try:
             await core.free_released()

@@ -177,10 +177,13 @@ def test_a_finished_job_succeeds_at_one_hundred_percent() -> None:
 
 
 def test_a_job_superseded_by_a_newer_refresh_is_a_failure_not_a_success() -> None:
-    # The controller reports a superseded job as done, with the reason in `error`.
-    status = reported(run(tracking(), state=cluster(
-        job("j8", "done", error="superseded by a newer refresh"))))
-    assert status.phase is Phase.FAILED and "superseded" in status.message
+    # The controller reports a superseded job as cancelled, with the reason in `error`
+    # (controllers before that said done, with the same kind of reason).
+    for state, error in (("cancelled", "superseded by refresh j9 (from pvc-x)"),
+                         ("done", "superseded by a newer refresh")):
+        status = reported(run(tracking(), state=cluster(job("j8", state, error=error))))
+        assert status.phase is Phase.FAILED and "superseded" in status.message
+        assert "volkin job resume" not in status.message
 
 
 def test_a_failed_job_fails_the_resource_with_the_jobs_error() -> None:

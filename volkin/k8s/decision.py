@@ -251,12 +251,14 @@ def _track(status: Status, cluster: Cluster) -> Status:
     if job.state == "done" and not job.error:
         return replace(status, phase=Phase.SUCCEEDED, blocks_done=job.blocks_total,
                        message=f"{job.target} is a full copy of {job.source}")
+    if job.state == "cancelled" and job.error:  # superseded by a newer refresh
+        return replace(status, phase=Phase.FAILED, message=f"job {job.id} was {job.error}")
     if job.state == "cancelled":
         return replace(status, phase=Phase.FAILED,
                        message=f"job {job.id} was cancelled: {job.target} reads as {job.source} "
                                f"did, the blocks not copied through it; `volkin job resume "
                                f"{job.id}` finishes the copy")
-    # done with an error: superseded by a newer refresh of the same target
+    # done with an error (controllers before 2026-11-26 ended a superseded job so)
     return replace(status, phase=Phase.FAILED,
                    message=f"job {job.id} {job.state}: {job.error or 'no reason given'}")
 
