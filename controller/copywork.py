@@ -66,6 +66,8 @@ class CopyWork:
                 item = self._pending.popleft()
                 if isinstance(item, tuple):
                     self._runs_out += 1
+                elif self._engine.own_run(self._name, item, 1) is not False:
+                    continue  # a client's write copied it since it was put in line
                 return item
             if not self._runs_out:
                 return None

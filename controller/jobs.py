@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from enum import Enum
 
 from controller.agents import CALL_BUDGET
-from controller.copywork import CopyWork
+from controller.copywork import CopyWork, Item
 from controller.core import Core
 from controller.executor import BACKGROUND, RunResult
 from controller.fence import Deposed
@@ -447,10 +447,27 @@ class Jobs:
             work = CopyWork(core.engine, target)
             resume = self._resume[job_id]
 
+            # With a rate, one worker at a time waits for the next slot and only then
+            # takes its block: a block a client's write copied in the meantime is no
+            # longer in line (`CopyWork.next` skips it) and costs no slot.
+            one_slot = asyncio.Lock()
+            walked = False
+
+            async def next_item() -> Item | None:
+                nonlocal walked
+                if not self._records[job_id].rate:
+                    return await work.next()
+                async with one_slot:
+                    if walked:
+                        return None
+                    await throttle.take(self._records[job_id].rate, block_size)
+                    item = await work.next()
+                    walked = item is None
+                    return item
+
             async def worker() -> None:
-                while (item := await work.next()) is not None:
+                while (item := await next_item()) is not None:
                     if isinstance(item, int):
-                        await throttle.take(self._records[job_id].rate, block_size)
                         await self._copy(job_id, target, item, resume, throttle)
                         continue
                     first, count = item
@@ -461,9 +478,11 @@ class Jobs:
                     finally:
                         work.finish(first, count, result)
                     if result is not None and result.done:  # the rate and the clients'
-                        # share count the data, not the holes
+                        # share count the data, not the holes; a block's worth was taken
                         self._yield.charge(-(-result.data // block_size) - 1)
-                        await throttle.take(self._records[job_id].rate, result.data)
+                        if result.data > block_size:
+                            await throttle.take(self._records[job_id].rate,
+                                                result.data - block_size)
 
             async with asyncio.TaskGroup() as workers:
                 for _ in range(JOB_WORKERS):
