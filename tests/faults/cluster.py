@@ -364,8 +364,11 @@ class Cluster:
     def etcd_get(self, key: str, timeout: float = 0.5) -> bytes | None:
         """The value at `key` through etcd's JSON gateway; raises OSError if etcd is away."""
         body = json.dumps({"key": base64.b64encode(key.encode()).decode()}).encode()
-        request = urllib.request.Request(f"http://{self.etcd.endpoint}/v3/kv/range", body)
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        tls = volkin.tls.current()
+        request = urllib.request.Request(
+            f"{volkin.tls.scheme()}://{self.etcd.endpoint}/v3/kv/range", body)
+        with urllib.request.urlopen(request, timeout=timeout,
+                                    context=tls.client_context() if tls else None) as response:
             kvs = json.load(response).get("kvs")
         return base64.b64decode(kvs[0]["value"]) if kvs else None
 
