@@ -7,7 +7,7 @@ the controller's own (it says what was wrong), prefixed with what we tried to do
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import grpc
 
@@ -22,6 +22,8 @@ _PROBE_TIMEOUT = 1.0
 T = TypeVar("T")
 
 
+# What a standby's refusal says (controller/service.py).
+STANDBY = "is a standby; use the active controller"
 _HANDSHAKE = "andshake"  # gRPC's "Ssl handshake failed" / "Handshake failed"
 
 
@@ -75,11 +77,44 @@ class Controller:
         self._channel.close()
 
     def call(self, what: str, method: Callable[..., T], request: object) -> T:
-        """`method(request)` with a deadline; a failure raises CommandError naming `what`."""
+        """`method(request)` with a deadline; a failure raises CommandError naming `what`.
+        A standby's refusal is not a failure: the call goes once more, to the active
+        controller the standby names (a standby changed nothing)."""
+        try:
+            return method(request, timeout=CALL_TIMEOUT)
+        except grpc.RpcError as exc:
+            leader = self._leader_instead(exc)
+            if not leader:
+                raise self.error(what, exc) from None
+        method = self._switch(leader, method)
         try:
             return method(request, timeout=CALL_TIMEOUT)
         except grpc.RpcError as exc:
             raise self.error(what, exc) from None
+
+    def _leader_instead(self, exc: grpc.RpcError) -> str:
+        """The active controller's admin address if `exc` is a standby's refusal and the
+        standby knows who leads, else ''."""
+        if not (isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.UNAVAILABLE
+                and STANDBY in (exc.details() or "")):
+            return ""
+        try:
+            status = self.stub.GetClusterStatus(admin_pb2.GetClusterStatusRequest(),
+                                                timeout=CALL_TIMEOUT)
+        except grpc.RpcError:
+            return ""
+        leader = str(status.controller.leader_admin_address)
+        return leader if leader and leader != self.address else ""
+
+    def _switch(self, address: str, method: Callable[..., T]) -> Callable[..., T]:
+        """Talks to `address` from now on; returns `method` of the new channel's stub."""
+        name = next(n for n, m in vars(self.stub).items() if m is method)
+        self._channel.close()
+        self.address = address
+        self._channel = volkin.tls.channel(address, tls=self.tls) if self.tls else \
+            grpc.insecure_channel(address)
+        self.stub = admin_pb2_grpc.AdminStub(self._channel)  # type: ignore[no-untyped-call]
+        return cast(Callable[..., T], getattr(self.stub, name))
 
     def watch_job(self, job_id: str, timeout: float | None = None) -> Iterator[admin_pb2.Job]:
         """The job's updates until it finishes, or until `timeout` seconds have passed (the
