@@ -28,6 +28,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     for directory in _made:
         shutil.rmtree(directory, ignore_errors=True)
+        shutil.rmtree(directory.with_name(directory.name + "-fio-home"), ignore_errors=True)
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -16,7 +16,7 @@ import pytest
 from tests.agent.conftest import AgentFactory
 from tests.controller.conftest import ControllerFactory
 from tests.controller.test_daemon import qemu_io, wait_job
-from tests.support.tls import nbd_uri
+from tests.support.tls import fio_nbd
 from volkin.api.v1 import admin_pb2
 
 pytestmark = pytest.mark.integration
@@ -32,7 +32,8 @@ BSSPLIT = "1000/5:3000/15:9000/10:65000/25:200000/15:1000000/30"
 
 def fio(nbd: str, volume: str, *options: str) -> list[dict[str, Any]]:
     """Runs fio's nbd engine with JOBS connections; returns each job's JSON result."""
-    argv = ["fio", "--name=integrity", "--ioengine=nbd", f"--uri={nbd_uri(nbd, volume)}",
+    prefix, uri = fio_nbd(nbd, volume)
+    argv = [*prefix, "fio", "--name=integrity", "--ioengine=nbd", f"--uri={uri}",
             f"--numjobs={JOBS}", f"--size={REGION}", f"--offset_increment={REGION}",
             f"--bssplit={BSSPLIT}", "--iodepth=8", "--verify=crc32c", "--verify_interval=1000",
             "--verify_fatal=1", "--verify_state_save=0",

@@ -11,6 +11,7 @@ for the tests of refusals.
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,3 +76,29 @@ def libnbd_tls(handle: Any, nbd: Any) -> None:
     if directory:
         handle.set_tls(nbd.TLS_REQUIRE)
         handle.set_tls_certificates(directory)
+
+
+def fio_nbd(address: str, export: str) -> tuple[list[str], str]:
+    """How to run fio's nbd engine on a volume: the command's prefix and the URI.
+
+    With TLS, fio cannot be handed the client certificate: libnbd reads a
+    `tls-certificates=` URI parameter only if the program allows local files (fio does
+    not), else it reads $HOME/.pki/libnbd, except as root, where it reads
+    /etc/pki/libnbd. So fio runs as `nobody` with a HOME of its own holding a copy of the
+    suite's client certificate (this machine's /etc stays untouched)."""
+    directory = nbd_tls_dir()
+    if not directory:
+        return [], nbdargs.uri(address, export)
+    # Beside the suite's directory, which only root may enter (tests/conftest.py removes it).
+    pki_dir = Path(directory).parent
+    home = pki_dir.with_name(pki_dir.name + "-fio-home")
+    certificates = home / ".pki" / "libnbd"
+    if not (certificates / "client-key.pem").exists():
+        certificates.mkdir(parents=True, exist_ok=True)
+        for name in ("ca-cert.pem", "client-cert.pem", "client-key.pem"):
+            shutil.copyfile(Path(directory) / name, certificates / name)
+        for path in (home, home / ".pki", certificates, *certificates.iterdir()):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    prefix = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+              "env", f"HOME={home}"]
+    return prefix, f"nbds://{address}/{export}"
