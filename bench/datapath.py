@@ -58,6 +58,7 @@ import resource
 import signal
 import statistics
 import subprocess
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -69,9 +70,12 @@ from typing import Any
 
 import grpc
 
+import volkin.tls
 from bench.fio import FioResult, fio_result, start_fio
 from bench.loopback import Loopback
 from tests.support.etcd import free_port
+from tests.support.tls import Pki, fio_nbd
+from volkin import nbdargs
 from volkin.api.v1 import admin_pb2, admin_pb2_grpc
 from volkin.cli.sizes import format_size, parse_rate, parse_size
 from volkin.errors import VolkinError
@@ -168,9 +172,13 @@ class Sample:
 def run_fio(uri: str, processes: Processes, *options: str) -> Sample:
     os.sync()  # no run pays for the write-back of the one before (see the module's doc)
     children = children_cpu()  # fio's own CPU, once it has been waited for
+    prefix: list[str] = []
+    if uri.startswith("nbds://"):  # --tls: fio's certificate comes from its HOME instead
+        address, _, export = uri[len("nbds://"):].partition("?")[0].partition("/")
+        prefix, uri = fio_nbd(address, export)
     with cpu_used(processes) as cpu:
         start = time.monotonic()
-        result = fio_result(start_fio(uri, *options))
+        result = fio_result(start_fio(uri, *options, prefix=prefix))
         seconds = time.monotonic() - start
     return Sample(result, {**cpu, "fio": children_cpu() - children}, seconds)
 
@@ -194,6 +202,33 @@ class JobRuns:
                 for t, o in zip(self.theirs, self.ours, strict=True)]
 
 
+# -- TLS (--tls) ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BenchTls:
+    client_dir: Path  # ca-cert.pem, client-cert.pem, client-key.pem: nbdcopy, nbdinfo
+    server_dir: Path  # ca-cert.pem, server-cert.pem, server-key.pem: qemu-nbd
+
+
+TLS: BenchTls | None = None
+
+
+def use_tls(directory: Path) -> BenchTls:
+    """One CA for everything: volkin's processes (VOLKIN_TLS_*, read by the tests' helpers
+    that start them), the NBD clients and qemu-nbd, which then also demands a client
+    certificate (`tls-creds-x509,endpoint=server`), as volkin does."""
+    made = Pki.make(directory)
+    os.environ.update(made.environment("node"))
+    volkin.tls.configure(volkin.tls.from_env())
+    server = made.issue("qemu-nbd")
+    server_dir = directory / "qemu-nbd"
+    server_dir.mkdir()
+    for source, name in ((made.ca.cert, "ca-cert.pem"), (server.cert, "server-cert.pem"),
+                         (server.key, "server-key.pem")):
+        (server_dir / name).write_bytes(source.read_bytes())
+    return BenchTls(Path(os.environ[nbdargs.ENV_TLS_DIR]), server_dir)
+
+
 # -- the peer -------------------------------------------------------------------------------
 
 class QemuNbd:
@@ -202,10 +237,12 @@ class QemuNbd:
     def __init__(self, image: Path) -> None:
         self.image = image
         self.port = free_port()
-        self.uri = f"nbd://127.0.0.1:{self.port}/img"
+        self.uri = nbdargs.uri(f"127.0.0.1:{self.port}", "img", TLS.client_dir if TLS else None)
+        tls = ["--object", f"tls-creds-x509,id=tls0,dir={TLS.server_dir},endpoint=server",
+               "--tls-creds", "tls0"] if TLS else []
         self.process = subprocess.Popen(
             ["qemu-nbd", "-f", "raw", "-x", "img", "-p", str(self.port), "-b", "127.0.0.1",
-             "--persistent", "--shared=8", "--cache=writeback", str(image)],
+             *tls, "--persistent", "--shared=8", "--cache=writeback", str(image)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _ in range(200):
             if subprocess.run(["nbdinfo", "--size", self.uri], capture_output=True).returncode == 0:
@@ -528,7 +565,7 @@ class Run:
         return f"--runtime={self.args.runtime:g}"
 
     def uri(self, volume: str) -> str:
-        return f"nbd://{self.nbd}/{volume}"
+        return nbdargs.uri(self.nbd, volume, TLS.client_dir if TLS else None)
 
     def say(self, text: str) -> None:
         print(f"[{time.monotonic() - self.started:7.1f} s] {text}", flush=True)
@@ -886,6 +923,9 @@ def main() -> None:
                              "one cluster of each size, F striped over all agents of each, "
                              "interleave the fio runs over them and end with a table that "
                              "sets them side by side")
+    parser.add_argument("--tls", action="store_true",
+                        help="mTLS on every channel (volkin's, and qemu-nbd with TLS and a "
+                             "client certificate as its peer)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the cluster's directory (logs) afterwards")
     args = parser.parse_args()
@@ -897,6 +937,11 @@ def main() -> None:
     started = time.monotonic()
     print(f"machine: {machine()}\ncommit measured: {commit()}\n", flush=True)
     with contextlib.ExitStack() as stack:
+        if args.tls:
+            global TLS
+            TLS = use_tls(Path(stack.enter_context(tempfile.TemporaryDirectory())))
+            print("TLS: on every channel of volkin's, and qemu-nbd's and its clients' (one CA)",
+                  flush=True)
         runs = [start_cluster(stack, args, count, started) for count in counts]
         for run in runs:
             prepare(run, parts)

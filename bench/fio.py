@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,10 +69,11 @@ class FioResult:
         return self._worst("max")
 
 
-def start_fio(uri: str, *options: str) -> subprocess.Popen[bytes]:
-    """fio (`ioengine=nbd`) against `uri` with `options` (`--rw=...`, `--bs=...`, ...)."""
+def start_fio(uri: str, *options: str, prefix: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+    """fio (`ioengine=nbd`) against `uri` with `options` (`--rw=...`, `--bs=...`, ...),
+    run by `prefix` if given (`tests.support.tls.fio_nbd`: fio with a client certificate)."""
     return subprocess.Popen(
-        ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", "--randrepeat=0",
+        [*prefix, "fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", "--randrepeat=0",
          "--group_reporting", "--percentile_list=50:99", "--output-format=json", *options],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
