@@ -25,7 +25,7 @@ def run(server: EtcdServer, scenario: Callable[[etcd.Etcd, etcd3aio.Etcd3Client]
     """Runs `scenario` with volkin's client and a raw etcd3aio one (to look behind it)."""
     async def main() -> None:
         client = await etcd.connect([server.endpoint])
-        raw = etcd3aio.Etcd3Client([server.endpoint])
+        raw = etcd3aio.Etcd3Client([server.endpoint], **etcd.client_tls([server.endpoint]))
         await raw.connect()
         try:
             await scenario(client, raw)

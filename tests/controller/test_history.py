@@ -48,7 +48,7 @@ def run(server: EtcdServer, scenario: Callable[[etcd.Etcd, etcd3aio.Etcd3Client]
                                                Awaitable[None]], timeout: float = 3.0) -> None:
     async def main() -> None:
         client = await etcd.connect([server.endpoint], timeout=timeout)
-        raw = etcd3aio.Etcd3Client([server.endpoint])
+        raw = etcd3aio.Etcd3Client([server.endpoint], **etcd.client_tls([server.endpoint]))
         await raw.connect()
         try:
             await scenario(client, raw)

@@ -24,7 +24,7 @@ from tests.agent.conftest import AgentFactory
 from tests.cli.conftest import one_error_line, volkin
 from tests.controller.conftest import ControllerFactory
 from tests.support.etcd import EtcdServer
-from tests.support.tls import qemu_nbd
+from tests.support.tls import cli_environment, qemu_nbd
 from volkin import etcd
 from volkin.errors import StorageFull
 from volkin.rpc_status import status_of
@@ -61,7 +61,7 @@ async def fill(client: etcd.Etcd) -> etcd.EtcdFull:
 async def free(endpoint: str) -> None:
     """What docs/operations.md tells an operator to do: delete what filled it, compact,
     defragment, disarm the alarm."""
-    raw = etcd3aio.Etcd3Client([endpoint])
+    raw = etcd3aio.Etcd3Client([endpoint], **etcd.client_tls([endpoint]))
     await raw.connect()
     try:
         assert raw.kv is not None and raw.maintenance is not None
@@ -172,7 +172,7 @@ def test_when_etcd_is_full_nbd_writes_get_enospc_and_the_cli_says_what_to_do(
         start_controller: ControllerFactory) -> None:
     start_agent("a1")
     controller = start_controller("c1")
-    env = {"VOLKIN_CONTROLLER": controller.admin}
+    env = {"VOLKIN_CONTROLLER": controller.admin, **cli_environment()}
     done = volkin("volume", "create", "v", "--size", "4MiB", env=env)
     assert done.returncode == 0, done.stderr
     written = qemu_io(controller.nbd, "v", "write -P 0x11 0 256k", "flush")

@@ -102,3 +102,8 @@ def fio_nbd(address: str, export: str) -> tuple[list[str], str]:
     prefix = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
               "env", f"HOME={home}"]
     return prefix, f"nbds://{address}/{export}"
+
+
+def cli_environment() -> dict[str, str]:
+    """The suite's VOLKIN_TLS_* for a `volkin` command (empty without TLS)."""
+    return {k: v for k, v in os.environ.items() if k.startswith("VOLKIN_TLS_")}
