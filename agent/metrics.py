@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import threading
-from wsgiref.simple_server import WSGIServer
-
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
 
 from agent.fencing import NodeFence
+from volkin.served import ServedRegistry
 
 _LATENCY_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                     1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
-class AgentMetrics:
+class AgentMetrics(ServedRegistry):
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        super().__init__()
         r = self.registry
         self.operations = Counter(
             "volkin_agent_operations", "gRPC calls by operation and result (ok or status code)",
@@ -41,22 +39,8 @@ class AgentMetrics:
             "volkin_agent_write_validity_seconds", "Seconds the agent may still admit "
             "mutations without another successful etcd renewal; 0 means it refuses them",
             registry=r)
-        self._server: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
 
     def watch_fence(self, fence: NodeFence) -> None:
         """The fencing gauges read the fence when scraped: nothing on the write path."""
         self.fencing_epoch.set_function(lambda: fence.epoch)
         self.validity_seconds.set_function(fence.validity.remaining)
-
-    def serve(self, address: str) -> str:
-        """Starts the HTTP endpoint on host:port (port 0 picks one); returns the bound address."""
-        host, _, port = address.rpartition(":")
-        self._server, self._thread = start_http_server(int(port), host, registry=self.registry)
-        return f"{host}:{self._server.server_port}"
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None

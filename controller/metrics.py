@@ -16,13 +16,12 @@ server or a map store of their own get.
 
 from __future__ import annotations
 
-import threading
 import time
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from controller.nbd import protocol as p
+from volkin.served import ServedRegistry
 
 _LATENCY_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                     1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -103,23 +102,9 @@ class EtcdMetrics:
             "answer (sent again unchanged)", registry=registry)
 
 
-class ControllerMetrics:
+class ControllerMetrics(ServedRegistry):
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        super().__init__()
         self.nbd = NbdMetrics(self.registry)
         self.commits = CommitMetrics(self.registry)
         self.etcd = EtcdMetrics(self.registry)
-        self._server: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
-
-    def serve(self, address: str) -> str:
-        """Starts the HTTP endpoint on host:port (port 0 picks one); returns the bound address."""
-        host, _, port = address.rpartition(":")
-        self._server, self._thread = start_http_server(int(port), host, registry=self.registry)
-        return f"{host}:{self._server.server_port}"
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
