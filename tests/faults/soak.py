@@ -4,6 +4,9 @@
     python3 -m tests.faults.soak --kinds etcd,agent --trials 5 --seed 7 --json out.json
     python3 -m tests.faults.soak --kinds split-brain --trial-seed 1234567   # replay one trial
 
+Every channel is mutual TLS, one CA made for the soak (as the test suite does),
+unless VOLKIN_TEST_TLS=0.
+
 Trials run one after another, the kinds taking turns; each prints one line, and a
 failed one its whole report. A passed trial's directory (daemon logs, data) is
 deleted unless --keep; a failed one's is kept and named in its report. Exit
@@ -13,15 +16,18 @@ status 1 if any trial failed.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import volkin.tls
 from tests.faults.faults import KINDS
 from tests.faults.results import DEFAULT_SEED, Results
 from tests.faults.trial import run_trial, trial_seed
+from tests.support import tls
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,12 +53,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown fault kinds {unknown}; known: {', '.join(KINDS)}")
     root = args.dir or Path(tempfile.mkdtemp(prefix="volkin-faults-"))
     root.mkdir(parents=True, exist_ok=True)
+    if tls.enabled() and not os.environ.get(volkin.tls.ENV_CA):
+        os.environ.update(tls.Pki.make(root / "pki").environment("node"))
+        volkin.tls.configure(volkin.tls.from_env())
 
     plan = [(kind, seed) for seed in args.trial_seed for kind in kinds] or [
         (kind, trial_seed(args.seed, kind, i)) for i in range(args.trials) for kind in kinds]
     results = Results(args.seed)
     started = time.monotonic()
-    print(f"{len(plan)} trials, base seed {args.seed}, directories under {root}", flush=True)
+    print(f"{len(plan)} trials, base seed {args.seed}, directories under {root}, TLS "
+          f"{'on' if os.environ.get(volkin.tls.ENV_CA) else 'off'}", flush=True)
     for number, (kind, seed) in enumerate(plan, 1):
         where = root / f"{number:04d}-{kind}-{seed}"
         result = run_trial(kind, seed, where)
