@@ -27,7 +27,7 @@ from volkin.api.v1 import agent_pb2_grpc
 from volkin.coalesce import CoalescingWriter
 from volkin.errors import Unavailable, VolkinError
 from volkin.rpc_status import error_from_code
-from volkin.tls import Tls
+from volkin.tls import CURRENT, Choice
 
 CONNECT_TIMEOUT = 3.0
 
@@ -137,9 +137,9 @@ class AgentConnections:
     an agent's peer copies both hold one."""
 
     def __init__(self, channel_options: Sequence[tuple[str, int]],
-                 tls: Tls | None = None) -> None:
+                 tls: Choice = CURRENT) -> None:
         self._options = list(channel_options)
-        self._tls = tls if tls is not None else volkin.tls.current()
+        self._tls = volkin.tls.chosen(tls)
         self._ssl = self._tls.client_context() if self._tls is not None else None
         self._generation = self._tls.generation if self._tls is not None else 0
         self._channels: dict[str, grpc.aio.Channel] = {}

@@ -19,7 +19,7 @@ import grpc
 
 import volkin.tls
 from volkin.errors import NotFound, StorageFull, Unavailable
-from volkin.tls import Tls
+from volkin.tls import CURRENT, Choice, Tls
 
 # A page of `get_prefix`: few enough keys that a page of map segments (4 KiB each,
 # at worst incompressible) stays well under gRPC's 4 MiB receive limit. A page of
@@ -132,7 +132,7 @@ class _Etcd3aio:
     """`Etcd` on etcd3aio (grpc.aio). Each call is bounded by `timeout` seconds."""
 
     def __init__(self, endpoints: Sequence[str], timeout: float, tls: Tls | None) -> None:
-        self._tls = tls if tls is not None else volkin.tls.current()
+        self._tls = tls
         self._generation = self._tls.generation if self._tls is not None else 0
         self._endpoint_list = list(endpoints)
         self._client = self._new_client()
@@ -365,11 +365,11 @@ def _is(exc: BaseException, code: grpc.StatusCode, text: str) -> bool:
             and text in (exc.details() or ""))
 
 
-def client_tls(endpoints: Sequence[str], tls: Tls | None = None) -> dict[str, Any]:
-    """etcd3aio's TLS arguments for `tls` (default: the process's; none for plaintext):
+def client_tls(endpoints: Sequence[str], tls: Choice = CURRENT) -> dict[str, Any]:
+    """etcd3aio's TLS arguments for `tls` (default: the process's; None: plaintext):
     the CA checks etcd's certificate, which must name the first endpoint's host, and
     the certificate and key are the client's (etcd's --client-cert-auth)."""
-    tls = tls if tls is not None else volkin.tls.current()
+    tls = volkin.tls.chosen(tls)
     if tls is None:
         return {}
     m = tls.material()
@@ -378,10 +378,10 @@ def client_tls(endpoints: Sequence[str], tls: Tls | None = None) -> dict[str, An
 
 
 async def connect(endpoints: Sequence[str], timeout: float = 3.0,
-                  tls: Tls | None = None) -> Etcd:
-    """A client for the etcd cluster at `endpoints` (host:port), over mTLS if `tls` or
-    the process's TLS says so. Does not wait for etcd."""
-    client = _Etcd3aio(endpoints, timeout, tls)
+                  tls: Choice = CURRENT) -> Etcd:
+    """A client for the etcd cluster at `endpoints` (host:port), over mTLS with `tls`
+    (default: the process's; None: plaintext). Does not wait for etcd."""
+    client = _Etcd3aio(endpoints, timeout, volkin.tls.chosen(tls))
     await client.open()
     return client
 

@@ -14,6 +14,8 @@ from pathlib import Path
 from urllib.parse import quote
 
 ENV_TLS_DIR = "VOLKIN_NBD_TLS_DIR"
+# The names qemu and libnbd (and the kernel's nbd-client, given as files) look for.
+CA_FILE, CERT_FILE, KEY_FILE = "ca-cert.pem", "client-cert.pem", "client-key.pem"
 
 
 def _split(address: str) -> tuple[str, str]:
@@ -40,8 +42,7 @@ def linked_dir(ca: Path, cert: Path, key: Path, directory: Path) -> Path:
     """A certificate directory for the NBD clients made of links to a process's TLS files
     (so renewed files are what the next connection reads)."""
     directory.mkdir(parents=True, exist_ok=True)
-    for name, target in (("ca-cert.pem", ca), ("client-cert.pem", cert),
-                         ("client-key.pem", key)):
+    for name, target in ((CA_FILE, ca), (CERT_FILE, cert), (KEY_FILE, key)):
         link = directory / name
         link.unlink(missing_ok=True)
         link.symlink_to(target.resolve())

@@ -24,6 +24,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from volkin import nbdargs
+
 _DAY = datetime.timedelta(days=1)
 
 
@@ -107,8 +109,8 @@ def issue(ca: Issued, directory: Path, name: str, hosts: list[str] | None = None
 def nbd_client_dir(ca: Path, issued: Issued, directory: Path) -> Path:
     """The directory qemu (`tls-creds-x509,dir=`) and libnbd (`tls-certificates=`) read."""
     directory.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(ca, directory / "ca-cert.pem")
-    shutil.copyfile(issued.cert, directory / "client-cert.pem")
-    shutil.copyfile(issued.key, directory / "client-key.pem")
-    os.chmod(directory / "client-key.pem", 0o600)
+    shutil.copyfile(ca, directory / nbdargs.CA_FILE)
+    shutil.copyfile(issued.cert, directory / nbdargs.CERT_FILE)
+    shutil.copyfile(issued.key, directory / nbdargs.KEY_FILE)
+    os.chmod(directory / nbdargs.KEY_FILE, 0o600)
     return directory

@@ -247,28 +247,41 @@ def current() -> Tls | None:
     return _configured[0]
 
 
+class _Current:
+    """The default of `tls=` below: the process's TLS (`current()`); None is plaintext."""
+
+
+CURRENT = _Current()
+Choice = Tls | None | _Current
+
+
+def chosen(tls: Choice) -> Tls | None:
+    return current() if isinstance(tls, _Current) else tls
+
+
 def aio_channel(address: str, options: list[tuple[str, Any]] | None = None,
-                tls: Tls | None = None) -> grpc.aio.Channel:
-    """An asyncio gRPC channel to `address`: mTLS with `tls` (default: the process's)."""
-    tls = tls if tls is not None else current()
+                tls: Choice = CURRENT) -> grpc.aio.Channel:
+    """An asyncio gRPC channel to `address`: mTLS with `tls` (default: the process's;
+    None: plaintext)."""
+    tls = chosen(tls)
     if tls is None:
         return grpc.aio.insecure_channel(address, options=options)
     return grpc.aio.secure_channel(address, tls.channel_credentials(), options=options)
 
 
 def channel(address: str, options: list[tuple[str, Any]] | None = None,
-            tls: Tls | None = None) -> grpc.Channel:
+            tls: Choice = CURRENT) -> grpc.Channel:
     """A blocking gRPC channel to `address`, as `aio_channel`."""
-    tls = tls if tls is not None else current()
+    tls = chosen(tls)
     if tls is None:
         return grpc.insecure_channel(address, options=options)
     return grpc.secure_channel(address, tls.channel_credentials(), options=options)
 
 
 def add_port(server: grpc.Server | grpc.aio.Server, address: str,
-             tls: Tls | None = None) -> int:
+             tls: Choice = CURRENT) -> int:
     """Binds `address` on `server`, with mTLS if the process has TLS; the bound port."""
-    tls = tls if tls is not None else current()
+    tls = chosen(tls)
     if tls is None:
         return server.add_insecure_port(address)
     return server.add_secure_port(address, tls.server_credentials())

@@ -9,7 +9,6 @@ import socket
 import sys
 from pathlib import Path
 
-import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -24,8 +23,7 @@ pytestmark = pytest.mark.integration
 def _serving(address: str, env: dict[str, str]) -> bool:
     """gRPC health says SERVING (over mTLS with the dev cluster's admin identity if
     `env`, what `dev up` printed, has one)."""
-    tls = vtls.from_env(env)
-    with vtls.channel(address, tls=tls) if tls else grpc.insecure_channel(address) as channel:
+    with vtls.channel(address, tls=vtls.from_env(env)) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)

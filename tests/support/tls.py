@@ -93,9 +93,9 @@ def fio_nbd(address: str, export: str) -> tuple[list[str], str]:
     pki_dir = Path(directory).parent
     home = pki_dir.with_name(pki_dir.name + "-fio-home")
     certificates = home / ".pki" / "libnbd"
-    if not (certificates / "client-key.pem").exists():
+    if not (certificates / nbdargs.KEY_FILE).exists():
         certificates.mkdir(parents=True, exist_ok=True)
-        for name in ("ca-cert.pem", "client-cert.pem", "client-key.pem"):
+        for name in (nbdargs.CA_FILE, nbdargs.CERT_FILE, nbdargs.KEY_FILE):
             shutil.copyfile(Path(directory) / name, certificates / name)
         for path in (home, home / ".pki", certificates, *certificates.iterdir()):
             path.chmod(0o755 if path.is_dir() else 0o644)

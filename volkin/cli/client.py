@@ -66,8 +66,7 @@ class Controller:
     def __init__(self, address: str, tls: Tls | None = None) -> None:
         self.address = address
         self.tls = tls
-        self._channel = volkin.tls.channel(address, tls=tls) if tls else \
-            grpc.insecure_channel(address)
+        self._channel = volkin.tls.channel(address, tls=tls)
         self.stub = admin_pb2_grpc.AdminStub(self._channel)  # type: ignore[no-untyped-call]
 
     def __enter__(self) -> Controller:
@@ -111,8 +110,7 @@ class Controller:
         name = next(n for n, m in vars(self.stub).items() if m is method)
         self._channel.close()
         self.address = address
-        self._channel = volkin.tls.channel(address, tls=self.tls) if self.tls else \
-            grpc.insecure_channel(address)
+        self._channel = volkin.tls.channel(address, tls=self.tls)
         self.stub = admin_pb2_grpc.AdminStub(self._channel)  # type: ignore[no-untyped-call]
         return cast(Callable[..., T], getattr(self.stub, name))
 

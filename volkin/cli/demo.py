@@ -28,8 +28,7 @@ from volkin.api.v1 import admin_pb2
 from volkin.cli import commands, output
 from volkin.cli.client import CommandError, Controller
 from volkin.cli.sizes import format_size
-from volkin.devcluster import cluster, processes
-from volkin.devcluster import state as recorded_state
+from volkin.devcluster import cluster
 from volkin.errors import FailedPrecondition, InvalidArgument
 
 V1, V2, S2 = "V1", "V2", "S2"
@@ -95,9 +94,7 @@ def run(directory: Path, size: int, rate: int, tls: bool = True) -> int:
                                  "qemu-utils)")
     if size < 2 * MiB:
         raise InvalidArgument(f"demo volumes need at least 2MiB, not {format_size(size)}")
-    recorded = recorded_state.load(directory.resolve())
-    if tls and recorded is not None and not recorded.tls and any(
-            processes.is_running(c.pid, c.argv) for c in recorded.components):
+    if tls and cluster.runs_without_tls(directory):
         print(f"   (the dev cluster in {directory} runs without TLS: the demo uses it as it is; "
               f"dev down first to have TLS)", flush=True)
         tls = False

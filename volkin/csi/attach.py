@@ -70,9 +70,9 @@ def nbd_client_command(nbd: str, export: str, device: str,
                        tls_dir: Path | None = None) -> list[str]:
     host, port = _split(nbd)
     # -N: the export's name (fixed newstyle); -b 4096: the block size the kernel uses.
-    tls = ["-cacertfile", str(tls_dir / "ca-cert.pem"),
-           "-certfile", str(tls_dir / "client-cert.pem"),
-           "-keyfile", str(tls_dir / "client-key.pem"), "-tlshostname", host] if tls_dir else []
+    tls = ["-cacertfile", str(tls_dir / nbdargs.CA_FILE),
+           "-certfile", str(tls_dir / nbdargs.CERT_FILE),
+           "-keyfile", str(tls_dir / nbdargs.KEY_FILE), "-tlshostname", host] if tls_dir else []
     return ["nbd-client", host, port, device, "-N", export, "-b", "4096", *tls]
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from volkin import pki
+from volkin import nbdargs, pki
 from volkin.tls import Tls
 
 ADMIN, READER, NODE = "admin", "reader", "node"
@@ -56,7 +56,7 @@ class DevCerts:
 def ensure(cluster_dir: Path) -> DevCerts:
     """The certificates of the dev cluster in `cluster_dir`, made if missing."""
     certs = DevCerts(cluster_dir / "tls")
-    if not (certs.nbd_client_dir / "client-key.pem").exists():
+    if not (certs.nbd_client_dir / nbdargs.KEY_FILE).exists():
         ca = pki.make_ca(certs.directory)
         for name in (NODE, ADMIN, READER):
             pki.issue(ca, certs.directory, name)

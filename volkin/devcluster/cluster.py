@@ -109,6 +109,13 @@ def up(directory: Path, agents: int | None, timeout: float, say: Say,
         return cluster
 
 
+def runs_without_tls(directory: Path) -> bool:
+    """Whether a cluster made without TLS runs in `directory` (`up(tls=True)` refuses it)."""
+    cluster = state.load(directory.resolve())
+    return (cluster is not None and not cluster.tls
+            and any(_running(c) for c in cluster.components))
+
+
 def _forget_ports(cluster: ClusterState) -> None:
     """The components that are not running will pick new ports when they start. etcd's
     address is in every other component's command line: it moves only with them."""

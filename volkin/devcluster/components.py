@@ -207,8 +207,7 @@ def etcd_healthy(address: str, tls: Tls | None = None) -> bool:
 
 
 def grpc_healthy(address: str, tls: Tls | None = None, timeout: float = 1.0) -> bool:
-    with (volkin.tls.channel(address, tls=tls) if tls else grpc.insecure_channel(address)
-          ) as channel:
+    with volkin.tls.channel(address, tls=tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
